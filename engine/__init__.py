@@ -1,0 +1,1 @@
+"""FastServe: iteration-level preemptive LLM serving."""

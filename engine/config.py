@@ -1,0 +1,86 @@
+"""Frozen configuration dataclasses. Every knob is a named field with a documented default."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What to load and how.
+
+    ``path`` is a Hugging Face directory (config.json + *.safetensors + tokenizer files) or a
+    ``.gguf`` file. ``None`` means the bundled SmolLM2-135M-Instruct GGUF.
+    """
+
+    path: str | None = None
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 ("auto": fp32 on CPU, bf16 on CUDA)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_model_len: int | None = None  # None: the model's own context length
+    seed: int = 0  # seeds torch in the worker (used by random-init test models only)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache sizing."""
+
+    block_size: int = 16  # tokens per KV block
+    # CPU: bytes of KV cache for the GPU-side pool (the "device" pool on a CPU run).
+    kv_cache_memory: int = 512 * 1024**2
+    # CUDA: fraction of free device memory given to the KV pool after the model is loaded.
+    gpu_memory_utilization: float = 0.85
+    # Host (swap) pool, in bytes; 0 disables swapping to host.
+    host_kv_cache_memory: int = 1024**3
+    num_gpu_blocks_override: int | None = None  # exact pool size (tests, benchmarks)
+    num_host_blocks_override: int | None = None
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Batch formation budgets and policy choice."""
+
+    policy: str = "fcfs"  # name in the fastserve.scheduling_policies entry-point group
+    swap_policy: str = "reactive"  # name in the fastserve.swap_policies entry-point group
+    max_num_seqs: int = 64  # batch-size cap per iteration
+    max_num_batched_tokens: int = 2048  # token budget per iteration (prefill + decode tokens)
+    max_waiting: int = 4096  # admission cap; more waiting jobs are refused
+    policy_options: tuple[tuple[str, object], ...] = ()  # extra knobs for the policy plugin
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    # Seconds a worker may take to answer a step before it is declared dead.
+    step_timeout_s: float = 120.0
+    # Seconds a worker may take to start and load its model.
+    startup_timeout_s: float = 300.0
+    torch_threads: int | None = None  # None: torch's default
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    zmq_address: str | None = None
+    api_key: str | None = None
+    served_model_name: str | None = None
+    max_body_bytes: int = 4 * 1024**2
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    def replace(self, **sections: object) -> EngineConfig:
+        return dataclasses.replace(self, **sections)
+
+
+def config_to_dict(cfg: object) -> dict:
+    """Plain-dict view (msgpack-able) of a config dataclass tree."""
+    return dataclasses.asdict(cfg)  # type: ignore[arg-type]

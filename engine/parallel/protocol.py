@@ -1,0 +1,109 @@
+"""Engine <-> worker messages and their codec.
+
+A message is a msgpack map with a ``kind`` field, sent as a multipart ZeroMQ message:
+frame 0 is the msgpack body, frames 1.. are raw tensor buffers. A tensor (``numpy.ndarray``
+or CPU ``torch.Tensor``) anywhere in the body is replaced by the ext type below, carrying
+``(dtype, shape, frame index)``; its bytes travel untouched in their own frame and are read
+back without a copy. Nothing is ever pickled, so a hostile peer can at worst send a bad map.
+
+Kinds, engine -> worker: ``init``, ``step``, ``profile``, ``health``, ``shutdown``.
+Worker -> engine: ``ready`` (answer to init), ``step_done``, ``profiled``, ``healthy``,
+``bye`` and ``error``. Every reply carries the ``call`` id of the command it answers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import numpy as np
+
+_TENSOR_EXT = 1
+PROTOCOL_VERSION = 1
+
+
+class ProtocolError(RuntimeError):
+    pass
+
+
+def encode(message: dict[str, Any]) -> list[Any]:
+    """Message -> frames. Frame buffers are shared with the arrays (zero copy)."""
+    frames: list[Any] = [b""]
+
+    def default(obj: Any) -> Any:
+        arr = _as_array(obj)
+        if arr is None:
+            raise TypeError(f"cannot encode {type(obj).__name__}")
+        arr = np.ascontiguousarray(arr)
+        frames.append(memoryview(arr).cast("B") if arr.size else b"")
+        header = msgpack.packb([arr.dtype.str, list(arr.shape), len(frames) - 1])
+        return msgpack.ExtType(_TENSOR_EXT, header)
+
+    frames[0] = msgpack.packb(message, default=default, use_bin_type=True)
+    return frames
+
+
+def decode(frames: list[Any]) -> dict[str, Any]:
+    """Frames -> message. Arrays are read-only views onto the received frames."""
+    if not frames:
+        raise ProtocolError("empty message")
+
+    def ext_hook(code: int, data: bytes) -> Any:
+        if code != _TENSOR_EXT:
+            raise ProtocolError(f"unknown ext type {code}")
+        dtype, shape, index = msgpack.unpackb(data)
+        if not 0 < index < len(frames):
+            raise ProtocolError(f"tensor frame {index} missing")
+        buf = frames[index].buffer if hasattr(frames[index], "buffer") else frames[index]
+        return np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape)
+
+    body = frames[0].bytes if hasattr(frames[0], "bytes") else frames[0]
+    try:
+        msg = msgpack.unpackb(body, ext_hook=ext_hook, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+        raise ProtocolError(f"malformed message: {e}") from e
+    if not isinstance(msg, dict) or "kind" not in msg:
+        raise ProtocolError("message must be a map with a 'kind'")
+    return msg
+
+
+def _as_array(obj: Any) -> np.ndarray | None:
+    if isinstance(obj, np.ndarray):
+        return obj
+    torch = _torch()
+    if torch is not None and isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16: ship the raw 16-bit pattern
+            return t.view(torch.int16).numpy()
+        return t.numpy()
+    return None
+
+
+def _torch() -> Any:
+    import sys
+
+    return sys.modules.get("torch")  # only if already imported: the engine process may not need it
+
+
+def plan_to_message(plan: Any, call: int) -> dict[str, Any]:
+    """Encode a :class:`engine.scheduler.StepPlan`; the worker keeps per-job state, so only
+    what changed travels: prompts and sampling params of new jobs, block-table deltas."""
+    return {
+        "kind": "step",
+        "call": call,
+        "step": plan.step_id,
+        "new": [
+            {"id": j.job_id, "prompt": np.asarray(j.prompt_ids, dtype=np.int64),
+             "params": j.params.worker_view()}
+            for j in plan.new_jobs
+        ],
+        "seqs": [
+            [s.job.job_id, s.start, s.num_tokens, s.new_blocks, s.reset_table, s.sample]
+            for s in plan.seqs
+        ],
+        "swap_out": plan.swap_out,
+        "swap_in": plan.swap_in,
+        "free": plan.free,
+    }

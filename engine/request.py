@@ -1,0 +1,105 @@
+"""A job: one generation request as the scheduler and memory manager see it."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from engine.sampling import SamplingParams
+
+
+class JobState(enum.Enum):
+    WAITING = "waiting"  # admitted, not yet run (or preempted by recompute)
+    RUNNING = "running"  # has KV on the GPU pool
+    SWAPPED = "swapped"  # KV lives in the host pool
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+@dataclass
+class JobStats:
+    """What happened to a job, reported with its output (observability)."""
+
+    demotions: int = 0
+    promotions: int = 0
+    preemptions: int = 0
+    swap_outs: int = 0
+    swap_ins: int = 0
+    recomputes: int = 0
+    swapped_time_s: float = 0.0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(eq=False)
+class Job:
+    """Token state of one request.
+
+    ``num_computed_tokens`` counts tokens whose KV is in the cache. A job's next step feeds
+    ``all_token_ids[num_computed_tokens:]`` — its prompt (or a chunk of it) at first, then
+    the one token sampled last. Preemption by recompute resets it to 0.
+    """
+
+    job_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    eos_token_ids: frozenset[int] = frozenset()
+    max_model_len: int = 1 << 30
+    output_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    state: JobState = JobState.WAITING
+    finish_reason: FinishReason | None = None
+    # Scheduling-policy state. Policies own the meaning of these fields.
+    queue_level: int = 0
+    attained_service_s: float = 0.0  # total seconds of iterations this job ran in
+    level_service_s: float = 0.0  # seconds charged at the current queue level
+    last_run_time: float | None = None  # end of the last iteration it ran in (starvation)
+    swapped_since: float | None = None
+    stats: JobStats = field(default_factory=JobStats)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens to feed before the job can sample again."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.state is JobState.FINISHED
+
+    def waited_since(self) -> float:
+        return self.last_run_time if self.last_run_time is not None else self.arrival_time
+
+    def check_stop(self) -> FinishReason | None:
+        """Stop conditions known from token ids alone (stop strings live in the detokenizer)."""
+        if not self.output_ids:
+            return None
+        last = self.output_ids[-1]
+        if not self.params.ignore_eos and last in self.eos_token_ids:
+            return FinishReason.STOP
+        if last in self.params.stop_token_ids:
+            return FinishReason.STOP
+        if len(self.output_ids) >= self.params.max_tokens or self.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None

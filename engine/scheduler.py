@@ -1,0 +1,288 @@
+"""The scheduler core: who runs in the next iteration. Synchronous, no I/O, no clock.
+
+Each iteration ``schedule(now)`` walks the policy's order, highest priority first, and
+gives each job ``min(pending tokens, remaining token budget)`` tokens — its prompt (in
+chunks if needed), or the one token it sampled last — until the batch-size cap or the
+token budget is reached. There is no prefill or decode phase: a batch mixes both. Jobs
+left out keep their KV where it is unless a higher-priority job needs the room; then
+victims are taken from the lowest-priority end of the order, and the swap policy says
+whether each is swapped to host or recomputed later. ``update`` applies the worker's
+sampled tokens, charges the iteration's measured duration to every job in it, and finishes
+jobs that hit a stop condition. Blocks are the block manager's; the scheduler only asks.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from engine.config import SchedulerConfig
+from engine.memory.block_manager import BlockManager, Residency
+from engine.memory.swap import SwapPolicy
+from engine.policies.base import SchedulingPolicy
+from engine.request import FinishReason, Job, JobState
+
+
+class AdmissionError(ValueError):
+    """A job can never run here (e.g. its prompt alone exceeds the KV pool)."""
+
+
+class QueueFullError(RuntimeError):
+    """Too many jobs are waiting; the client should retry later."""
+
+
+@dataclass
+class ScheduledSeq:
+    job: Job
+    start: int  # position of the first token fed
+    num_tokens: int  # tokens fed this step
+    new_blocks: list[int]  # appended to the worker's block table...
+    reset_table: bool  # ...or, if set, the table's whole new content
+    sample: bool  # False for a prompt chunk that does not reach the end
+
+
+@dataclass
+class StepPlan:
+    step_id: int
+    seqs: list[ScheduledSeq] = field(default_factory=list)
+    new_jobs: list[Job] = field(default_factory=list)  # first time the worker sees them
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (gpu, host)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host, gpu)
+    free: list[str] = field(default_factory=list)  # jobs the worker may forget
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.seqs)
+
+    def is_empty(self) -> bool:
+        return not (self.seqs or self.swap_out or self.swap_in or self.free)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        policy: SchedulingPolicy,
+        swap_policy: SwapPolicy,
+        blocks: BlockManager,
+    ) -> None:
+        self.config = config
+        self.policy = policy
+        self.swap_policy = swap_policy
+        self.blocks = blocks
+        self.jobs: dict[str, Job] = {}
+        self._step_ids = itertools.count()
+        self._worker_known: set[str] = set()  # jobs registered with the worker
+        self._worker_table_len: dict[str, int] = {}  # block-table length the worker holds
+        self._to_free: list[str] = []
+        self._finished: list[Job] = []
+        self.num_preemptions = 0
+
+    # -- admission / removal ----------------------------------------------------------------
+    def add(self, job: Job, now: float) -> None:
+        if job.job_id in self.jobs:
+            raise AdmissionError(f"duplicate job id {job.job_id!r}")
+        if self.blocks.blocks_for(job.num_prompt_tokens + 1) > self.blocks.num_gpu_blocks:
+            raise AdmissionError(
+                f"prompt of {job.num_prompt_tokens} tokens does not fit the KV cache "
+                f"({self.blocks.num_gpu_blocks} blocks of {self.blocks.block_size} tokens)"
+            )
+        waiting = sum(1 for j in self.jobs.values() if j.state is JobState.WAITING)
+        if waiting >= self.config.max_waiting:
+            raise QueueFullError(f"{waiting} jobs waiting (max_waiting={self.config.max_waiting})")
+        job.state = JobState.WAITING
+        self.jobs[job.job_id] = job
+        self.policy.admit(job, now)
+
+    def abort(self, job_id: str, now: float) -> Job | None:
+        job = self.jobs.get(job_id)
+        if job is None:
+            return None
+        self._finish(job, FinishReason.ABORT, now)
+        return job
+
+    def has_work(self) -> bool:
+        return bool(self.jobs) or bool(self._to_free)
+
+    # -- one iteration ----------------------------------------------------------------------
+    def schedule(self, now: float) -> StepPlan:
+        plan = StepPlan(step_id=next(self._step_ids), free=self._to_free)
+        self._to_free = []
+        order = list(self.policy.order(now))
+        in_batch: set[str] = set()
+        budget = self.config.max_num_batched_tokens
+        for pos, job in enumerate(order):
+            if len(plan.seqs) >= self.config.max_num_seqs or budget <= 0:
+                break
+            n = min(job.num_pending_tokens, budget)
+            if not self._make_resident(job, job.num_computed_tokens + n, order[pos + 1 :], in_batch, plan, now):
+                if pos == 0 and not self._fits_alone(job, n):
+                    # Even an empty pool cannot hold it: stop it rather than deadlock.
+                    self._finish(job, FinishReason.LENGTH, now)
+                continue
+            plan.seqs.append(self._seq(job, n))
+            in_batch.add(job.job_id)
+            budget -= n
+            if job.stats.first_scheduled_time is None:
+                job.stats.first_scheduled_time = now
+            if job.job_id not in self._worker_known:
+                self._worker_known.add(job.job_id)
+                plan.new_jobs.append(job)
+        self._apply_proactive(order, in_batch, plan, now)
+        self.blocks.end_step()
+        return plan
+
+    def update(self, plan: StepPlan, sampled: dict[str, int], step_time_s: float, now: float) -> list[Job]:
+        """Apply a step's results. Returns the jobs that got a token or finished."""
+        touched: list[Job] = []
+        for seq in plan.seqs:
+            job = seq.job
+            if job.is_finished:  # aborted while the step ran
+                continue
+            job.num_computed_tokens = seq.start + seq.num_tokens
+            self.policy.charge(job, step_time_s, now)
+            if not seq.sample:
+                continue
+            job.output_ids.append(sampled[job.job_id])
+            if job.stats.first_token_time is None:
+                job.stats.first_token_time = now
+            reason = job.check_stop()
+            if reason is not None:
+                self._finish(job, reason, now)
+            touched.append(job)
+        return touched
+
+    def finish(self, job_id: str, reason: FinishReason, now: float) -> None:
+        """Finish a job for a reason found outside (a stop string in the detokenizer)."""
+        job = self.jobs.get(job_id)
+        if job is not None:
+            self._finish(job, reason, now)
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _seq(self, job: Job, n: int) -> ScheduledSeq:
+        table = self.blocks.gpu_table(job.job_id)
+        known = self._worker_table_len.get(job.job_id)
+        reset = known is None or known > len(table)
+        new_blocks = list(table) if reset else table[known:]
+        self._worker_table_len[job.job_id] = len(table)
+        start = job.num_computed_tokens
+        job.state = JobState.RUNNING
+        return ScheduledSeq(job, start, n, new_blocks, reset, sample=start + n == job.num_tokens)
+
+    def _fits_alone(self, job: Job, n: int) -> bool:
+        return self.blocks.blocks_for(job.num_computed_tokens + n) <= self.blocks.num_gpu_blocks
+
+    def _make_resident(
+        self, job: Job, num_tokens: int, lower: list[Job], in_batch: set[str], plan: StepPlan, now: float
+    ) -> bool:
+        """Give ``job`` GPU room for ``num_tokens``, evicting lower-priority jobs if needed."""
+        need = self.blocks.extra_blocks_needed(job.job_id, num_tokens)
+        if need > self.blocks.num_free_gpu_blocks:
+            reclaimable = sum(
+                len(self.blocks.gpu_table(v.job_id)) for v in lower if v.job_id not in in_batch
+            )
+            if need > self.blocks.num_free_gpu_blocks + reclaimable:
+                return False  # evicting everyone below would not be enough: evict no one
+            for victim in reversed(lower):
+                if self.blocks.num_free_gpu_blocks >= need:
+                    break
+                if victim.job_id not in in_batch and self.blocks.residency(victim.job_id) is Residency.GPU:
+                    self._evict(victim, plan, now)
+            if need > self.blocks.num_free_gpu_blocks:
+                return False
+        if self.blocks.residency(job.job_id) is Residency.HOST:
+            plan.swap_in.extend(self.blocks.swap_in(job.job_id))
+            self._note_swapped_in(job, now)
+        self.blocks.allocate(job.job_id, num_tokens)
+        return True
+
+    def _evict(self, victim: Job, plan: StepPlan, now: float) -> None:
+        self.num_preemptions += 1
+        victim.stats.preemptions += 1
+        mode = self.swap_policy.evict(victim, self.blocks)
+        if mode == "swap" and self.blocks.can_swap_out(victim.job_id):
+            self._swap_out(victim, plan, now)
+        else:
+            self._recompute(victim)
+
+    def _swap_out(self, job: Job, plan: StepPlan, now: float) -> None:
+        plan.swap_out.extend(self.blocks.swap_out(job.job_id))
+        self._worker_table_len.pop(job.job_id, None)
+        job.state = JobState.SWAPPED
+        job.swapped_since = now
+        job.stats.swap_outs += 1
+
+    def _note_swapped_in(self, job: Job, now: float) -> None:
+        self._worker_table_len.pop(job.job_id, None)
+        job.stats.swap_ins += 1
+        if job.swapped_since is not None:
+            job.stats.swapped_time_s += now - job.swapped_since
+            job.swapped_since = None
+
+    def _recompute(self, job: Job) -> None:
+        self.blocks.free(job.job_id)
+        self._worker_table_len.pop(job.job_id, None)
+        job.num_computed_tokens = 0
+        job.state = JobState.WAITING
+        job.stats.recomputes += 1
+
+    def _apply_proactive(self, order: list[Job], in_batch: set[str], plan: StepPlan, now: float) -> None:
+        batch = [s.job for s in plan.seqs]
+        proposal = self.swap_policy.plan(self.blocks, order, batch)
+        swapped_out_now: set[str] = set()
+        for job in proposal.swap_out:
+            if job.job_id in in_batch or job.is_finished:
+                continue
+            if self.blocks.residency(job.job_id) is Residency.GPU and self.blocks.can_swap_out(job.job_id):
+                self._swap_out(job, plan, now)
+                swapped_out_now.add(job.job_id)
+        if plan.swap_out:
+            return  # no ping-pong: a step that offloads does not also upload
+        for job in proposal.swap_in:
+            if job.job_id in swapped_out_now or job.is_finished:
+                continue
+            if self.blocks.can_swap_in(job.job_id):
+                plan.swap_in.extend(self.blocks.swap_in(job.job_id))
+                self._note_swapped_in(job, now)
+                job.state = JobState.RUNNING
+
+    def _finish(self, job: Job, reason: FinishReason, now: float) -> None:
+        if job.is_finished:
+            return
+        if job.swapped_since is not None:
+            job.stats.swapped_time_s += now - job.swapped_since
+            job.swapped_since = None
+        job.state = JobState.FINISHED
+        job.finish_reason = reason
+        job.stats.finish_time = now
+        self.policy.remove(job)
+        self.blocks.free(job.job_id)
+        self._finished.append(job)
+        self.jobs.pop(job.job_id, None)
+        self._worker_table_len.pop(job.job_id, None)
+        if job.job_id in self._worker_known:
+            self._worker_known.discard(job.job_id)
+            self._to_free.append(job.job_id)
+
+    def drain_finished(self) -> list[Job]:
+        """Jobs finished since the last call, for whoever reports them."""
+        done, self._finished = self._finished, []
+        return done
+
+    # -- introspection ----------------------------------------------------------------------
+    def check_integrity(self) -> None:
+        self.blocks.check_integrity()
+        ordered = [j.job_id for j in self.policy.order(0.0)]
+        if len(ordered) != len(set(ordered)):
+            raise AssertionError("a job appears twice in the policy order")
+        if set(ordered) != set(self.jobs):
+            raise AssertionError("policy order and scheduler jobs disagree")
+        for job in self.jobs.values():
+            res = self.blocks.residency(job.job_id)
+            expect = {
+                JobState.WAITING: (Residency.NONE, Residency.GPU),
+                JobState.RUNNING: (Residency.GPU,),
+                JobState.SWAPPED: (Residency.HOST,),
+            }[job.state]
+            if res not in expect:
+                raise AssertionError(f"job {job.job_id} is {job.state} but its KV is {res}")

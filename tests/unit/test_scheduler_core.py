@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import pytest
+
+from engine.memory.swap import ReactivePolicy, RecomputePolicy
+from engine.policies.fcfs import FCFSPolicy
+from engine.request import FinishReason, JobState
+from engine.scheduler import AdmissionError, QueueFullError
+
+from .fakes import VirtualClock, make_job, make_scheduler, run_step, run_until_idle
+
+
+def test_batch_mixes_prefill_and_decode_under_token_budget():
+    s = make_scheduler(FCFSPolicy(), RecomputePolicy(), max_num_batched_tokens=12)
+    clock = VirtualClock()
+    s.add(make_job("a", 8, 4), 0.0)
+    run_step(s, clock)  # a prefills
+    s.add(make_job("b", 8, 4), clock.now)
+    s.add(make_job("c", 8, 4), clock.now)
+    plan = run_step(s, clock)
+    fed = {x.job.job_id: x.num_tokens for x in plan.seqs}
+    assert fed == {"a": 1, "b": 8, "c": 3}  # decode + prefill + a chunk of c's prompt
+    assert [x.sample for x in plan.seqs] == [True, True, False]
+
+
+def test_batch_size_cap():
+    s = make_scheduler(FCFSPolicy(), RecomputePolicy(), max_num_seqs=2)
+    for i in range(3):
+        s.add(make_job(str(i), 4, 2), 0.0)
+    assert [x.job.job_id for x in s.schedule(0.0).seqs] == ["0", "1"]
+
+
+def test_fcfs_runs_all_jobs_to_their_max_tokens_and_frees_blocks():
+    s = make_scheduler(FCFSPolicy(), RecomputePolicy())
+    jobs = [make_job(str(i), 3 + i, 2 + i) for i in range(6)]
+    for j in jobs:
+        s.add(j, 0.0)
+    run_until_idle(s, VirtualClock())
+    assert all(j.finish_reason is FinishReason.LENGTH and len(j.output_ids) == j.params.max_tokens for j in jobs)
+    assert s.blocks.num_free_gpu_blocks == s.blocks.num_gpu_blocks
+
+
+def test_eos_stops_unless_ignored():
+    s = make_scheduler(FCFSPolicy(), RecomputePolicy())
+    a, b = make_job("a", 4, 10), make_job("b", 4, 10, ignore_eos=True)
+    s.add(a, 0.0)
+    s.add(b, 0.0)
+    plan = s.schedule(0.0)
+    s.update(plan, {"a": 0, "b": 0}, 0.01, 0.01)
+    assert a.finish_reason is FinishReason.STOP and not b.is_finished
+
+
+def test_worker_gets_prompt_once_and_block_deltas_only():
+    s = make_scheduler(FCFSPolicy(), RecomputePolicy(), block_size=4)
+    clock = VirtualClock()
+    s.add(make_job("a", 4, 8), 0.0)
+    first = run_step(s, clock)
+    assert [j.job_id for j in first.new_jobs] == ["a"] and first.seqs[0].reset_table
+    second = run_step(s, clock)  # token 5 needs a second block
+    assert second.new_jobs == [] and second.seqs[0].new_blocks and not second.seqs[0].reset_table
+    third = run_step(s, clock)
+    assert third.seqs[0].new_blocks == []
+
+
+def test_preemption_by_recompute_when_pool_is_full():
+    s = make_scheduler(FCFSPolicy(), RecomputePolicy(), gpu_blocks=4, block_size=4)
+    clock = VirtualClock()
+    a, b = make_job("a", 4, 8), make_job("b", 4, 8)
+    s.add(a, 0.0)
+    s.add(b, 0.0)
+    run_until_idle(s, clock)
+    assert b.stats.recomputes >= 1  # b (lower priority) gave its blocks to a
+    assert len(a.output_ids) == len(b.output_ids) == 8
+
+
+def test_reactive_swaps_out_then_in_and_tokens_continue():
+    s = make_scheduler(FCFSPolicy(), ReactivePolicy(), gpu_blocks=4, host_blocks=8, block_size=4)
+    clock = VirtualClock()
+    a, b = make_job("a", 4, 8), make_job("b", 4, 8)
+    s.add(a, 0.0)
+    s.add(b, 0.0)
+    plans = run_until_idle(s, clock)
+    assert b.stats.swap_outs >= 1 and b.stats.swap_ins == b.stats.swap_outs
+    assert any(p.swap_out for p in plans) and any(p.swap_in for p in plans)
+    assert len(b.output_ids) == 8 and b.stats.recomputes == 0
+
+
+def test_abort_frees_blocks_and_tells_worker():
+    s = make_scheduler(FCFSPolicy(), RecomputePolicy())
+    clock = VirtualClock()
+    s.add(make_job("a", 6, 8), 0.0)
+    run_step(s, clock)
+    s.abort("a", clock.now)
+    assert s.blocks.num_free_gpu_blocks == s.blocks.num_gpu_blocks
+    assert s.schedule(clock.now).free == ["a"]
+    assert [j.finish_reason for j in s.drain_finished()] == [FinishReason.ABORT]
+
+
+def test_prompt_larger_than_pool_is_refused():
+    s = make_scheduler(FCFSPolicy(), RecomputePolicy(), gpu_blocks=2, block_size=4)
+    with pytest.raises(AdmissionError):
+        s.add(make_job("a", 8, 1), 0.0)
+    assert not s.jobs
+
+
+def test_queue_full_is_refused():
+    s = make_scheduler(FCFSPolicy(), RecomputePolicy(), max_waiting=1)
+    s.add(make_job("a", 4, 1), 0.0)
+    with pytest.raises(QueueFullError):
+        s.add(make_job("b", 4, 1), 0.0)
+
+
+def test_job_that_outgrows_the_whole_pool_finishes_with_length():
+    s = make_scheduler(FCFSPolicy(), RecomputePolicy(), gpu_blocks=2, block_size=4)
+    a = make_job("a", 4, 100)
+    s.add(a, 0.0)
+    run_until_idle(s, VirtualClock())
+    assert a.finish_reason is FinishReason.LENGTH and a.state is JobState.FINISHED
+    # 8 tokens (4 prompt + 4 output) fill both blocks; feeding the 8th samples a 5th.
+    assert len(a.output_ids) == 5
