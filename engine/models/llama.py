@@ -1,0 +1,208 @@
+"""The Llama family: Llama 2/3, SmolLM2, Mistral, Qwen2.
+
+They differ only in config: GQA head counts, RoPE theta and scaling, q/k/v biases (Qwen2
+always, Llama when ``attention_bias``) and tied embeddings. Sliding-window attention (Mistral
+v0.1, some Qwen2 configs) is not implemented: attention always sees the whole context, which
+matches those models up to their window length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.models.base import AttentionMetadata, KVCache
+from engine.models.layers import (
+    AttentionPlan,
+    RMSNorm,
+    RotaryEmbedding,
+    SwiGLUMLP,
+    WeightTarget,
+    apply_rotary,
+    load_named_weights,
+    paged_attention,
+    rope_inv_freq,
+)
+
+
+@dataclass(frozen=True)
+class LlamaArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> LlamaArgs:
+        """Reads an HF ``config.json`` dict (transformers 4 or 5 spelling of RoPE settings)."""
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r} (expected silu)")
+        heads = cfg["num_attention_heads"]
+        is_qwen2 = cfg.get("model_type") == "qwen2"
+        attention_bias = bool(cfg.get("attention_bias", False))
+        theta, scaling = rope_settings(cfg)
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            qkv_bias=is_qwen2 or attention_bias,  # Qwen2's q/k/v always carry a bias
+            o_bias=attention_bias and not is_qwen2,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+
+
+def rope_settings(cfg: dict) -> tuple[float, dict | None]:
+    """(theta, scaling dict or None) from ``rope_parameters`` (transformers 5) or the older
+    ``rope_theta`` + ``rope_scaling`` keys."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or params
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    return float(theta), (None if kind == "default" else dict(scaling))
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            args.num_heads,
+            args.num_kv_heads,
+            args.head_dim,
+        )
+        self.q_size = args.num_heads * args.head_dim
+        self.kv_size = args.num_kv_heads * args.head_dim
+        # q, k and v in one matmul: one kernel instead of three per layer.
+        self.qkv_proj = nn.Linear(
+            args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias
+        )
+        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=args.o_bias)
+        self.scale = args.head_dim**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache,
+        plan: AttentionPlan,
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(n, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(n, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        out = paged_attention(q, k, v, kv_cache, plan, self.scale)
+        return self.o_proj(out.reshape(n, self.q_size))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(args)
+        self.mlp = SwiGLUMLP(args.hidden_size, args.intermediate_size, args.mlp_bias)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache,
+        plan: AttentionPlan,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, plan)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBackbone(nn.Module):
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(args) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Implements ``engine.models.base.CausalLM``; parameter names follow the HF checkpoint
+    except for the fused ``qkv_proj`` and ``gate_up_proj``."""
+
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        args = LlamaArgs.from_hf(config)
+        self.args = args
+        self.num_layers, self.num_kv_heads = args.num_layers, args.num_kv_heads
+        self.head_dim, self.vocab_size = args.head_dim, args.vocab_size
+        self.model = LlamaBackbone(args)
+        # A tied head reads the embedding matrix at call time, so no second parameter has to
+        # be kept tied through device moves.
+        self.lm_head = (
+            None
+            if args.tie_word_embeddings
+            else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        )
+        self.rotary = RotaryEmbedding(
+            rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling)
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        attn: AttentionMetadata,
+    ) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        plan = AttentionPlan.build(attn, x.device)
+        cos, sin = self.rotary(positions, x.dtype)
+        for layer, cache in zip(self.model.layers, kv_caches):
+            x = layer(x, cos, sin, cache, plan)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, head).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        load_named_weights(self, weights, self._target)
+
+    def _target(self, name: str) -> WeightTarget | None:
+        if "rotary_emb." in name or (name == "lm_head.weight" and self.lm_head is None):
+            return None
+        attn = self.model.layers[0].self_attn
+        q, kv = attn.q_size, attn.kv_size
+        inter = self.args.intermediate_size
+        fused = {
+            "q_proj": ("qkv_proj", slice(0, q)),
+            "k_proj": ("qkv_proj", slice(q, q + kv)),
+            "v_proj": ("qkv_proj", slice(q + kv, q + 2 * kv)),
+            "gate_proj": ("gate_up_proj", slice(0, inter)),
+            "up_proj": ("gate_up_proj", slice(inter, 2 * inter)),
+        }
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[-2] in fused:
+            new, rows = fused[parts[-2]]
+            return ".".join([*parts[:-2], new, parts[-1]]), rows
+        return name, None

@@ -1,0 +1,172 @@
+"""Meta's OPT: learned positions (offset by 2), LayerNorm before or after each block
+(``do_layer_norm_before``), a ReLU FFN and a head tied to the token embeddings, with
+``project_in``/``project_out`` when ``word_embed_proj_dim`` differs from ``hidden_size``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.models.base import AttentionMetadata, KVCache
+from engine.models.layers import AttentionPlan, WeightTarget, load_named_weights, paged_attention
+
+# OPT's position table has two extra leading rows (a fairseq padding convention).
+POSITION_OFFSET = 2
+
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
+@dataclass(frozen=True)
+class OPTArgs:
+    vocab_size: int
+    hidden_size: int
+    ffn_dim: int
+    num_layers: int
+    num_heads: int
+    max_position_embeddings: int
+    word_embed_proj_dim: int
+    do_layer_norm_before: bool
+    final_layer_norm: bool
+    elementwise_affine: bool
+    bias: bool
+    activation: str
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> OPTArgs:
+        activation = cfg.get("activation_function", "relu")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"unsupported OPT activation_function {activation!r}")
+        before = bool(cfg.get("do_layer_norm_before", True))
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            ffn_dim=cfg["ffn_dim"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=cfg["num_attention_heads"],
+            max_position_embeddings=cfg["max_position_embeddings"],
+            word_embed_proj_dim=cfg.get("word_embed_proj_dim") or cfg["hidden_size"],
+            do_layer_norm_before=before,
+            # Checkpoints fine-tuned before transformers 4.20 lack the final norm.
+            final_layer_norm=before and not cfg.get("_remove_final_layer_norm", False),
+            elementwise_affine=bool(cfg.get("layer_norm_elementwise_affine", True)),
+            bias=bool(cfg.get("enable_bias", True)),
+            activation=activation,
+        )
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, args: OPTArgs) -> None:
+        super().__init__()
+        self.num_heads = args.num_heads
+        self.head_dim = args.hidden_size // args.num_heads
+        self.qkv_proj = nn.Linear(args.hidden_size, 3 * args.hidden_size, bias=args.bias)
+        self.out_proj = nn.Linear(args.hidden_size, args.hidden_size, bias=args.bias)
+        self.scale = self.head_dim**-0.5
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache, plan: AttentionPlan) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
+        out = paged_attention(q, k, v, kv_cache, plan, self.scale)
+        return self.out_proj(out.reshape(n, -1))
+
+
+class OPTDecoderLayer(nn.Module):
+    def __init__(self, args: OPTArgs) -> None:
+        super().__init__()
+        self.pre_norm = args.do_layer_norm_before
+        self.activation = _ACTIVATIONS[args.activation]
+        self.self_attn = OPTAttention(args)
+        norm = (args.hidden_size,)
+        self.self_attn_layer_norm = nn.LayerNorm(norm, elementwise_affine=args.elementwise_affine)
+        self.fc1 = nn.Linear(args.hidden_size, args.ffn_dim, bias=args.bias)
+        self.fc2 = nn.Linear(args.ffn_dim, args.hidden_size, bias=args.bias)
+        self.final_layer_norm = nn.LayerNorm(norm, elementwise_affine=args.elementwise_affine)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache, plan: AttentionPlan) -> torch.Tensor:
+        h = self.self_attn_layer_norm(x) if self.pre_norm else x
+        x = x + self.self_attn(h, kv_cache, plan)
+        if not self.pre_norm:
+            x = self.self_attn_layer_norm(x)
+        h = self.final_layer_norm(x) if self.pre_norm else x
+        x = x + self.fc2(self.activation(self.fc1(h)))
+        return x if self.pre_norm else self.final_layer_norm(x)
+
+
+class OPTDecoder(nn.Module):
+    def __init__(self, args: OPTArgs) -> None:
+        super().__init__()
+        hidden, proj = args.hidden_size, args.word_embed_proj_dim
+        self.embed_tokens = nn.Embedding(args.vocab_size, proj)
+        self.embed_positions = nn.Embedding(args.max_position_embeddings + POSITION_OFFSET, hidden)
+        self.project_in = nn.Linear(proj, hidden, bias=False) if proj != hidden else None
+        self.project_out = nn.Linear(hidden, proj, bias=False) if proj != hidden else None
+        self.layers = nn.ModuleList(OPTDecoderLayer(args) for _ in range(args.num_layers))
+        self.final_layer_norm = (
+            nn.LayerNorm((hidden,), elementwise_affine=args.elementwise_affine)
+            if args.final_layer_norm
+            else None
+        )
+
+
+class OPTModel(nn.Module):
+    """Only a holder, so parameter names carry HF's ``model.decoder.`` prefix."""
+
+    def __init__(self, args: OPTArgs) -> None:
+        super().__init__()
+        self.decoder = OPTDecoder(args)
+
+
+class OPTForCausalLM(nn.Module):
+    """Implements ``engine.models.base.CausalLM``; parameter names follow the HF checkpoint
+    except for the fused ``qkv_proj``."""
+
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        args = OPTArgs.from_hf(config)
+        self.args = args
+        self.num_layers, self.num_kv_heads = args.num_layers, args.num_heads
+        self.head_dim = args.hidden_size // args.num_heads
+        self.vocab_size = args.vocab_size
+        self.model = OPTModel(args)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        attn: AttentionMetadata,
+    ) -> torch.Tensor:
+        dec = self.model.decoder
+        x = dec.embed_tokens(input_ids)
+        if dec.project_in is not None:
+            x = dec.project_in(x)
+        x = x + dec.embed_positions(positions + POSITION_OFFSET)
+        plan = AttentionPlan.build(attn, x.device)
+        for layer, cache in zip(dec.layers, kv_caches):
+            x = layer(x, cache, plan)
+        if dec.final_layer_norm is not None:
+            x = dec.final_layer_norm(x)
+        return x if dec.project_out is None else dec.project_out(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.model.decoder.embed_tokens.weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        load_named_weights(self, weights, self._target)
+
+    def _target(self, name: str) -> WeightTarget | None:
+        if name == "lm_head.weight":  # always tied to embed_tokens
+            return None
+        if name.startswith("decoder."):  # early OPT checkpoints have no "model." prefix
+            name = "model." + name
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[-2] in ("q_proj", "k_proj", "v_proj"):
+            size = self.args.hidden_size
+            index = ("q_proj", "k_proj", "v_proj").index(parts[-2])
+            rows = slice(index * size, (index + 1) * size)
+            return ".".join([*parts[:-2], "qkv_proj", parts[-1]]), rows
+        return name, None
