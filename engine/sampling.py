@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported lazily: clients import SamplingParams without needing torch
+    import torch
 
 
 class InvalidRequestError(ValueError):
@@ -92,3 +96,218 @@ class SamplingParams:
 
 def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # rejects NaN
+
+
+# -- the batched sampler (worker side) -----------------------------------------------------
+# Temperatures below this are greedy: dividing by them would overflow (vLLM's _SAMPLING_EPS).
+GREEDY_TEMPERATURE_EPS = 1e-5
+# top-p without top-k first looks for the nucleus among this many most likely tokens (a
+# partial top-k is far cheaper than sorting the vocabulary); a row whose nucleus is wider
+# falls back to the full sort.
+TOP_P_CANDIDATES = 1024
+
+
+@dataclass
+class SampleResult:
+    """One sampled token per row. ``logprobs``/``top_logprobs`` are None when no row asked
+    for logprobs; otherwise a row that did not ask has None in them. Logprobs are of the
+    model's raw distribution (``log_softmax(logits)``, before temperature, top-k and top-p),
+    vLLM's default convention; ``top_logprobs`` rows are sorted, most likely first."""
+
+    token_ids: list[int]
+    logprobs: list[float | None] | None = None
+    top_logprobs: list[list[tuple[int, float]] | None] | None = None
+
+
+@dataclass
+class _JobSampling:
+    temperature: float
+    top_p: float
+    top_k: int  # 0: disabled
+    seed: int | None
+    logprobs: int | None
+    generator: torch.Generator | None = None  # made on first use, on the logits' device
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE_EPS
+
+
+class Sampler:
+    """Samples the next token of each row of a batch of logits, per job's parameters.
+
+    Greedy rows take the argmax. The others get temperature, then top-k, then top-p over
+    what top-k kept (vLLM's order), then one draw. A job with a seed is filtered and drawn
+    on its own with its own generator, one draw per step, so its tokens depend on nothing
+    else in the batch; jobs without one are handled together and share the sampler's
+    generator (seeded by ``seed``, or randomly).
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._jobs: dict[str, _JobSampling] = {}
+        self._seed = seed
+        self._shared: dict[torch.device, torch.Generator] = {}
+
+    def add(self, job_id: str, params: dict) -> None:
+        """Register a job; ``params`` is ``SamplingParams.worker_view()``."""
+        self._jobs[job_id] = _JobSampling(
+            temperature=float(params.get("temperature", 1.0)),
+            top_p=float(params.get("top_p", 1.0)),
+            top_k=max(int(params.get("top_k") or 0), 0),  # -1 and 0 both mean "off"
+            seed=params.get("seed"),
+            logprobs=params.get("logprobs"),
+        )
+
+    def remove(self, job_id: str) -> None:
+        self._jobs.pop(job_id, None)
+
+    def sample(self, logits: torch.Tensor, job_ids: list[str]) -> SampleResult:
+        """``logits`` is [B, V] (float32); row i belongs to ``job_ids[i]``."""
+        import torch
+
+        if logits.dim() != 2 or logits.shape[0] != len(job_ids):
+            raise ValueError(f"logits of shape {tuple(logits.shape)} for {len(job_ids)} jobs")
+        try:
+            jobs = [self._jobs[j] for j in job_ids]
+        except KeyError as e:
+            raise KeyError(f"sampler has no parameters for job {e.args[0]!r} (never added?)") \
+                from None
+        dev = logits.device
+        random_rows = [i for i, j in enumerate(jobs) if not j.greedy]
+        if not random_rows:
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = torch.empty(len(jobs), dtype=torch.int64, device=dev)
+            greedy_rows = [i for i, j in enumerate(jobs) if j.greedy]
+            if greedy_rows:
+                g = torch.tensor(greedy_rows, device=dev)
+                tokens[g] = logits[g].argmax(dim=-1)
+            r = torch.tensor(random_rows, device=dev)
+            tokens[r] = self._sample_random(logits[r], [jobs[i] for i in random_rows])
+        result = SampleResult(token_ids=tokens.tolist())
+        if any(j.logprobs is not None for j in jobs):
+            result.logprobs, result.top_logprobs = _logprobs(logits, tokens, jobs)
+        return result
+
+    def _sample_random(self, logits: torch.Tensor, jobs: list[_JobSampling]) -> torch.Tensor:
+        import torch
+
+        dev = logits.device
+        temps = torch.tensor([j.temperature for j in jobs], dtype=logits.dtype, device=dev)
+        probs = torch.softmax(logits / temps.unsqueeze(1), dim=-1)
+        out = torch.empty(len(jobs), dtype=torch.int64, device=dev)
+        shared = [i for i, j in enumerate(jobs) if j.seed is None]
+        if shared:
+            s = torch.tensor(shared, device=dev)
+            out[s] = _draw(probs[s], [jobs[i] for i in shared], self._shared_generator(dev))
+        for i, job in enumerate(jobs):
+            if job.seed is not None:
+                if job.generator is None or job.generator.device != dev:
+                    job.generator = torch.Generator(device=dev)
+                    job.generator.manual_seed(job.seed)
+                out[i] = _draw(probs[i : i + 1], [job], job.generator)[0]
+        return out
+
+    def _shared_generator(self, dev: torch.device) -> torch.Generator:
+        import torch
+
+        gen = self._shared.get(dev)
+        if gen is None:
+            gen = torch.Generator(device=dev)
+            if self._seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(self._seed)
+            self._shared[dev] = gen
+        return gen
+
+
+def _draw(probs: torch.Tensor, jobs: list[_JobSampling], gen: torch.Generator) -> torch.Tensor:
+    """One token per row of ``probs`` [m, V], after each job's top-k / top-p."""
+    import torch
+
+    vocab = probs.shape[1]
+    is_filtered = [0 < j.top_k < vocab or j.top_p < 1.0 for j in jobs]
+    if not any(is_filtered):
+        return _exponential_race(probs, gen)
+    out = torch.empty(len(jobs), dtype=torch.int64, device=probs.device)
+    filtered = [i for i, f in enumerate(is_filtered) if f]
+    plain = [i for i, f in enumerate(is_filtered) if not f]
+    if plain:
+        p = torch.tensor(plain, device=probs.device)
+        out[p] = _exponential_race(probs[p], gen)
+    f = torch.tensor(filtered, device=probs.device)
+    weights, ids = top_k_top_p(
+        probs[f], [jobs[i].top_k for i in filtered], [jobs[i].top_p for i in filtered])
+    out[f] = ids.gather(1, _exponential_race(weights, gen).unsqueeze(1)).squeeze(1)
+    return out
+
+
+def _exponential_race(weights: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Index drawn per row with probability proportional to ``weights`` (unnormalised).
+
+    argmax(w / E) with E ~ Exp(1) picks i with probability w_i / sum(w) (the exponential
+    race, as vLLM samples): no normalisation, and cheaper than ``torch.multinomial``.
+    """
+    import torch
+
+    q = torch.empty_like(weights).exponential_(generator=gen)
+    # An exact 0 draw would turn a zero weight into 0/0 = NaN, or any weight into inf.
+    q.clamp_min_(torch.finfo(q.dtype).tiny)
+    return (weights / q).argmax(dim=-1)
+
+
+def top_k_top_p(
+    probs: torch.Tensor, top_k: list[int], top_p: list[float], width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``probs`` [m, V]: the candidates (``width`` most likely, most likely
+    first) as (weights, token ids), weights zeroed for tokens top-k or top-p drop.
+
+    top-k keeps the k most likely (0: all). top-p then keeps the smallest prefix whose mass
+    reaches p — of top-k's renormalised distribution when top-k is on, else of the whole
+    one — and always keeps the first token. Weights are not renormalised.
+    """
+    import torch
+
+    vocab = probs.shape[1]
+    dev = probs.device
+    ks = [k if 0 < k < vocab else 0 for k in top_k]
+    if width is None:
+        width = min(vocab, max(k or TOP_P_CANDIDATES for k in ks))
+    vals, ids = probs.topk(width, dim=-1)  # sorted: most likely first
+    has_k = torch.tensor([k > 0 for k in ks], device=dev)
+    k = torch.tensor([k or width for k in ks], device=dev)
+    vals = vals.masked_fill(torch.arange(width, device=dev).unsqueeze(0) >= k.unsqueeze(1), 0.0)
+    p = torch.tensor(top_p, dtype=vals.dtype, device=dev)
+    total = torch.where(has_k, vals.sum(dim=-1), probs.sum(dim=-1))
+    reach = p * total
+    if width < vocab and bool(((vals.sum(dim=-1) < reach) & ~has_k & (p < 1.0)).any()):
+        return top_k_top_p(probs, top_k, top_p, width=vocab)  # a nucleus wider than width
+    before = vals.cumsum(dim=-1) - vals
+    # p == 1 filters nothing, whatever the rounding in the cumulative sum.
+    drop = (before >= reach.unsqueeze(1)) & (p < 1.0).unsqueeze(1)
+    return vals.masked_fill(drop, 0.0), ids
+
+
+def _logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, jobs: list[_JobSampling]
+) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
+    import torch
+
+    rows = [i for i, j in enumerate(jobs) if j.logprobs is not None]
+    idx = torch.tensor(rows, device=logits.device)
+    lp = torch.log_softmax(logits[idx].float(), dim=-1)
+    chosen = lp.gather(1, tokens[idx].unsqueeze(1)).squeeze(1).tolist()
+    max_k = min(max(int(jobs[i].logprobs or 0) for i in rows), lp.shape[1])
+    top_vals: list[list[float]] = [[] for _ in rows]
+    top_ids: list[list[int]] = [[] for _ in rows]
+    if max_k > 0:
+        vals, ids = lp.topk(max_k, dim=-1)
+        top_vals, top_ids = vals.tolist(), ids.tolist()
+    logprobs: list[float | None] = [None] * len(jobs)
+    top: list[list[tuple[int, float]] | None] = [None] * len(jobs)
+    for n, i in enumerate(rows):
+        k = int(jobs[i].logprobs or 0)
+        logprobs[i] = chosen[n]
+        top[i] = list(zip(top_ids[n][:k], top_vals[n][:k]))
+    return logprobs, top
