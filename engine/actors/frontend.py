@@ -1,0 +1,165 @@
+"""FrontendActor: requests in, text out.
+
+Validates and tokenizes a request into a Job, hands it to the scheduler, and turns the
+scheduler's token events into per-request outputs: incremental detokenization, stop
+strings (which finish the job in the scheduler), logprobs. Errors are pushed into the
+request's own mailbox, so a failure reaches the caller instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from engine.actors.base import Actor
+from engine.actors.scheduler import TokenEvent
+from engine.request import FinishReason, Job
+from engine.sampling import InvalidRequestError, SamplingParams
+from engine.detokenizer import IncrementalDetokenizer
+from engine.tokenizer import Tokenizer
+
+
+@dataclass
+class RequestOutput:
+    """One increment of a request's output. ``text``/``token_ids`` are the new part only."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    logprobs: list[Any] | None = None  # per new token: [logprob, [[token_id, logprob], ...]]
+    queue_level: int = 0
+    stats: dict | None = None
+    prompt_token_ids: list[int] | None = None  # on the first output only
+
+
+@dataclass
+class _Live:
+    job_id: str
+    params: SamplingParams
+    detok: IncrementalDetokenizer
+    mailbox: asyncio.Queue
+    prompt_ids: list[int]
+    first: bool = True
+    done: bool = False
+    pending_ids: list[int] = field(default_factory=list)
+
+
+class FrontendActor(Actor):
+    name = "frontend"
+
+    def __init__(self, tokenizer: Tokenizer, max_model_len: int, eos_token_ids: frozenset[int],
+                 vocab_size: int, scheduler: Actor) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
+        self.vocab_size = vocab_size
+        self.scheduler = scheduler
+        self.live: dict[str, _Live] = {}
+
+    # -- requests ---------------------------------------------------------------------------
+    async def on_submit(
+        self, request_id: str, prompt: str | Sequence[int] | None, messages: list[dict] | None,
+        params: SamplingParams,
+    ) -> asyncio.Queue:
+        if request_id in self.live:
+            raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
+        prompt_ids = self.tokenize(prompt, messages)
+        job = Job(
+            job_id=request_id,
+            prompt_ids=prompt_ids,
+            params=params,
+            arrival_time=time.monotonic(),
+            eos_token_ids=self.eos_token_ids,
+            max_model_len=self.max_model_len,
+        )
+        await self.scheduler.ask("add", job)
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens, params.stop)
+        live = _Live(request_id, params, detok, asyncio.Queue(), prompt_ids)
+        self.live[request_id] = live
+        return live.mailbox
+
+    def tokenize(self, prompt: str | Sequence[int] | None, messages: list[dict] | None) -> list[int]:
+        if messages is not None:
+            if prompt is not None:
+                raise InvalidRequestError("give either prompt or messages, not both", "messages")
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        elif isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt: must not be empty", "prompt")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)):
+            ids = list(prompt)
+            if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in ids):
+                raise InvalidRequestError(f"prompt: token ids must be integers in [0, {self.vocab_size})", "prompt")
+        else:
+            raise InvalidRequestError("prompt: must be a string or a list of token ids", "prompt")
+        if not ids:
+            raise InvalidRequestError("prompt: must not be empty", "prompt")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt: {len(ids)} tokens leave no room to generate; the model's context is "
+                f"{self.max_model_len} tokens", "prompt")
+        return ids
+
+    def on_forget(self, request_id: str) -> None:
+        """The caller is gone (it aborted): drop its state; the scheduler frees its job."""
+        if self.live.pop(request_id, None) is not None:
+            self.scheduler.tell("abort", request_id)
+
+    # -- outputs from the scheduler ---------------------------------------------------------
+    def on_events(self, events: list[TokenEvent]) -> None:
+        for ev in events:
+            live = self.live.get(ev.job_id)
+            if live is None or live.done:
+                continue
+            out = self._output(live, ev)
+            if out is not None:
+                live.mailbox.put_nowait(out)
+            if live.done:
+                del self.live[ev.job_id]
+
+    def _output(self, live: _Live, ev: TokenEvent) -> RequestOutput | None:
+        text, ids, stopped = "", [], False
+        if ev.token_id is not None:
+            ids = [ev.token_id]
+            text, stopped = live.detok.step(ids)
+        reason = ev.finish_reason
+        if stopped:
+            reason = FinishReason.STOP
+            self.scheduler.tell("finish", live.job_id, FinishReason.STOP)
+        elif reason is not None:
+            text += live.detok.flush()
+        if not (text or ids or reason):
+            return None
+        live.done = reason is not None
+        out = RequestOutput(
+            request_id=live.job_id,
+            text=text,
+            token_ids=ids,
+            finished=live.done,
+            finish_reason=reason.value if reason is not None else None,
+            num_prompt_tokens=ev.num_prompt_tokens,
+            num_output_tokens=ev.num_output_tokens,
+            logprobs=[ev.logprob] if ev.logprob is not None else None,
+            queue_level=ev.queue_level,
+            stats=ev.stats if live.done else None,
+            prompt_token_ids=live.prompt_ids if live.first else None,
+        )
+        live.first = False
+        return out
+
+    def on_fail(self, job_ids: list[str], error: Exception) -> None:
+        for jid in job_ids:
+            live = self.live.pop(jid, None)
+            if live is not None:
+                live.mailbox.put_nowait(error)
+
+    def on_failure(self, error: Exception) -> None:
+        self.on_fail(list(self.live), error)

@@ -1,0 +1,184 @@
+"""SchedulerActor: runs the iteration loop plan -> execute -> update around the core.
+
+While the worker computes step N, the actor's mailbox keeps filling (new jobs, aborts,
+stop-string finishes); they are applied before step N+1 is planned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from engine.actors.base import Actor
+from engine.parallel.executor import WorkerDiedError, WorkerError, WorkerExecutor
+from engine.parallel.protocol import plan_to_message
+from engine.request import FinishReason, Job
+from engine.scheduler import Scheduler
+
+log = logging.getLogger("fastserve.scheduler")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One job's progress in one step, as sent to the frontend (a snapshot, not the Job)."""
+
+    job_id: str
+    token_id: int | None
+    logprob: Any
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    stats: dict | None  # set when finished
+    queue_level: int
+
+
+class SchedulerActor(Actor):
+    name = "scheduler"
+
+    def __init__(
+        self,
+        core: Scheduler,
+        executor: WorkerExecutor,
+        emit: Callable[[list[TokenEvent]], None],
+        fail: Callable[[list[str], Exception], None],
+        memory: Actor | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.core = core
+        self.executor = executor
+        self.emit = emit
+        self.fail = fail
+        self.memory = memory
+        self.clock = clock
+        self.error: Exception | None = None
+        self.num_steps = 0
+
+    async def run(self) -> None:
+        busy = False
+        while True:
+            if not self.core.has_work():
+                if busy and self.memory is not None:
+                    blocks = self.core.blocks
+                    self.memory.tell("idle", blocks.num_free_gpu_blocks, blocks.num_free_host_blocks)
+                busy = False
+                msg, fut = await self.mailbox.get()
+                await self.dispatch(msg, fut)
+            for msg, fut in self.drain_nowait():
+                await self.dispatch(msg, fut)
+            if self.core.has_work() and self.error is None:
+                busy = True
+                await self._step()
+
+    # -- messages ---------------------------------------------------------------------------
+    def on_add(self, job: Job) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"engine cannot serve: {self.error}")
+        self.core.add(job, self.clock())
+
+    def on_abort(self, job_id: str) -> None:
+        job = self.core.abort(job_id, self.clock())
+        if job is not None:
+            self.emit([self._event(job, None, None)])
+
+    def on_finish(self, job_id: str, reason: FinishReason) -> None:
+        self.core.finish(job_id, reason, self.clock())
+
+    def on_snapshot(self) -> dict:
+        return self.snapshot()
+
+    def on_check_integrity(self) -> None:
+        self.core.check_integrity()
+
+    # -- the step ---------------------------------------------------------------------------
+    async def _step(self) -> None:
+        core = self.core
+        plan = core.schedule(self.clock())
+        if plan.is_empty():
+            self._emit_finished(set())
+            if core.jobs:  # nothing fits right now: let arrivals and aborts in
+                await asyncio.sleep(0.001)
+            return
+        try:
+            reply = await self.executor.call("step", **_fields(plan_to_message(plan, 0)))
+        except (WorkerDiedError, WorkerError) as e:
+            self._die(e)
+            return
+        now = self.clock()
+        tokens = [int(t) for t in reply["tokens"]]
+        logprobs = reply.get("logprobs") or [None] * len(tokens)
+        sampled = dict(zip(reply["ids"], tokens))
+        lp_by_id = dict(zip(reply["ids"], logprobs))
+        touched = core.update(plan, sampled, float(reply["elapsed"]), now)
+        self.num_steps += 1
+        if touched:
+            self.emit([self._event(j, j.output_ids[-1], lp_by_id.get(j.job_id)) for j in touched])
+        self._emit_finished({j.job_id for j in touched})
+        if self.memory is not None:
+            b = core.blocks
+            self.memory.tell("step", b.num_free_gpu_blocks, b.num_free_host_blocks,
+                             len(plan.swap_out), len(plan.swap_in))
+
+    def _emit_finished(self, reported: set[str]) -> None:
+        """Final events for jobs finished without a token this step (the frontend ignores
+        a second final event for a job, so over-reporting is harmless; missing one is not)."""
+        done = [j for j in self.core.drain_finished() if j.job_id not in reported]
+        if done:
+            self.emit([self._event(j, None, None) for j in done])
+
+    @staticmethod
+    def _event(job: Job, token: int | None, logprob: Any) -> TokenEvent:
+        return TokenEvent(
+            job_id=job.job_id,
+            token_id=token,
+            logprob=logprob,
+            finish_reason=job.finish_reason,
+            num_prompt_tokens=job.num_prompt_tokens,
+            num_output_tokens=len(job.output_ids),
+            stats=job.stats.to_dict() if job.is_finished else None,
+            queue_level=job.queue_level,
+        )
+
+    def _die(self, error: Exception) -> None:
+        log.error("worker failed; failing %d jobs: %s", len(self.core.jobs), error)
+        self.error = error
+        ids = list(self.core.jobs)
+        now = self.clock()
+        for jid in ids:
+            self.core.abort(jid, now)
+        self.core.drain_finished()
+        self.fail(ids, error)
+
+    def snapshot(self) -> dict:
+        core = self.core
+        now = self.clock()
+        return {
+            "jobs": [
+                {
+                    "id": j.job_id,
+                    "state": j.state.value,
+                    "queue_level": j.queue_level,
+                    "attained_service_s": j.attained_service_s,
+                    "residency": core.blocks.residency(j.job_id).value,
+                    "waiting_s": now - j.waited_since(),
+                    "num_prompt_tokens": j.num_prompt_tokens,
+                    "num_output_tokens": len(j.output_ids),
+                }
+                for j in core.policy.order(now)
+            ],
+            "num_free_gpu_blocks": core.blocks.num_free_gpu_blocks,
+            "num_gpu_blocks": core.blocks.num_gpu_blocks,
+            "num_free_host_blocks": core.blocks.num_free_host_blocks,
+            "num_host_blocks": core.blocks.num_host_blocks,
+            "num_preemptions": core.num_preemptions,
+            "num_steps": self.num_steps,
+            "policy": core.policy.describe(),
+            "swap_policy": core.swap_policy.describe(),
+        }
+
+
+def _fields(msg: dict) -> dict:
+    return {k: v for k, v in msg.items() if k not in ("kind", "call")}

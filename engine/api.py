@@ -1,0 +1,164 @@
+"""The public async API.
+
+    async with await Engine.create(EngineConfig()) as engine:
+        async for out in engine.generate("Hello", SamplingParams(max_tokens=8)):
+            print(out.text, end="")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import AsyncIterator, Sequence
+
+from engine.actors.frontend import FrontendActor, RequestOutput
+from engine.actors.memory import MemoryManagerActor
+from engine.actors.scheduler import SchedulerActor
+from engine.config import EngineConfig, config_to_dict
+from engine.memory.block_manager import BlockManager
+from engine.models.loader import ModelLoadError
+from engine.parallel.executor import WorkerError, WorkerExecutor
+from engine.parallel.protocol import PROTOCOL_VERSION
+from engine.policies.registry import create_scheduling_policy, create_swap_policy
+from engine.sampling import SamplingParams
+from engine.scheduler import Scheduler
+from engine.tokenizer import Tokenizer
+
+log = logging.getLogger("fastserve.engine")
+
+__all__ = ["Engine", "EngineDeadError", "RequestOutput", "SamplingParams"]
+
+
+class EngineDeadError(RuntimeError):
+    """The engine cannot serve (its worker died or it was shut down)."""
+
+
+class Engine:
+    def __init__(self) -> None:  # use Engine.create()
+        self.config: EngineConfig
+        self.tokenizer: Tokenizer
+        self.model_info: dict
+        self.worker_info: dict
+        self._executor: WorkerExecutor
+        self._scheduler: SchedulerActor
+        self._frontend: FrontendActor
+        self._memory: MemoryManagerActor
+        self._closed = False
+
+    @classmethod
+    async def create(cls, config: EngineConfig | None = None) -> Engine:
+        from engine.models.loader import load_model_info, resolve_model_path
+
+        self = cls()
+        config = config or EngineConfig()
+        loop = asyncio.get_running_loop()
+        path = await loop.run_in_executor(None, resolve_model_path, config.model.path)
+        info = await loop.run_in_executor(None, load_model_info, path)  # clear error before spawning
+        # Scheduling knobs are checked before the worker spends time loading the model.
+        policy = create_scheduling_policy(config.scheduler.policy, dict(config.scheduler.policy_options))
+        swap_policy = create_swap_policy(config.scheduler.swap_policy)
+        self.config = config
+        self._executor = WorkerExecutor(config.parallel.step_timeout_s, config.parallel.startup_timeout_s)
+        init = {
+            "version": PROTOCOL_VERSION,
+            "model": {**config_to_dict(config.model), "path": path},
+            "cache": config_to_dict(config.cache),
+            "parallel": config_to_dict(config.parallel),
+        }
+        tok_task = loop.run_in_executor(None, Tokenizer.load, path)
+        try:
+            ready, self.tokenizer = await asyncio.gather(self._executor.start(init), tok_task)
+        except BaseException as e:
+            await self._executor.shutdown()
+            if isinstance(e, WorkerError) and e.type == "ModelLoadError":
+                raise ModelLoadError(e.detail) from None
+            raise
+        self.worker_info = ready
+        self.model_info = ready["model"]
+        max_len = info.max_model_len
+        if config.model.max_model_len:
+            max_len = min(max_len, config.model.max_model_len)
+        eos = frozenset(info.eos_token_ids) | self.tokenizer.eos_token_ids
+        blocks = BlockManager(ready["num_gpu_blocks"], ready["num_host_blocks"], config.cache.block_size)
+        core = Scheduler(config.scheduler, policy, swap_policy, blocks)
+        self._scheduler = SchedulerActor(core, self._executor, emit=self._emit, fail=self._fail)
+        self._memory = MemoryManagerActor(blocks.num_gpu_blocks, blocks.num_host_blocks,
+                                          ready["block_bytes"], self._scheduler)
+        self._scheduler.memory = self._memory
+        self._frontend = FrontendActor(self.tokenizer, max_len, eos, info.vocab_size, self._scheduler)
+        self.max_model_len = max_len
+        for actor in (self._scheduler, self._frontend, self._memory):
+            actor.start()
+        return self
+
+    # Scheduler -> frontend wiring: plain tells, no shared state.
+    def _emit(self, events: list) -> None:
+        self._frontend.tell("events", events)
+
+    def _fail(self, job_ids: list[str], error: Exception) -> None:
+        self._frontend.tell("fail", job_ids, EngineDeadError(f"engine failed: {error}"))
+
+    @property
+    def is_serving(self) -> bool:
+        return not self._closed and self._scheduler.error is None and self._executor.alive
+
+    async def generate(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        params: SamplingParams | None = None,
+        *,
+        messages: list[dict] | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's output incrementally; the last item has ``finished=True``.
+
+        Leaving the loop early (or cancelling the task) aborts the job and frees its KV.
+        Raises ``InvalidRequestError`` before the first item for bad input.
+        """
+        if not self.is_serving:
+            raise EngineDeadError("engine is not serving")
+        params = params or SamplingParams()
+        request_id = request_id or uuid.uuid4().hex
+        mailbox = await self._frontend.ask("submit", request_id, prompt, messages, params)
+        finished = False
+        try:
+            while True:
+                out = await mailbox.get()
+                if isinstance(out, BaseException):
+                    finished = True
+                    raise out
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._frontend.tell("forget", request_id)
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request; its stream ends with finish_reason ``abort``."""
+        self._scheduler.tell("abort", request_id)
+
+    async def stats(self) -> dict:
+        snap = await self._scheduler.ask("snapshot")
+        mem = await self._memory.ask("get")
+        return {**snap, "memory": mem.to_dict(), "serving": self.is_serving}
+
+    async def check_integrity(self) -> None:
+        await self._scheduler.ask("check_integrity")
+
+    async def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for actor in (self._frontend, self._memory, self._scheduler):
+            await actor.stop()
+        self._frontend.on_fail(list(self._frontend.live), EngineDeadError("engine shut down"))
+        await self._executor.shutdown()
+
+    async def __aenter__(self) -> Engine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()

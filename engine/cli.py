@@ -1,0 +1,143 @@
+"""``fastserve`` command line: serve | generate | worker (and more as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from typing import Sequence
+
+from engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+
+
+def _size(text: str) -> int:
+    """'512M', '2G', '1048576' -> bytes."""
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    d = EngineConfig()
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help="HF directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    g.add_argument("--dtype", default=d.model.dtype, choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default=d.model.device, help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
+    g = p.add_argument_group("KV cache")
+    g.add_argument("--block-size", type=int, default=d.cache.block_size, help="tokens per KV block")
+    g.add_argument("--kv-cache-memory", type=_size, default=d.cache.kv_cache_memory,
+                   help="KV pool size on CPU, e.g. 512M (default %(default)s bytes)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=d.cache.gpu_memory_utilization,
+                   help="fraction of free GPU memory for the KV pool")
+    g.add_argument("--host-kv-cache-memory", type=_size, default=d.cache.host_kv_cache_memory,
+                   help="host (swap) pool size, e.g. 1G; 0 disables swapping")
+    g.add_argument("--num-gpu-blocks", type=int, default=None, help="exact KV pool size in blocks")
+    g = p.add_argument_group("scheduling")
+    g.add_argument("--scheduling-policy", default=d.scheduler.policy)
+    g.add_argument("--swap-policy", default=d.scheduler.swap_policy)
+    g.add_argument("--max-num-seqs", type=int, default=d.scheduler.max_num_seqs, help="batch-size cap")
+    g.add_argument("--max-num-batched-tokens", type=int, default=d.scheduler.max_num_batched_tokens,
+                   help="token budget per iteration")
+    g.add_argument("--torch-threads", type=int, default=None, help="torch threads in the worker")
+    p.add_argument("--log-level", default="WARNING")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=ModelConfig(path=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len),
+        cache=CacheConfig(
+            block_size=args.block_size,
+            kv_cache_memory=args.kv_cache_memory,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            host_kv_cache_memory=args.host_kv_cache_memory,
+            num_gpu_blocks_override=args.num_gpu_blocks,
+        ),
+        scheduler=SchedulerConfig(
+            policy=args.scheduling_policy,
+            swap_policy=args.swap_policy,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+        ),
+        parallel=ParallelConfig(torch_threads=args.torch_threads),
+    )
+
+
+async def _generate(args: argparse.Namespace) -> int:
+    from engine.api import Engine
+    from engine.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
+    engine = await Engine.create(engine_config_from_args(args))
+    try:
+        messages = [{"role": "user", "content": args.prompt}] if args.chat else None
+        prompt = None if args.chat else args.prompt
+        text, ids, last = [], [], None
+        async for out in engine.generate(prompt, params, messages=messages):
+            text.append(out.text)
+            ids.extend(out.token_ids)
+            last = out
+            if not args.json:
+                print(out.text, end="", flush=True)
+        if args.json:
+            print(json.dumps({"text": "".join(text), "token_ids": ids,
+                              "finish_reason": last.finish_reason if last else None,
+                              "num_prompt_tokens": last.num_prompt_tokens if last else 0,
+                              "stats": last.stats if last else None}))
+        else:
+            print()
+    finally:
+        await engine.shutdown()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastserve", description="FastServe LLM inference server.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate once from a prompt and print it",
+                       description="Generate a completion for one prompt.")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    add_engine_args(g)
+
+    w = sub.add_parser("worker", help="run a worker process (started by the engine)", add_help=False)
+    w.add_argument("rest", nargs=argparse.REMAINDER)
+
+    args = parser.parse_args(argv)
+    if args.command == "worker":
+        from engine.parallel.worker import main as worker_main
+
+        return worker_main(args.rest)
+    logging.basicConfig(level=getattr(args, "log_level", "WARNING").upper(), stream=sys.stderr)
+    from engine.sampling import InvalidRequestError
+
+    try:
+        return _run(_generate(args))
+    except (InvalidRequestError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(coro) -> int:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
