@@ -1,4 +1,4 @@
-"""``fastserve`` command line: serve | generate | worker (and more as they land)."""
+"""``fastserve`` command line: serve | generate | worker."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ import logging
 import sys
 from typing import Sequence
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from engine.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    ServerConfig,
+)
 
 
 def _size(text: str) -> int:
@@ -64,7 +71,27 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             max_num_batched_tokens=args.max_num_batched_tokens,
         ),
         parallel=ParallelConfig(torch_threads=args.torch_threads),
+        server=_server_config(args),
     )
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    d = ServerConfig()
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default=d.host, help="address to bind (default: loopback only)")
+    g.add_argument("--port", type=int, default=d.port)
+    g.add_argument("--zmq-address", default=d.zmq_address,
+                   help="ZeroMQ frontend address (default: an ipc:// path; 'off' disables it)")
+    g.add_argument("--api-key", default=d.api_key, help="require 'Authorization: Bearer KEY' (not on /health)")
+    g.add_argument("--served-model-name", default=d.served_model_name)
+    g.add_argument("--max-body-bytes", type=_size, default=d.max_body_bytes)
+
+
+def _server_config(args: argparse.Namespace) -> ServerConfig:
+    if not hasattr(args, "port"):
+        return ServerConfig()
+    return ServerConfig(host=args.host, port=args.port, zmq_address=args.zmq_address, api_key=args.api_key,
+                        served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes)
 
 
 async def _generate(args: argparse.Namespace) -> int:
@@ -100,6 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastserve", description="FastServe LLM inference server.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    s = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server (and ZeroMQ frontend)",
+                       description="Serve a model over HTTP (OpenAI-compatible routes) and ZeroMQ.")
+    add_server_args(s)
+    add_engine_args(s)
+
     g = sub.add_parser("generate", help="generate once from a prompt and print it",
                        description="Generate a completion for one prompt.")
     g.add_argument("--prompt", required=True)
@@ -121,11 +153,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return worker_main(args.rest)
     logging.basicConfig(level=getattr(args, "log_level", "WARNING").upper(), stream=sys.stderr)
+    from engine.models.loader import ModelLoadError
     from engine.sampling import InvalidRequestError
 
     try:
+        if args.command == "serve":
+            from engine.server import run_server
+
+            return run_server(engine_config_from_args(args))
         return _run(_generate(args))
-    except (InvalidRequestError, ValueError, FileNotFoundError) as e:
+    except (InvalidRequestError, ModelLoadError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

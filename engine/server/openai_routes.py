@@ -1,0 +1,302 @@
+"""POST /v1/completions and /v1/chat/completions: fan-out to the engine, JSON or SSE back.
+
+A request with several prompts and/or ``n > 1`` becomes one engine request per choice.
+Each runs in its own task that iterates ``engine.generate`` inside ``aclosing`` and pushes
+``(index, output | exception | None)`` into one queue; the handler drains that queue.
+Every way out of the handler (finished, error, client gone, handler cancelled) cancels
+the tasks, which closes their generators, which aborts the engine jobs at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from engine.server.metrics import ServerMetrics
+from engine.server.openai_api import (
+    ApiError,
+    ChoiceSpec,
+    GenerationRequest,
+    parse_chat,
+    parse_completion,
+)
+from engine.server.openai_responses import (
+    ChoiceState,
+    TokenText,
+    chunk,
+    final_response,
+    logprob_pairs,
+    render_logprobs,
+    usage,
+)
+from engine.server.protocol import EngineLike, classify_error
+
+log = logging.getLogger("fastserve.server")
+
+# How often a handler that is waiting on the engine checks whether its client hung up.
+# aiohttp only cancels handlers on disconnect when the runner enables it, and a stream
+# only notices on its next write; this bounds how long an abandoned job keeps running.
+DISCONNECT_POLL_S = 0.1
+# Seconds a client is told to wait (Retry-After) when the waiting queue is full or the
+# engine is unavailable.
+RETRY_AFTER_S = 1
+
+
+class ClientGone(Exception):
+    """The HTTP client hung up while its request was running."""
+
+
+def client_gone(request: web.Request) -> bool:
+    t = request.transport
+    return t is None or t.is_closing()
+
+
+async def read_json(request: web.Request, max_bytes: int) -> dict:
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise _too_large(request.content_length, max_bytes)
+    try:
+        raw = await request.read()  # the app's client_max_size enforces the cap for chunked bodies
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(None, max_bytes) from None
+    if len(raw) > max_bytes:
+        raise _too_large(len(raw), max_bytes)
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _too_large(size: int | None, limit: int) -> ApiError:
+    got = f"{size} bytes" if size is not None else "more"
+    return ApiError(
+        413, f"request body too large: {got} (limit {limit} bytes)", code="request_too_large"
+    )
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def error_from_exception(exc: BaseException, engine: EngineLike) -> ApiError:
+    info = classify_error(exc, engine)
+    if info.status >= 500 and info.kind == "Internal":
+        log.error("request failed", exc_info=exc)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if info.status == 503 else None
+    return ApiError(
+        info.status, info.message, type=info.type, param=info.param, code=info.code, headers=headers
+    )
+
+
+class _FanOut:
+    def __init__(
+        self, engine: EngineLike, req: GenerationRequest, metrics: ServerMetrics | None
+    ) -> None:
+        self.engine = engine
+        self.req = req
+        self.metrics = metrics
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.tasks = [asyncio.ensure_future(self._pump(c)) for c in req.choices]
+        self._getter: asyncio.Future | None = None
+
+    async def _pump(self, c: ChoiceSpec) -> None:
+        tracker = self.metrics.track() if self.metrics is not None else None
+        gen = self.engine.generate(
+            c.prompt, c.params, messages=c.messages, request_id=f"{self.req.id}-{c.index}"
+        )
+        try:
+            async with contextlib.aclosing(gen) as outputs:
+                async for out in outputs:
+                    if tracker is not None:
+                        tracker.on_output(out)
+                    self.queue.put_nowait((c.index, out))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - sent to the client (error body / SSE event)
+            self.queue.put_nowait((c.index, e))
+            return
+        self.queue.put_nowait((c.index, None))
+
+    async def get(self, request: web.Request) -> tuple[int, Any]:
+        while True:
+            if self._getter is None:
+                self._getter = asyncio.ensure_future(self.queue.get())
+            done, _ = await asyncio.wait({self._getter}, timeout=DISCONNECT_POLL_S)
+            if done:
+                item, self._getter = self._getter.result(), None
+                return item
+            if client_gone(request):
+                raise ClientGone()
+
+    async def close(self) -> None:
+        pending = [t for t in self.tasks if not t.done()]
+        if self._getter is not None:
+            pending.append(self._getter)
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+class GenerationRoutes:
+    def __init__(
+        self,
+        engine: EngineLike,
+        model_name: str,
+        max_body_bytes: int,
+        metrics: ServerMetrics | None,
+    ) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+        self.tok = TokenText(engine.tokenizer)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await read_json(request, self.max_body_bytes)
+        return await self._run(request, parse_completion(body, self.model_name))
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await read_json(request, self.max_body_bytes)
+        return await self._run(
+            request, parse_chat(body, self.model_name, self.engine.max_model_len)
+        )
+
+    async def _run(self, request: web.Request, req: GenerationRequest) -> web.StreamResponse:
+        if not self.engine.is_serving:
+            raise ApiError(
+                503,
+                "the engine cannot serve",
+                type="service_unavailable",
+                code="engine_unavailable",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        fan = _FanOut(self.engine, req, self.metrics)
+        states = {c.index: ChoiceState() for c in req.choices}
+        try:
+            if req.stream:
+                return await self._stream(request, req, fan, states)
+            return await self._collect(request, req, fan, states)
+        except ClientGone:
+            log.info("client went away; aborted %s", req.id)
+            return web.Response(status=499)  # never sent: the connection is gone
+        finally:
+            await fan.close()
+
+    async def _collect(
+        self,
+        request: web.Request,
+        req: GenerationRequest,
+        fan: _FanOut,
+        states: dict[int, ChoiceState],
+    ) -> web.Response:
+        remaining = len(req.choices)
+        while remaining:
+            index, item = await fan.get(request)
+            if isinstance(item, BaseException):
+                raise error_from_exception(item, self.engine)
+            if item is None:
+                remaining -= 1
+                continue
+            st = states[index]
+            st.add(item)
+            if req.logprobs is not None:
+                st.logprobs.extend(logprob_pairs(item))
+        return web.json_response(final_response(req, states, self.tok), dumps=_json_str)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        req: GenerationRequest,
+        fan: _FanOut,
+        states: dict[int, ChoiceState],
+    ) -> web.StreamResponse:
+        # Hold the headers until every choice has answered once, so an up-front refusal
+        # (invalid prompt, queue full) is a proper 4xx/503 rather than an in-stream error.
+        early: list[tuple[int, Any]] = []
+        answered: set[int] = set()
+        while len(answered) < len(req.choices):
+            index, item = await fan.get(request)
+            if isinstance(item, BaseException):
+                raise error_from_exception(item, self.engine)
+            answered.add(index)
+            early.append((index, item))
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await resp.prepare(request)
+        try:
+            if req.chat:  # OpenAI opens each chat choice with a role-only delta
+                role = {"role": "assistant", "content": ""}
+                for c in req.choices:
+                    first = {
+                        "index": c.index,
+                        "delta": role,
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                    await self._send(resp, req, [first])
+            remaining = len(req.choices)
+            pending = list(early)
+            while remaining:
+                index, item = pending.pop(0) if pending else await fan.get(request)
+                if isinstance(item, BaseException):
+                    err = error_from_exception(item, self.engine)
+                    await resp.write(b"data: " + dumps(err.body()) + b"\n\n")
+                    break
+                if item is None:
+                    remaining -= 1
+                    continue
+                choice = self._choice_chunk(req, states[index], index, item)
+                if choice is not None:
+                    await self._send(resp, req, [choice])
+            else:
+                if req.include_usage:
+                    await resp.write(
+                        b"data: " + dumps(chunk(req, [], usage(req, states), True)) + b"\n\n"
+                    )
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except (ConnectionResetError, ClientGone):  # aiohttp's ClientConnectionResetError included
+            log.info("client went away mid-stream; aborted %s", req.id)
+        return resp
+
+    def _choice_chunk(
+        self, req: GenerationRequest, st: ChoiceState, index: int, out: Any
+    ) -> dict | None:
+        st.add(out)
+        lp = None
+        if req.logprobs is not None and out.token_ids:
+            lp = render_logprobs(req, self.tok, logprob_pairs(out), st)
+        reason = out.finish_reason if out.finished else None
+        if not out.text and reason is None and lp is None:
+            return None  # e.g. a token that ends mid-character: its text comes with the next one
+        if req.chat:
+            delta = {"content": out.text} if out.text else {}
+            return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
+        return {
+            "index": index,
+            "text": out.text,
+            "logprobs": lp,
+            "finish_reason": reason,
+            "stop_reason": None,
+        }
+
+    @staticmethod
+    async def _send(resp: web.StreamResponse, req: GenerationRequest, choices: list[dict]) -> None:
+        await resp.write(b"data: " + dumps(chunk(req, choices, None, req.include_usage)) + b"\n\n")
+
+
+def _json_str(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False)

@@ -1,0 +1,286 @@
+"""The ZeroMQ frontend: a ROUTER socket in the engine's event loop (wire format:
+``engine.client.wire``, docs/client.md).
+
+Each generate request runs in its own task that iterates ``engine.generate`` inside
+``aclosing``; cancelling the task (abort message, client unreachable, server stop) closes
+the generator, which aborts the engine job at once. Requests are keyed by
+``(client identity, id)``, so an abort from one client cannot stop another's request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import logging
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from engine.client import wire
+from engine.sampling import InvalidRequestError, SamplingParams
+from engine.server.metrics import ServerMetrics
+from engine.server.openai_api import ApiError, parse_messages
+from engine.server.protocol import EngineLike, classify_error
+
+log = logging.getLogger("fastserve.zmq")
+
+_PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)} - {"extra"}
+MAX_ID_CHARS = 256  # ids are echoed in every reply; keep them small
+
+
+def resolve_zmq_address(configured: str | None, http_port: int) -> str | None:
+    """``None``: the default ipc path for this HTTP port; ``""``/``"off"``/``"none"``: no
+    ZeroMQ frontend; anything else is used as given (``tcp://127.0.0.1:*`` picks a port)."""
+    if configured is None:
+        return wire.default_zmq_address(http_port)
+    if configured.strip().lower() in ("", "off", "none"):
+        return None
+    return configured
+
+
+class _Unreachable(Exception):
+    """The client's identity is no longer routable (it disconnected)."""
+
+
+class ZmqFrontend:
+    def __init__(
+        self,
+        engine: EngineLike,
+        address: str,
+        model_name: str,
+        *,
+        metrics: ServerMetrics | None = None,
+        heartbeat_interval_s: float = wire.HEARTBEAT_INTERVAL_S,
+        max_message_bytes: int = 4 * 1024**2,
+    ) -> None:
+        self.engine = engine
+        self.address = address  # after start(): the bound endpoint (a "*" port resolved)
+        self.model_name = model_name
+        self.metrics = metrics
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.max_message_bytes = max_message_bytes
+        self.live: dict[tuple[bytes, str], asyncio.Task] = {}
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._loops: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        self._ctx = zmq.asyncio.Context()
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        # Unroutable replies raise EHOSTUNREACH instead of vanishing: that is how a
+        # departed client is noticed and its jobs aborted.
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        sock.bind(self.address)
+        self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._sock = sock
+        self._loops = [
+            asyncio.ensure_future(self._recv_loop()),
+            asyncio.ensure_future(self._heartbeat_loop()),
+        ]
+
+    async def stop(self) -> None:
+        tasks = self._loops + list(self.live.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.live.clear()
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        if self._ctx is not None:
+            self._ctx.term()
+        self._sock = self._ctx = None
+
+    # -- I/O ----------------------------------------------------------------------------------
+    async def _send(self, identity: bytes, msg: dict) -> None:
+        assert self._sock is not None
+        try:
+            await self._sock.send_multipart([identity, wire.encode(msg)])
+        except zmq.ZMQError as e:
+            if e.errno == errno.EHOSTUNREACH:
+                raise _Unreachable() from None
+            raise
+
+    async def _reply(self, identity: bytes, msg: dict) -> None:
+        """Send a reply whose loss only matters to the (gone) client."""
+        try:
+            await self._send(identity, msg)
+        except _Unreachable:
+            self._drop_client(identity)
+
+    def _drop_client(self, identity: bytes) -> None:
+        for key in [k for k in self.live if k[0] == identity]:
+            self.live.pop(key).cancel()
+
+    async def _recv_loop(self) -> None:
+        assert self._sock is not None
+        while True:
+            frames = await self._sock.recv_multipart()
+            if len(frames) < 2:
+                continue
+            identity, body = frames[0], frames[-1]
+            try:
+                msg = wire.decode(body)
+            except wire.WireError as e:
+                await self._reply(identity, wire.error_message(None, wire.BAD_MESSAGE, str(e)))
+                continue
+            try:
+                await self._handle(identity, msg)
+            except Exception as e:  # one bad message must not stop the frontend
+                log.exception("zmq frontend failed on a %r message", msg.get("kind"))
+                await self._reply(
+                    identity,
+                    wire.error_message(_id(msg), wire.INTERNAL, f"{type(e).__name__}: {e}"),
+                )
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval_s)
+            by_client: dict[bytes, list[str]] = {}
+            for identity, rid in self.live:
+                by_client.setdefault(identity, []).append(rid)
+            for identity, ids in by_client.items():
+                await self._reply(identity, {"kind": wire.HEARTBEAT, "ids": ids})
+
+    # -- messages ---------------------------------------------------------------------------
+    async def _handle(self, identity: bytes, msg: dict) -> None:
+        kind, rid = msg["kind"], _id(msg)
+        if rid is None:
+            await self._reply(
+                identity,
+                wire.error_message(
+                    None,
+                    wire.BAD_MESSAGE,
+                    f"'id' must be a non-empty string of at most {MAX_ID_CHARS} characters",
+                ),
+            )
+        elif kind == wire.GENERATE:
+            await self._generate(identity, rid, msg)
+        elif kind == wire.ABORT:
+            task = self.live.pop((identity, rid), None)
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                await self._reply(
+                    identity,
+                    {
+                        "kind": wire.OUTPUT,
+                        "id": rid,
+                        "request_id": rid,
+                        "text": "",
+                        "token_ids": [],
+                        "finished": True,
+                        "finish_reason": "abort",
+                    },
+                )
+        elif kind == wire.HEALTH:
+            await self._reply(
+                identity, {"kind": wire.HEALTH, "id": rid, "serving": bool(self.engine.is_serving)}
+            )
+        elif kind == wire.MODELS:
+            data = [
+                {
+                    "id": self.model_name,
+                    "object": "model",
+                    "max_model_len": self.engine.max_model_len,
+                }
+            ]
+            await self._reply(identity, {"kind": wire.MODELS, "id": rid, "data": data})
+        else:
+            await self._reply(
+                identity, wire.error_message(rid, wire.BAD_MESSAGE, f"unknown kind {kind!r}")
+            )
+
+    async def _generate(self, identity: bytes, rid: str, msg: dict) -> None:
+        key = (identity, rid)
+        try:
+            if key in self.live:
+                raise InvalidRequestError(f"id {rid!r} is already running", "id")
+            prompt, messages = _prompt(msg)
+            params = _params(msg.get("params"))
+        except InvalidRequestError as e:
+            await self._reply(
+                identity, wire.error_message(rid, wire.INVALID_REQUEST, str(e), e.param)
+            )
+            return
+        self.live[key] = asyncio.ensure_future(self._run(identity, rid, prompt, messages, params))
+
+    async def _run(
+        self,
+        identity: bytes,
+        rid: str,
+        prompt: Any,
+        messages: list[dict] | None,
+        params: SamplingParams,
+    ) -> None:
+        tracker = self.metrics.track() if self.metrics is not None else None
+        try:
+            gen = self.engine.generate(prompt, params, messages=messages, request_id=rid)
+            async with contextlib.aclosing(gen) as outputs:
+                async for out in outputs:
+                    if tracker is not None:
+                        tracker.on_output(out)
+                    await self._send(identity, wire.output_message(rid, out))
+        except _Unreachable:
+            log.info("zmq client went away; aborted %s", rid)
+            self._drop_client(identity)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            info = classify_error(e, self.engine)
+            if info.kind == wire.INTERNAL:
+                log.error("request %s failed", rid, exc_info=e)
+            await self._reply(
+                identity, wire.error_message(rid, info.kind, info.message, info.param)
+            )
+        finally:
+            if self.live.get((identity, rid)) is asyncio.current_task():
+                del self.live[(identity, rid)]
+
+
+def _id(msg: dict) -> str | None:
+    rid = msg.get("id")
+    return rid if isinstance(rid, str) and 0 < len(rid) <= MAX_ID_CHARS else None
+
+
+def _prompt(msg: dict) -> tuple[Any, list[dict] | None]:
+    given = [k for k in ("prompt", "prompt_token_ids", "messages") if msg.get(k) is not None]
+    if len(given) != 1:
+        raise InvalidRequestError(
+            "give exactly one of prompt, prompt_token_ids, messages", "prompt"
+        )
+    if "messages" in given:
+        if not isinstance(msg["messages"], list):
+            raise InvalidRequestError("messages: must be an array", "messages")
+        try:
+            return None, parse_messages(msg["messages"])
+        except ApiError as e:
+            raise InvalidRequestError(e.message, e.param) from None
+    value = msg[given[0]]
+    if given[0] == "prompt_token_ids" and not isinstance(value, list):
+        raise InvalidRequestError(
+            "prompt_token_ids: must be an array of integers", "prompt_token_ids"
+        )
+    if not isinstance(value, (str, list)):
+        raise InvalidRequestError("prompt: must be a string or an array of token ids", "prompt")
+    return value, None
+
+
+def _params(raw: Any) -> SamplingParams:
+    if raw is None:
+        return SamplingParams()
+    if not isinstance(raw, dict):
+        raise InvalidRequestError("params: must be a map", "params")
+    for name in raw:
+        if name not in _PARAM_FIELDS:
+            raise InvalidRequestError(f"params.{name}: unknown field", f"params.{name}")
+    if raw.get("n", 1) != 1:
+        raise InvalidRequestError("params.n: one sequence per request; send n requests", "params.n")
+    try:
+        return SamplingParams(**raw)
+    except TypeError as e:  # e.g. stop given as a number: fails before validate() can name it
+        raise InvalidRequestError(f"params: {e}", "params") from None
