@@ -57,7 +57,7 @@ class Engine:
         info = await loop.run_in_executor(None, load_model_info, path)  # clear error before spawning
         # Scheduling knobs are checked before the worker spends time loading the model.
         policy = create_scheduling_policy(config.scheduler.policy, dict(config.scheduler.policy_options))
-        swap_policy = create_swap_policy(config.scheduler.swap_policy)
+        swap_policy = create_swap_policy(config.scheduler.swap_policy, dict(config.scheduler.swap_policy_options))
         self.config = config
         self._executor = WorkerExecutor(config.parallel.step_timeout_s, config.parallel.startup_timeout_s)
         init = {
@@ -75,6 +75,12 @@ class Engine:
                 raise ModelLoadError(e.detail) from None
             raise
         self.worker_info = ready
+        if hasattr(policy, "set_profile"):
+            try:
+                policy.set_profile(await self._profile_for_policy(config))
+            except BaseException:
+                await self._executor.shutdown()
+                raise
         self.model_info = ready["model"]
         max_len = info.max_model_len
         if config.model.max_model_len:
@@ -91,6 +97,20 @@ class Engine:
         for actor in (self._scheduler, self._frontend, self._memory):
             actor.start()
         return self
+
+    async def _profile_for_policy(self, config: EngineConfig) -> dict:
+        """A cost profile for skip-join: the stored one, else measured now on the idle worker."""
+        from engine.policies.profile import PrefillProfile
+
+        if config.scheduler.profile_path:
+            return PrefillProfile.load(config.scheduler.profile_path).to_dict()
+        log.info("profiling the model for the scheduling policy (pass a stored profile to skip)")
+        return await self._executor.call("profile", timeout=self.config.parallel.startup_timeout_s)
+
+    async def profile(self, **args: object) -> dict:
+        """Measure prefill time by input length and step time by batch size on the worker.
+        The engine must be idle."""
+        return await self._scheduler.ask("profile", args)
 
     # Scheduler -> frontend wiring: plain tells, no shared state.
     def _emit(self, events: list) -> None:

@@ -47,6 +47,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scheduling")
     g.add_argument("--scheduling-policy", default=d.scheduler.policy)
     g.add_argument("--swap-policy", default=d.scheduler.swap_policy)
+    g.add_argument("--profile", default=None, dest="profile_path",
+                   help="stored cost profile (from `fastserve profile`) for skip-join")
     g.add_argument("--max-num-seqs", type=int, default=d.scheduler.max_num_seqs, help="batch-size cap")
     g.add_argument("--max-num-batched-tokens", type=int, default=d.scheduler.max_num_batched_tokens,
                    help="token budget per iteration")
@@ -69,6 +71,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             swap_policy=args.swap_policy,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
+            profile_path=args.profile_path,
         ),
         parallel=ParallelConfig(torch_threads=args.torch_threads),
         server=_server_config(args),
@@ -123,6 +126,22 @@ async def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _profile(args: argparse.Namespace) -> int:
+    from engine.api import Engine
+    from engine.policies.profile import PrefillProfile
+
+    cfg = engine_config_from_args(args)
+    engine = await Engine.create(cfg.replace(scheduler=SchedulerConfig(policy="fcfs")))
+    try:
+        profile = PrefillProfile.from_dict(await engine.profile())
+    finally:
+        await engine.shutdown()
+    if args.out:
+        profile.save(args.out)
+    print(profile.to_json())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastserve", description="FastServe LLM inference server.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     add_engine_args(g)
 
+    pr = sub.add_parser("profile", help="measure prefill time by input length and step time by batch",
+                        description="Profile the model on its worker; the JSON feeds --profile.")
+    pr.add_argument("--out", default=None, help="write the profile here (default: print it)")
+    add_engine_args(pr)
+
     w = sub.add_parser("worker", help="run a worker process (started by the engine)", add_help=False)
     w.add_argument("rest", nargs=argparse.REMAINDER)
 
@@ -161,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from engine.server import run_server
 
             return run_server(engine_config_from_args(args))
+        if args.command == "profile":
+            return _run(_profile(args))
         return _run(_generate(args))
     except (InvalidRequestError, ModelLoadError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -46,6 +46,10 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048  # token budget per iteration (prefill + decode tokens)
     max_waiting: int = 4096  # admission cap; more waiting jobs are refused
     policy_options: tuple[tuple[str, object], ...] = ()  # extra knobs for the policy plugin
+    swap_policy_options: tuple[tuple[str, object], ...] = ()  # extra knobs for the swap plugin
+    # Stored cost profile (`fastserve profile --out`) for policies that use one (skip-join);
+    # None: such a policy has the worker profile the model at start-up.
+    profile_path: str | None = None
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,7 @@ class Scheduler:
         self._worker_table_len: dict[str, int] = {}  # block-table length the worker holds
         self._to_free: list[str] = []
         self._finished: list[Job] = []
+        self._evicted_now: set[str] = set()
         self.num_preemptions = 0
 
     # -- admission / removal ----------------------------------------------------------------
@@ -110,10 +111,13 @@ class Scheduler:
         self._to_free = []
         order = list(self.policy.order(now))
         in_batch: set[str] = set()
+        self._evicted_now: set[str] = set()
         budget = self.config.max_num_batched_tokens
         for pos, job in enumerate(order):
             if len(plan.seqs) >= self.config.max_num_seqs or budget <= 0:
                 break
+            if job.job_id in self._evicted_now:
+                continue  # evicted for a higher-priority job this step: running it now undoes that
             n = min(job.num_pending_tokens, budget)
             if not self._make_resident(job, job.num_computed_tokens + n, order[pos + 1 :], in_batch, plan, now):
                 if pos == 0 and not self._fits_alone(job, n):
@@ -197,6 +201,7 @@ class Scheduler:
         return True
 
     def _evict(self, victim: Job, plan: StepPlan, now: float) -> None:
+        self._evicted_now.add(victim.job_id)
         self.num_preemptions += 1
         victim.stats.preemptions += 1
         mode = self.swap_policy.evict(victim, self.blocks)

@@ -90,6 +90,12 @@ class SchedulerActor(Actor):
     def on_snapshot(self) -> dict:
         return self.snapshot()
 
+    async def on_profile(self, args: dict) -> dict:
+        if self.core.jobs:
+            raise RuntimeError("profile needs an idle engine")
+        reply = await self.executor.call("profile", args=args, timeout=self.executor.startup_timeout_s)
+        return {"prefill": reply["prefill"], "decode": reply["decode"]}
+
     def on_check_integrity(self) -> None:
         self.core.check_integrity()
 
@@ -167,7 +173,7 @@ class SchedulerActor(Actor):
                     "num_prompt_tokens": j.num_prompt_tokens,
                     "num_output_tokens": len(j.output_ids),
                 }
-                for j in core.policy.order(now)
+                for j in core.jobs.values()  # not policy.order(): listing must not promote anyone
             ],
             "num_free_gpu_blocks": core.blocks.num_free_gpu_blocks,
             "num_gpu_blocks": core.blocks.num_gpu_blocks,

@@ -9,8 +9,10 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
-DEFAULT_LENGTHS = (1, 16, 64, 256, 1024)
-DEFAULT_BATCHES = (1, 4, 16, 64)
+# Enough points for piecewise-linear interpolation of the (close to linear) cost curves,
+# few enough that start-up profiling of a small model on a CPU takes seconds.
+DEFAULT_LENGTHS = (1, 32, 128, 512)
+DEFAULT_BATCHES = (1, 8, 32)
 
 
 def profile_runner(
@@ -34,23 +36,22 @@ def profile_runner(
     def params() -> dict:
         return {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None, "logprobs": None}
 
-    prefill: list[list[float]] = []
-    for length in lengths:
-        nblocks = -(-(length + 1) // bs)
-        if nblocks > pool:
-            break
-        best = float("inf")
-        for r in range(repeats + 1):  # the first run warms up
+    lengths = [n for n in lengths if -(-(n + 1) // bs) <= pool]
+    times: dict[int, float] = {n: float("inf") for n in lengths}
+    # Round 0 warms every shape up (first calls pay for allocation and kernel selection);
+    # the rest are timed, best of ``repeats``.
+    for r in range(repeats + 1):
+        for length in lengths:
             jid = f"__profile_p{length}_{r}"
-            t = run([[jid, 0, length, list(range(nblocks)), True, True]],
+            t = run([[jid, 0, length, list(range(-(-(length + 1) // bs))), True, True]],
                     [{"id": jid, "prompt": [1] * length, "params": params()}])
             runner.step({"step": next(step_ids), "free": [jid], "new": [], "swap_out": [], "swap_in": [], "seqs": []})
             if r:
-                best = min(best, t)
-        prefill.append([length, best])
+                times[length] = min(times[length], t)
+    prefill: list[list[float]] = [[n, times[n]] for n in lengths]
 
     decode: list[list[float]] = []
-    per_job = -(-(context + 2) // bs)
+    per_job = -(-(context + repeats + 2) // bs)
     for batch in batch_sizes:
         if batch * per_job > pool:
             break
@@ -59,8 +60,10 @@ def profile_runner(
         run([[j, 0, context, t, True, True] for j, t in zip(ids, tables)],
             [{"id": j, "prompt": [1] * context, "params": params()} for j in ids])
         best = float("inf")
-        for r in range(repeats):
+        for r in range(repeats + 1):  # the first decode warms up
             t = run([[j, context + r, 1, [], False, True] for j in ids], [])
+            if not r:
+                continue
             best = min(best, t)
         runner.step({"step": next(step_ids), "free": ids, "new": [], "swap_out": [], "swap_in": [], "seqs": []})
         decode.append([batch, best])

@@ -1,0 +1,142 @@
+"""Proactive KV swapping (FastServe, Wu et al., arXiv 2305.05920).
+
+Reactive swapping moves KV only when a batch cannot fit, so the copy sits on the critical
+path of that iteration. The proactive policy moves it one iteration ahead, where the
+worker overlaps it with compute:
+
+* **offload** — when fewer than ``headroom`` GPU blocks are free, swap out resident jobs
+  that are not in this batch, lowest priority (end of ``upcoming``) first, until the
+  headroom is restored, so the next batch can grow (new prefills, decode blocks) without
+  a synchronous eviction;
+* **upload** — otherwise, swap in host-resident jobs that will run soon, highest priority
+  first, as long as the free GPU blocks stay at or above the headroom after each upload.
+
+"Soon" is the *window*: the first ``len(batch) + lookahead`` jobs of ``upcoming`` (about
+the next iteration's batch plus a margin). Invariants of every plan: it offloads or it
+uploads, never both (matching the scheduler's no-ping-pong rule); it offloads only jobs
+outside the window and uploads only jobs inside it, so a job offloaded for being far from
+running is not uploaded back while the order stays the same (no ping-pong across steps);
+it never names a job in ``batch`` or a job that would not fit the destination pool.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from engine.memory.block_manager import Residency
+from engine.memory.swap import EvictMode, MemoryView, SwapPlan, SwapPolicy
+from engine.request import Job
+
+# A tenth of the pool: on the order of one block per running job at typical batch sizes,
+# which is what a decode iteration adds in the worst case (every job crossing a block).
+DEFAULT_HEADROOM_FRAC = 0.1
+
+
+class ProactivePolicy(SwapPolicy):
+    """Keep a headroom of free GPU blocks; upload the next-to-run jobs ahead of need.
+
+    Knobs (give at most one of the two headroom knobs):
+
+    * ``headroom_frac`` (0.1 when neither is given): headroom as a fraction of the GPU
+      pool, rounded up, in [0, 1).
+    * ``headroom_blocks`` (None): headroom as an absolute number of blocks.
+    * ``lookahead`` (None: the current batch size, at least 1): jobs past the current
+      batch size that count as "running soon".
+    """
+
+    name = "proactive"
+
+    def __init__(
+        self,
+        headroom_frac: float | None = None,
+        headroom_blocks: int | None = None,
+        lookahead: int | None = None,
+    ) -> None:
+        if headroom_frac is not None and headroom_blocks is not None:
+            raise ValueError("give headroom_frac or headroom_blocks, not both")
+        if headroom_blocks is not None:
+            if isinstance(headroom_blocks, bool) or not isinstance(headroom_blocks, int):
+                kind = type(headroom_blocks).__name__
+                raise TypeError(f"headroom_blocks must be an integer, got {kind}")
+            if headroom_blocks < 0:
+                raise ValueError(f"headroom_blocks must be >= 0, got {headroom_blocks}")
+        else:
+            if headroom_frac is None:
+                headroom_frac = DEFAULT_HEADROOM_FRAC
+            if isinstance(headroom_frac, bool) or not isinstance(headroom_frac, (int, float)):
+                kind = type(headroom_frac).__name__
+                raise TypeError(f"headroom_frac must be a number, got {kind}")
+            if not 0.0 <= headroom_frac < 1.0:
+                raise ValueError(f"headroom_frac must be in [0, 1), got {headroom_frac!r}")
+        if lookahead is not None:
+            if isinstance(lookahead, bool) or not isinstance(lookahead, int):
+                raise TypeError(f"lookahead must be an integer, got {type(lookahead).__name__}")
+            if lookahead < 0:
+                raise ValueError(f"lookahead must be >= 0, got {lookahead}")
+        self.headroom_frac = None if headroom_blocks is not None else float(headroom_frac)
+        self.headroom_blocks = headroom_blocks
+        self.lookahead = lookahead
+
+    def headroom(self, view: MemoryView) -> int:
+        """Free GPU blocks to keep, for this pool."""
+        if self.headroom_blocks is not None:
+            return min(self.headroom_blocks, view.num_gpu_blocks)
+        return math.ceil(self.headroom_frac * view.num_gpu_blocks)
+
+    def window(self, upcoming: Sequence[Job], batch: Sequence[Job]) -> Sequence[Job]:
+        """The jobs expected to run soon: the head of ``upcoming``."""
+        extra = self.lookahead if self.lookahead is not None else max(1, len(batch))
+        return upcoming[: len(batch) + extra]
+
+    def evict(self, job: Job, view: MemoryView) -> EvictMode:
+        return "swap"
+
+    def plan(self, view: MemoryView, upcoming: Sequence[Job], batch: Sequence[Job]) -> SwapPlan:
+        headroom = self.headroom(view)
+        soon = self.window(upcoming, batch)
+        if view.num_free_gpu_blocks < headroom:
+            keep = {j.job_id for j in batch} | {j.job_id for j in soon}
+            return SwapPlan(swap_out=self._victims(view, upcoming, keep, headroom))
+        return SwapPlan(swap_in=self._uploads(view, soon, headroom))
+
+    def _victims(
+        self, view: MemoryView, upcoming: Sequence[Job], keep: set[str], headroom: int
+    ) -> list[Job]:
+        free, host_free = view.num_free_gpu_blocks, view.num_free_host_blocks
+        out: list[Job] = []
+        for job in reversed(upcoming):
+            if free >= headroom:
+                break
+            if job.job_id in keep or job.is_finished:
+                continue
+            if view.residency(job.job_id) is not Residency.GPU:
+                continue
+            held = view.num_blocks_held(job.job_id)
+            if held == 0 or held > host_free:
+                continue  # nothing to gain, or no host room (a smaller job may still fit)
+            out.append(job)
+            free += held
+            host_free -= held
+        return out
+
+    def _uploads(self, view: MemoryView, soon: Sequence[Job], headroom: int) -> list[Job]:
+        free = view.num_free_gpu_blocks
+        out: list[Job] = []
+        for job in soon:
+            if job.is_finished or view.residency(job.job_id) is not Residency.HOST:
+                continue
+            held = view.num_blocks_held(job.job_id)
+            if free - held < headroom:
+                break  # uploading a lower job instead would take the room this one needs
+            out.append(job)
+            free -= held
+        return out
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "headroom_frac": self.headroom_frac,
+            "headroom_blocks": self.headroom_blocks,
+            "lookahead": self.lookahead,
+        }
