@@ -46,8 +46,13 @@ class StepPlan:
     step_id: int
     seqs: list[ScheduledSeq] = field(default_factory=list)
     new_jobs: list[Job] = field(default_factory=list)  # first time the worker sees them
+    # Demand moves: done before this step's forward (the batch needs the room or the KV).
     swap_out: list[tuple[int, int]] = field(default_factory=list)  # (gpu, host)
     swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host, gpu)
+    # Proactive moves for jobs outside the batch: overlap this step's forward, land before
+    # the next step starts.
+    offload: list[tuple[int, int]] = field(default_factory=list)  # (gpu, host)
+    prefetch: list[tuple[int, int]] = field(default_factory=list)  # (host, gpu)
     free: list[str] = field(default_factory=list)  # jobs the worker may forget
 
     @property
@@ -55,7 +60,7 @@ class StepPlan:
         return sum(s.num_tokens for s in self.seqs)
 
     def is_empty(self) -> bool:
-        return not (self.seqs or self.swap_out or self.swap_in or self.free)
+        return not (self.seqs or self.swap_out or self.swap_in or self.offload or self.prefetch or self.free)
 
 
 class Scheduler:
@@ -206,16 +211,17 @@ class Scheduler:
         victim.stats.preemptions += 1
         mode = self.swap_policy.evict(victim, self.blocks)
         if mode == "swap" and self.blocks.can_swap_out(victim.job_id):
-            self._swap_out(victim, plan, now)
+            plan.swap_out.extend(self._swap_out(victim, now))
         else:
             self._recompute(victim)
 
-    def _swap_out(self, job: Job, plan: StepPlan, now: float) -> None:
-        plan.swap_out.extend(self.blocks.swap_out(job.job_id))
+    def _swap_out(self, job: Job, now: float) -> list[tuple[int, int]]:
+        pairs = self.blocks.swap_out(job.job_id)
         self._worker_table_len.pop(job.job_id, None)
         job.state = JobState.SWAPPED
         job.swapped_since = now
         job.stats.swap_outs += 1
+        return pairs
 
     def _note_swapped_in(self, job: Job, now: float) -> None:
         self._worker_table_len.pop(job.job_id, None)
@@ -239,15 +245,15 @@ class Scheduler:
             if job.job_id in in_batch or job.is_finished:
                 continue
             if self.blocks.residency(job.job_id) is Residency.GPU and self.blocks.can_swap_out(job.job_id):
-                self._swap_out(job, plan, now)
+                plan.offload.extend(self._swap_out(job, now))
                 swapped_out_now.add(job.job_id)
-        if plan.swap_out:
+        if plan.swap_out or plan.offload:
             return  # no ping-pong: a step that offloads does not also upload
         for job in proposal.swap_in:
-            if job.job_id in swapped_out_now or job.is_finished:
+            if job.job_id in swapped_out_now or job.job_id in self._evicted_now or job.is_finished:
                 continue
             if self.blocks.can_swap_in(job.job_id):
-                plan.swap_in.extend(self.blocks.swap_in(job.job_id))
+                plan.prefetch.extend(self.blocks.swap_in(job.job_id))
                 self._note_swapped_in(job, now)
                 job.state = JobState.RUNNING
 

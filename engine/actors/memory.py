@@ -28,6 +28,9 @@ class MemoryStats:
     swap_in_blocks: int = 0
     swap_out_bytes: int = 0
     swap_in_bytes: int = 0
+    proactive_out_blocks: int = 0  # of swap_out_blocks, moved ahead of need (overlapped)
+    proactive_in_blocks: int = 0
+    swap_seconds: float = 0.0  # worker-measured copy time, both directions
     integrity_checks: int = 0
     integrity_errors: list[str] = field(default_factory=list)
 
@@ -55,9 +58,14 @@ class MemoryManagerActor(Actor):
         self.stats = MemoryStats(num_gpu_blocks, num_host_blocks, block_bytes,
                                  num_gpu_blocks, num_host_blocks)
 
-    def on_step(self, free_gpu: int, free_host: int, swapped_out: int, swapped_in: int) -> None:
+    def on_step(self, free_gpu: int, free_host: int, moved: dict[str, int], swap_s: float) -> None:
         s = self.stats
         s.num_free_gpu_blocks, s.num_free_host_blocks = free_gpu, free_host
+        swapped_out = moved["swap_out"] + moved["offload"]
+        swapped_in = moved["swap_in"] + moved["prefetch"]
+        s.proactive_out_blocks += moved["offload"]
+        s.proactive_in_blocks += moved["prefetch"]
+        s.swap_seconds += swap_s
         s.swap_out_blocks += swapped_out
         s.swap_in_blocks += swapped_in
         s.swap_out_bytes += swapped_out * s.block_bytes

@@ -125,8 +125,9 @@ class SchedulerActor(Actor):
         self._emit_finished({j.job_id for j in touched})
         if self.memory is not None:
             b = core.blocks
-            self.memory.tell("step", b.num_free_gpu_blocks, b.num_free_host_blocks,
-                             len(plan.swap_out), len(plan.swap_in))
+            moved = {k: len(getattr(plan, k)) for k in ("swap_out", "swap_in", "offload", "prefetch")}
+            self.memory.tell("step", b.num_free_gpu_blocks, b.num_free_host_blocks, moved,
+                             float(reply.get("swap_s", 0.0)))
 
     def _emit_finished(self, reported: set[str]) -> None:
         """Final events for jobs finished without a token this step (the frontend ignores

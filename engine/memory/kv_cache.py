@@ -102,3 +102,66 @@ def copy_blocks(
         if cross_device:
             blocks = blocks.to(dst.device, non_blocking=async_upload)
         dst_cache.index_copy_(1, dst_ids, blocks)
+
+
+class AsyncBlockCopier:
+    """Runs a step's proactive block moves while the step computes.
+
+    ``submit`` starts the copies and returns at once; ``wait`` returns when they have
+    landed, with the seconds they took. On CUDA the copies go on a side stream (the host
+    pool is pinned) and ``wait`` makes the compute stream wait for its event; on CPU a
+    single background thread does them (torch's copy kernels release the GIL). The worker
+    calls ``wait`` before anything else in the next step, so a job never runs before its
+    blocks have arrived, and a block is never reused while a copy still reads it.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._pool = None
+        self._pending = None  # CPU: a Future; CUDA: (event, start event, kinds)
+
+    def submit(self, gpu: KVCachePool, host: KVCachePool, offload: list, prefetch: list) -> None:
+        if not (offload or prefetch):
+            return
+        if self._stream is not None:
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(self._stream):
+                start.record()
+                copy_blocks(gpu, host, offload)
+                copy_blocks(host, gpu, prefetch, non_blocking=True)
+                done.record()
+            self._pending = (start, done)
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="kv-copy")
+        self._pending = self._pool.submit(_timed_copies, gpu, host, offload, prefetch)
+
+    def wait(self) -> float:
+        """Block until the submitted copies are done; returns their duration in seconds."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return 0.0
+        if self._stream is not None:
+            start, done = pending
+            torch.cuda.current_stream(self.device).wait_event(done)
+            done.synchronize()
+            return start.elapsed_time(done) / 1000.0
+        return pending.result()
+
+    def close(self) -> None:
+        self.wait()
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
+def _timed_copies(gpu: KVCachePool, host: KVCachePool, offload: list, prefetch: list) -> float:
+    import time
+
+    t0 = time.perf_counter()
+    copy_blocks(gpu, host, offload)
+    copy_blocks(host, gpu, prefetch)
+    return time.perf_counter() - t0

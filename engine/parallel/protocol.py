@@ -105,5 +105,7 @@ def plan_to_message(plan: Any, call: int) -> dict[str, Any]:
         ],
         "swap_out": plan.swap_out,
         "swap_in": plan.swap_in,
+        "offload": plan.offload,
+        "prefetch": plan.prefetch,
         "free": plan.free,
     }

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.memory.kv_cache import KVCachePool, copy_blocks
+from engine.memory.kv_cache import AsyncBlockCopier, KVCachePool, copy_blocks
 from engine.models.base import AttentionMetadata
 from engine.sampling import Sampler
 
@@ -41,16 +41,23 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler()
         self.jobs: dict[str, _JobState] = {}
+        self.copier = AsyncBlockCopier(device)
 
     def step(self, msg: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
+        # Last step's proactive copies must land before any block is read or reused.
+        async_swap_s = self.copier.wait()
         for jid in msg["free"]:
             self.jobs.pop(jid, None)
             self.sampler.remove(jid)
         for new in msg["new"]:
             self.jobs[new["id"]] = _JobState(tokens=[int(t) for t in new["prompt"]])
             self.sampler.add(new["id"], new["params"])
-        self._swap(msg["swap_out"], msg["swap_in"])
+        demand_swap_s = self._swap(msg["swap_out"], msg["swap_in"])
+        offload, prefetch = msg.get("offload") or [], msg.get("prefetch") or []
+        if offload or prefetch:
+            self.copier.submit(self.gpu_pool, self._host(), [tuple(p) for p in offload],
+                               [tuple(p) for p in prefetch])
         sampled_ids: list[str] = []
         tokens: list[int] = []
         logprobs: list[Any] = []
@@ -65,18 +72,23 @@ class ModelRunner:
             "tokens": np.asarray(tokens, dtype=np.int64),
             "logprobs": logprobs,
             "elapsed": time.perf_counter() - t0,
+            # Copy time: demand swaps of this step, proactive copies that landed at its start.
+            "swap_s": demand_swap_s + async_swap_s,
         }
 
-    def _swap(self, swap_out: list, swap_in: list) -> None:
-        if not (swap_out or swap_in):
-            return
+    def _host(self) -> KVCachePool:
         if self.host_pool is None:
             raise RuntimeError("plan swaps but this worker has no host pool")
+        return self.host_pool
+
+    def _swap(self, swap_out: list, swap_in: list) -> float:
+        if not (swap_out or swap_in):
+            return 0.0
+        t0 = time.perf_counter()
         # Order matters (see BlockManager): out before in, both before the forward.
-        if swap_out:
-            copy_blocks(self.gpu_pool, self.host_pool, [tuple(p) for p in swap_out])
-        if swap_in:
-            copy_blocks(self.host_pool, self.gpu_pool, [tuple(p) for p in swap_in])
+        copy_blocks(self.gpu_pool, self._host(), [tuple(p) for p in swap_out])
+        copy_blocks(self._host(), self.gpu_pool, [tuple(p) for p in swap_in])
+        return time.perf_counter() - t0
 
     @torch.inference_mode()
     def _forward(self, seqs: list) -> tuple[list[str], list[int], list[Any]]:

@@ -101,9 +101,11 @@ _MEMORY_COUNTERS = {
     "swap_in_bytes": ("swap_in_bytes", "Bytes of KV cache copied host -> GPU."),
     "swap_out_blocks": ("swap_out_blocks", "KV blocks copied GPU -> host."),
     "swap_in_blocks": ("swap_in_blocks", "KV blocks copied host -> GPU."),
-    # Copy durations, if the memory manager reports them (optional keys).
-    "swap_out_time_s": ("swap_out_seconds", "Seconds spent copying KV cache GPU -> host."),
-    "swap_in_time_s": ("swap_in_seconds", "Seconds spent copying KV cache host -> GPU."),
+    "proactive_out_blocks": ("proactive_swap_out_blocks", "KV blocks offloaded ahead of need."),
+    "proactive_in_blocks": ("proactive_swap_in_blocks", "KV blocks uploaded ahead of need."),
+    # The worker times its copies per step, both directions together (proactive copies
+    # overlap compute, so they are not on any request's critical path).
+    "swap_seconds": ("swap_seconds", "Seconds the worker spent copying KV cache GPU <-> host."),
 }
 
 

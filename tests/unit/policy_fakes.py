@@ -84,20 +84,12 @@ class SwapLedger:
         return out, inn
 
 
-# Core bug (engine/scheduler.py, reported to the lead; regression test:
-# test_policies.py::test_a_job_evicted_in_a_step_is_not_run_in_that_step): the batch walk
-# can evict job X for a job above it, skip a job in between that then does not fit, and
-# reach X with enough room to bring it straight back: X is swapped out and in (or dropped
-# and prefilled again) in one step. Set to True once the scheduler skips jobs it evicted.
-CORE_SKIPS_JOBS_EVICTED_THIS_STEP = True
-
-
 def check_no_ping_pong(plan: StepPlan, ledger: SwapLedger) -> None:
     """A step never moves one job both ways, and uploads ahead of need (jobs outside the
     batch) only in a step that offloads nothing."""
     out, inn = ledger.moves()
     batch = {s.job.job_id for s in plan.seqs}
-    both = out & inn if CORE_SKIPS_JOBS_EVICTED_THIS_STEP else (out & inn) - batch
+    both = out & inn
     assert not both, f"jobs swapped both ways in one step: {sorted(both)}"
     if out:
         assert inn <= batch, f"proactive upload in a step that swapped out: {sorted(inn - batch)}"
@@ -110,5 +102,4 @@ def check_preempted_jobs_sit_out(
     ``before`` maps job id to ``stats.preemptions`` before the step."""
     preempted = {j.job_id for j in jobs if j.stats.preemptions > before.get(j.job_id, 0)}
     ran = preempted & {s.job.job_id for s in plan.seqs}
-    if CORE_SKIPS_JOBS_EVICTED_THIS_STEP:
-        assert not ran, f"preempted and run in one step: {sorted(ran)}"
+    assert not ran, f"preempted and run in one step: {sorted(ran)}"
