@@ -75,7 +75,7 @@ class Engine:
                 raise ModelLoadError(e.detail) from None
             raise
         self.worker_info = ready
-        if hasattr(policy, "set_profile"):
+        if hasattr(policy, "set_profile") and getattr(policy, "profile", None) is None:
             try:
                 policy.set_profile(await self._profile_for_policy(config))
             except BaseException:
@@ -99,7 +99,8 @@ class Engine:
         return self
 
     async def _profile_for_policy(self, config: EngineConfig) -> dict:
-        """A cost profile for skip-join: the stored one, else measured now on the idle worker."""
+        """A cost profile for a policy that wants one and was given none in its options:
+        the stored one (``profile_path``), else measured now on the idle worker."""
         from engine.policies.profile import PrefillProfile
 
         if config.scheduler.profile_path:

@@ -28,6 +28,16 @@ def _size(text: str) -> int:
     return int(t)
 
 
+def _option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     d = EngineConfig()
     g = p.add_argument_group("model")
@@ -47,6 +57,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scheduling")
     g.add_argument("--scheduling-policy", default=d.scheduler.policy)
     g.add_argument("--swap-policy", default=d.scheduler.swap_policy)
+    g.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE", type=_option,
+                   help="a scheduling-policy knob, e.g. base_quantum_s=0.05 (VALUE is JSON, else a string)")
+    g.add_argument("--swap-policy-option", action="append", default=[], metavar="KEY=VALUE", type=_option,
+                   help="a swap-policy knob, e.g. headroom_frac=0.2")
     g.add_argument("--profile", default=None, dest="profile_path",
                    help="stored cost profile (from `fastserve profile`) for skip-join")
     g.add_argument("--max-num-seqs", type=int, default=d.scheduler.max_num_seqs, help="batch-size cap")
@@ -72,6 +86,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             profile_path=args.profile_path,
+            policy_options=tuple(args.policy_option),
+            swap_policy_options=tuple(args.swap_policy_option),
         ),
         parallel=ParallelConfig(torch_threads=args.torch_threads),
         server=_server_config(args),

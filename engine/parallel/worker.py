@@ -160,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--result", required=True, help="engine's result address")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is no longer our parent")
     p.add_argument("--idle-exit", type=float, default=None, help="exit after this many seconds without a command")
+    p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("FASTSERVE_LOG_LEVEL", "WARNING"), stream=sys.stderr,
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
     return serve(args.cmd, args.result, args.parent_pid, args.idle_exit)
 
