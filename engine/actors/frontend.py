@@ -100,12 +100,13 @@ class FrontendActor(Actor):
                 raise InvalidRequestError(f"prompt: token ids must be integers in [0, {self.vocab_size})", "prompt")
         else:
             raise InvalidRequestError("prompt: must be a string or a list of token ids", "prompt")
+        field = "messages" if messages is not None else "prompt"
         if not ids:
-            raise InvalidRequestError("prompt: must not be empty", "prompt")
+            raise InvalidRequestError(f"{field}: must not be empty", field)
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError(
-                f"prompt: {len(ids)} tokens leave no room to generate; the model's context is "
-                f"{self.max_model_len} tokens", "prompt")
+                f"{field}: {len(ids)} tokens leave no room to generate; the model's context is "
+                f"{self.max_model_len} tokens", field)
         return ids
 
     def on_forget(self, request_id: str) -> None:

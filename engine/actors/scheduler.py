@@ -60,7 +60,9 @@ class SchedulerActor(Actor):
     async def run(self) -> None:
         busy = False
         while True:
-            if not self.core.has_work():
+            # After a worker failure nothing can run: wait for messages (which are refused)
+            # instead of spinning on jobs that can never be stepped.
+            if not self.core.has_work() or self.error is not None:
                 if busy and self.memory is not None:
                     blocks = self.core.blocks
                     self.memory.tell("idle", blocks.num_free_gpu_blocks, blocks.num_free_host_blocks)
@@ -76,7 +78,7 @@ class SchedulerActor(Actor):
     # -- messages ---------------------------------------------------------------------------
     def on_add(self, job: Job) -> None:
         if self.error is not None:
-            raise RuntimeError(f"engine cannot serve: {self.error}")
+            raise WorkerDiedError(f"engine cannot serve: {self.error}")
         self.core.add(job, self.clock())
 
     def on_abort(self, job_id: str) -> None:

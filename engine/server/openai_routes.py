@@ -85,8 +85,8 @@ def dumps(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def error_from_exception(exc: BaseException, engine: EngineLike) -> ApiError:
-    info = classify_error(exc, engine)
+def error_from_exception(exc: BaseException, engine: EngineLike, chat: bool = False) -> ApiError:
+    info = classify_error(exc, engine, chat=chat)
     if info.status >= 500 and info.kind == "Internal":
         log.error("request failed", exc_info=exc)
     headers = {"Retry-After": str(RETRY_AFTER_S)} if info.status == 503 else None
@@ -201,7 +201,7 @@ class GenerationRoutes:
         while remaining:
             index, item = await fan.get(request)
             if isinstance(item, BaseException):
-                raise error_from_exception(item, self.engine)
+                raise error_from_exception(item, self.engine, req.chat)
             if item is None:
                 remaining -= 1
                 continue
@@ -225,7 +225,7 @@ class GenerationRoutes:
         while len(answered) < len(req.choices):
             index, item = await fan.get(request)
             if isinstance(item, BaseException):
-                raise error_from_exception(item, self.engine)
+                raise error_from_exception(item, self.engine, req.chat)
             answered.add(index)
             early.append((index, item))
         resp = web.StreamResponse(
@@ -252,7 +252,7 @@ class GenerationRoutes:
             while remaining:
                 index, item = pending.pop(0) if pending else await fan.get(request)
                 if isinstance(item, BaseException):
-                    err = error_from_exception(item, self.engine)
+                    err = error_from_exception(item, self.engine, req.chat)
                     await resp.write(b"data: " + dumps(err.body()) + b"\n\n")
                     break
                 if item is None:

@@ -88,13 +88,17 @@ class ErrorInfo:
     param: str | None = None
 
 
-def classify_error(exc: BaseException, engine: EngineLike) -> ErrorInfo:
-    if isinstance(exc, InvalidRequestError):
-        return ErrorInfo("InvalidRequest", 400, "invalid_request_error", None, str(exc), exc.param)
-    if isinstance(exc, AdmissionError):
-        # The request can never run here (e.g. prompt larger than the KV pool): the
-        # client must change it, so it is a 400 like any other invalid request.
-        return ErrorInfo("InvalidRequest", 400, "invalid_request_error", None, str(exc), "prompt")
+def classify_error(exc: BaseException, engine: EngineLike, *, chat: bool = False) -> ErrorInfo:
+    """``chat``: the request gave ``messages``; the engine checks the prompt they render to
+    and blames ``prompt``, a field such a request does not have, so name ``messages``."""
+    if isinstance(exc, (InvalidRequestError, AdmissionError)):
+        # AdmissionError: the request can never run here (e.g. prompt larger than the KV
+        # pool): the client must change it, so it is a 400 like any other invalid request.
+        param = exc.param if isinstance(exc, InvalidRequestError) else "prompt"
+        message = str(exc)
+        if chat and param == "prompt":
+            param, message = "messages", "messages: " + message.removeprefix("prompt: ")
+        return ErrorInfo("InvalidRequest", 400, "invalid_request_error", None, message, param)
     if isinstance(exc, QueueFullError):
         return ErrorInfo("QueueFull", 503, "server_overloaded", "queue_full", str(exc))
     if not engine.is_serving:

@@ -231,7 +231,7 @@ class ZmqFrontend:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            info = classify_error(e, self.engine)
+            info = classify_error(e, self.engine, chat=messages is not None)
             if info.kind == wire.INTERNAL:
                 log.error("request %s failed", rid, exc_info=e)
             await self._reply(
