@@ -62,11 +62,17 @@ class Actor:
     def on_failure(self, error: Exception) -> None:
         """Hook: fail owned requests. Default: nothing to fail."""
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Cancel the actor's task and wait for it to end (bounded: a handler that ignores
+        cancellation is re-cancelled, and after ``timeout`` the task is left behind)."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not task.done() and asyncio.get_running_loop().time() < deadline:
+            task.cancel()
+            await asyncio.wait((task,), timeout=0.5)
+        if not task.done():
+            log.error("%s did not stop within %.0f s", self.name, timeout)
+        elif not task.cancelled() and task.exception() is not None:
+            log.error("%s had failed: %r", self.name, task.exception())

@@ -78,12 +78,16 @@ class WorkerExecutor:
         call_id = next(self._calls)
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self._pending[call_id] = fut
+        limit = timeout or self.step_timeout_s
         try:
             await self._cmd.send_multipart(encode({"kind": kind, "call": call_id, **fields}), copy=False)
-            reply = await asyncio.wait_for(fut, timeout or self.step_timeout_s)
-        except asyncio.TimeoutError:
-            self._fail_all(f"worker did not answer {kind!r} within {timeout or self.step_timeout_s:.0f} s")
-            raise WorkerDiedError(self._dead) from None
+            # asyncio.wait, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # that races with the reply (CPython gh-86296), and then an actor never stops.
+            await asyncio.wait((fut,), timeout=limit)
+            if not fut.done():
+                self._fail_all(f"worker did not answer {kind!r} within {limit:.0f} s")
+                raise WorkerDiedError(self._dead)
+            reply = fut.result()
         finally:
             self._pending.pop(call_id, None)
         if reply["kind"] == "error":

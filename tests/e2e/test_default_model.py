@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import pytest_asyncio
 import torch
 
 from engine.api import Engine
+from engine.bench.hf_reference import transformers_model_from_gguf
 from engine.config import CacheConfig, EngineConfig
 from engine.models.loader import default_model_path
 from engine.sampling import SamplingParams
@@ -40,16 +40,7 @@ async def engine():
 def transformers_greedy(prompts: list[list[int]], n: int) -> list[list[int]]:
     """transformers' own GGUF parsing (config and dequantized, un-permuted tensors) and
     generate on the same file: an independent reference for our loader and forward pass."""
-    from transformers import AutoConfig, LlamaForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    path = default_model_path()
-    config = AutoConfig.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    model = LlamaForCausalLM(config)
-    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
-    model.load_state_dict(tensors, strict=False)
-    model.tie_weights()
-    model = model.float().eval()
+    model = transformers_model_from_gguf(default_model_path())
     model.generation_config.eos_token_id = None
     outs = []
     with torch.inference_mode():
