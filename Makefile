@@ -37,6 +37,11 @@ generate: $(BIN)/.installed
 serve: $(BIN)/.installed
 	$(BIN)/fastserve serve
 
+# Benchmarks are not part of `make test`: they take minutes and want a quiet machine.
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/offline_cpu.py
+	$(BIN)/python benchmarks/policies_cpu.py
+
 lint: $(BIN)/.installed
 	$(BIN)/pip install -q ruff && $(BIN)/ruff check engine tests benchmarks
 

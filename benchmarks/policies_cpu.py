@@ -1,0 +1,382 @@
+"""Scheduling and swap policies under a heavy-tailed online workload, on this CPU, in one run.
+
+One workload, one seed, every configuration in the same run, one engine at a time:
+
+* scheduling: fcfs, mlfq and skip-join-mlfq, each with the engine's default swap policy;
+* swap: proactive, reactive and recompute, each under skip-join-mlfq (the reactive row
+  is the skip-join row above: the engine default, run once).
+
+Workload. ``--requests`` jobs with log-normal prompt and output lengths (heavy tail):
+median ``--prompt-median`` / ``--output-median`` tokens, sigma chosen so that the 99th
+percentile lands on ``--prompt-max`` / ``--output-max``, then clipped to [4, max] / [1, max]
+and to what the model's context and the KV pool can hold. Prompts are random token ids;
+decoding is greedy with EOS ignored, so every job produces exactly its output length.
+
+Capacity and arrivals. First, on a fresh fcfs engine with the benchmark's KV pool and
+batch cap, the whole workload is submitted at t=0; capacity = requests completed / time to
+complete them all (requests/s). Arrivals are then Poisson at ``--load`` x capacity: the
+seed fixes unit-rate exponential gaps (the first job arrives at t=0) and the measured rate
+only scales them, so every configuration sees the same arrival times.
+
+Metrics, measured on the client with ``time.perf_counter``: JCT = completion - scheduled
+arrival; TTFT = first token - scheduled arrival; throughput = output tokens / makespan
+(first arrival to last completion); p99 is nearest-rank. Preemptions and swapped blocks are
+the engine's counters (``Engine.stats()``) over the measured run only (warm-up excluded);
+recomputes are summed from the jobs' final stats.
+
+Engine sizing, chosen so that memory matters on this CPU: the KV pool (``--num-gpu-blocks``
+128 = 2048 tokens) holds one largest job (1024 + 256 tokens) but only about five p90-sized
+ones (~370 tokens), and a full batch (``--max-num-seqs`` 16) of mean-sized jobs (~165
+tokens, ~11 blocks each) already needs more than the pool, so whichever order a policy
+picks decides who is preempted; the host pool is 4x larger, so swapping seldom has to fall
+back to recompute.
+
+MLFQ quantum. Unless ``--base-quantum`` is given, queue 0's quantum is twice the measured
+time of one decode iteration at a full batch (``--max-num-seqs``), taken from the profile
+that skip-join uses (measured once, at start, on the capacity engine and handed to each
+skip-join engine as a stored profile, so none of them re-profiles).
+
+    .venv/bin/python benchmarks/policies_cpu.py [--requests 120] [--load 0.9] [--quick]
+
+``--quick`` is a smoke run (8 short requests); it prints its table and writes a file only
+if ``--out`` is given, so it never overwrites the committed results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import math
+import os
+import platform
+import random
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.api import Engine
+from engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+from engine.models.loader import default_model_path, load_model_info
+from engine.policies.profile import PrefillProfile
+from engine.sampling import SamplingParams
+
+DEFAULT_OUT = "benchmarks/results/policies_cpu.md"
+Z99 = 2.3263  # standard normal 99th percentile: sigma = ln(max / median) / Z99
+# Prefill lengths profiled for skip-join (capped at the longest prompt, which is added).
+PROFILE_LENGTHS = (1, 32, 128, 512, 1024)
+# Queue 0 gets this many full-batch decode iterations unless --base-quantum is given.
+QUANTUM_ITERATIONS = 2.0
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: list[int]
+    max_tokens: int
+    arrival_s: float  # seconds after the run starts
+
+
+@dataclass
+class Result:
+    jct: list[float]
+    ttft: list[float]
+    makespan: float
+    output_tokens: int
+    preemptions: int
+    swap_out_blocks: int
+    swap_in_blocks: int
+    proactive_blocks: int  # of the swapped blocks, moved ahead of need (out + in)
+    recomputes: int
+
+
+def lognormal_lengths(rng: random.Random, n: int, median: int, p99: int, lo: int) -> list[int]:
+    sigma = math.log(p99 / median) / Z99
+    mu = math.log(median)
+    return [min(p99, max(lo, round(rng.lognormvariate(mu, sigma)))) for _ in range(n)]
+
+
+def make_workload(
+    args: argparse.Namespace, vocab: int, max_job_tokens: int
+) -> tuple[list[Request], list[float]]:
+    """The requests (arrival times not set yet) and their unit-rate inter-arrival gaps."""
+    rng = random.Random(args.seed)
+    n = args.requests
+    prompts = lognormal_lengths(rng, n, args.prompt_median, args.prompt_max, 4)
+    outputs = lognormal_lengths(rng, n, args.output_median, args.output_max, 1)
+    gaps = [0.0] + [rng.expovariate(1.0) for _ in range(n - 1)]
+    reqs = []
+    for p, o in zip(prompts, outputs, strict=True):
+        p = min(p, max_job_tokens - o)  # the job must fit the context and the KV pool
+        reqs.append(Request([rng.randrange(100, vocab - 100) for _ in range(p)], o, 0.0))
+    return reqs, gaps
+
+
+def with_arrivals(reqs: list[Request], gaps: list[float], rate: float) -> list[Request]:
+    t, out = 0.0, []
+    for r, g in zip(reqs, gaps, strict=True):
+        t += g / rate
+        out.append(Request(r.prompt, r.max_tokens, t))
+    return out
+
+
+def nearest_rank(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[max(0, math.ceil(q * len(s)) - 1)]
+
+
+async def run(engine: Engine, reqs: list[Request]) -> Result:
+    """Submit each request at its arrival time (open loop); wait for all of them."""
+    before = await engine.stats()
+    n = len(reqs)
+    jct, ttft, produced, recomputes = [0.0] * n, [0.0] * n, [0] * n, [0] * n
+    t0 = time.perf_counter()
+
+    async def one(i: int, r: Request) -> None:
+        await asyncio.sleep(max(0.0, t0 + r.arrival_s - time.perf_counter()))
+        params = SamplingParams(max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True)
+        async for out in engine.generate(r.prompt, params):
+            if out.token_ids and not produced[i]:
+                ttft[i] = time.perf_counter() - t0 - r.arrival_s
+            produced[i] += len(out.token_ids)
+            if out.finished and out.stats:
+                recomputes[i] = out.stats.get("recomputes", 0)
+        jct[i] = time.perf_counter() - t0 - r.arrival_s
+
+    await asyncio.gather(*(one(i, r) for i, r in enumerate(reqs)))
+    makespan = time.perf_counter() - t0
+    assert produced == [r.max_tokens for r in reqs], "a job did not produce exactly max_tokens"
+    after = await engine.stats()
+
+    def delta(key: str) -> int:
+        return int(after["memory"][key] - before["memory"][key])
+
+    return Result(
+        jct, ttft, makespan, sum(produced),
+        preemptions=after["num_preemptions"] - before["num_preemptions"],
+        swap_out_blocks=delta("swap_out_blocks"),
+        swap_in_blocks=delta("swap_in_blocks"),
+        proactive_blocks=delta("proactive_out_blocks") + delta("proactive_in_blocks"),
+        recomputes=sum(recomputes),
+    )
+
+
+async def warm_up(engine: Engine, vocab: int) -> None:
+    """First forwards pay for allocation and kernel selection; keep that out of the numbers."""
+    rng = random.Random(-1)
+    lengths = (16, 64, 64, 256)
+    await run(engine, [Request([rng.randrange(100, vocab - 100) for _ in range(n)], 4, 0.0)
+                       for n in lengths])
+
+
+def engine_config(args: argparse.Namespace, policy: str, swap: str, policy_options: dict,
+                  profile_path: str | None) -> EngineConfig:
+    return EngineConfig(
+        cache=CacheConfig(num_gpu_blocks_override=args.num_gpu_blocks,
+                          num_host_blocks_override=args.num_host_blocks),
+        scheduler=SchedulerConfig(
+            policy=policy,
+            swap_policy=swap,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            policy_options=tuple(sorted(policy_options.items())),
+            profile_path=profile_path,
+        ),
+        parallel=ParallelConfig(torch_threads=args.torch_threads),
+    )
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap.add_argument
+    a("--requests", type=int, default=None, help="requests (default 120; 8 with --quick)")
+    a("--load", type=float, default=0.9, help="arrival rate / measured fcfs capacity")
+    a("--seed", type=int, default=0, help="seeds lengths, prompt tokens and arrival gaps")
+    a("--prompt-median", type=int, default=64)
+    a("--prompt-max", type=int, default=None,
+      help="p99 and clip of prompt length (default 1024; 256 with --quick)")
+    a("--output-median", type=int, default=16)
+    a("--output-max", type=int, default=None,
+      help="p99 and clip of output length (default 256; 64 with --quick)")
+    a("--num-gpu-blocks", type=int, default=128,
+      help="KV pool in 16-token blocks (default %(default)s: 2048 tokens)")
+    a("--num-host-blocks", type=int, default=None,
+      help="host (swap) pool in blocks (default 4x --num-gpu-blocks)")
+    a("--max-num-seqs", type=int, default=16, help="batch-size cap (default %(default)s)")
+    a("--max-num-batched-tokens", type=int,
+      default=SchedulerConfig().max_num_batched_tokens, help="default %(default)s")
+    a("--base-quantum", type=float, default=None,
+      help=f"queue-0 quantum, s (default {QUANTUM_ITERATIONS:g}x the full-batch decode step)")
+    a("--quantum-ratio", type=float, default=2.0)
+    a("--num-queues", type=int, default=8)
+    a("--starvation-limit", type=float, default=10.0, help="MLFQ starvation guard, s")
+    a("--torch-threads", type=int, default=None, help="worker torch threads (default: torch's)")
+    a("--quick", action="store_true", help="smoke run: 8 short requests; no file unless --out")
+    a("--out", default=None, help=f"markdown results (default {DEFAULT_OUT}; none with --quick)")
+    args = ap.parse_args()
+    q = args.quick
+    args.requests = args.requests or (8 if q else 120)
+    args.prompt_max = args.prompt_max or (256 if q else 1024)
+    args.output_max = args.output_max or (64 if q else 256)
+    if args.num_host_blocks is None:
+        args.num_host_blocks = 4 * args.num_gpu_blocks
+    if args.out is None and not q:
+        args.out = DEFAULT_OUT
+    return args
+
+
+async def main() -> None:
+    args = parse_args()
+    with tempfile.TemporaryDirectory(prefix="policies_cpu_") as tmp:
+        await bench(args, os.path.join(tmp, "profile.json"))
+
+
+async def bench(args: argparse.Namespace, profile_path: str) -> None:
+    started = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    info = load_model_info(default_model_path())
+    max_job_tokens = min(info.max_model_len - 1, args.num_gpu_blocks * CacheConfig().block_size)
+    reqs, gaps = make_workload(args, info.vocab_size, max_job_tokens)
+    default_swap = SchedulerConfig().swap_policy
+
+    # 1) On one fcfs engine: profile once, then measure capacity with everything at t=0.
+    engine = await Engine.create(engine_config(args, "fcfs", default_swap, {}, None))
+    try:
+        longest = max(len(r.prompt) for r in reqs)
+        lengths = sorted({n for n in PROFILE_LENGTHS if n < longest} | {longest})
+        batches = sorted({1, max(1, args.max_num_seqs // 2), args.max_num_seqs})
+        measured = await engine.profile(lengths=lengths, batch_sizes=batches)
+        profile = PrefillProfile.from_dict(measured)
+        profile.save(profile_path)
+        await warm_up(engine, info.vocab_size)
+        cap = await run(engine, reqs)
+    finally:
+        await engine.shutdown()
+    capacity = len(reqs) / cap.makespan
+    rate = args.load * capacity
+    step_s = profile.decode_step_time(args.max_num_seqs)
+    base_quantum = args.base_quantum or QUANTUM_ITERATIONS * step_s
+    print(f"capacity {capacity:.3f} req/s (all at t=0: {cap.makespan:.1f} s); "
+          f"arrivals {rate:.3f} req/s; decode step at batch {args.max_num_seqs}: "
+          f"{step_s * 1e3:.1f} ms; base quantum {base_quantum:.3f} s", flush=True)
+    timed = with_arrivals(reqs, gaps, rate)
+
+    # 2) Every configuration on the same timed workload, a fresh engine each.
+    mlfq = {"base_quantum_s": base_quantum, "quantum_ratio": args.quantum_ratio,
+            "num_queues": args.num_queues, "starvation_limit_s": args.starvation_limit}
+    configs = [("fcfs", default_swap), ("mlfq", default_swap), ("skip-join-mlfq", default_swap)]
+    configs += [("skip-join-mlfq", s) for s in ("proactive", "reactive", "recompute")
+                if s != default_swap]
+    results: dict[tuple[str, str], Result] = {}
+    for policy, swap in configs:
+        options = {} if policy == "fcfs" else mlfq
+        stored = profile_path if policy == "skip-join-mlfq" else None
+        engine = await Engine.create(engine_config(args, policy, swap, options, stored))
+        try:
+            await warm_up(engine, info.vocab_size)
+            res = results[(policy, swap)] = await run(engine, timed)
+        finally:
+            await engine.shutdown()
+        print(f"{policy:15s} {swap:10s} mean JCT {statistics.mean(res.jct):6.2f} s  "
+              f"p99 {nearest_rank(res.jct, 0.99):6.2f} s  makespan {res.makespan:5.1f} s",
+              flush=True)
+
+    meta = Meta(timed, cap, capacity, rate, step_s, base_quantum, default_swap, load_before,
+                time.perf_counter() - started)
+    report = render(args, meta, results)
+    print(report)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(report)
+
+
+@dataclass(frozen=True)
+class Meta:
+    """What the report says about the run besides the per-configuration rows."""
+
+    reqs: list[Request]  # with their arrival times
+    capacity_run: Result
+    capacity: float  # requests/s
+    rate: float  # arrivals/s
+    step_s: float  # profiled decode step at a full batch
+    base_quantum: float
+    default_swap: str
+    load_before: float
+    elapsed_s: float
+
+
+def render(args: argparse.Namespace, m: Meta, results: dict[tuple[str, str], Result]) -> str:
+    prompts = [len(r.prompt) for r in m.reqs]
+    outputs = [r.max_tokens for r in m.reqs]
+    threads = args.torch_threads or torch.get_num_threads()
+    cmd = shlex.join([".venv/bin/python", "benchmarks/policies_cpu.py", *sys.argv[1:]])
+    cap = m.capacity_run
+
+    def dist(xs: list[int]) -> str:
+        return (f"median {statistics.median(xs):g}, mean {statistics.mean(xs):.1f}, "
+                f"p99 {nearest_rank(xs, 0.99):g}, max {max(xs)}")
+
+    if args.base_quantum:
+        quantum_src = "--base-quantum"
+    else:
+        quantum_src = (f"{QUANTUM_ITERATIONS:g} x the profiled decode step at batch "
+                       f"{args.max_num_seqs}, {m.step_s * 1e3:.0f} ms")
+    lines = [
+        "# Scheduling and swap policies on CPU: heavy-tailed online workload",
+        "",
+        f"- date: {dt.date.today().isoformat()}",
+        (f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, shared (load average "
+         f"{m.load_before:.2f} at start, {os.getloadavg()[0]:.2f} at end); {platform.system()} "
+         f"{platform.release()}; torch {torch.__version__}, {threads} threads; no GPU"),
+        ("- model: SmolLM2-135M-Instruct (bundled Q4_1 GGUF, dequantized to fp32), greedy, "
+         "EOS ignored"),
+        f"- command: `{cmd}` (whole run {m.elapsed_s / 60:.1f} min)",
+        (f"- workload: {len(m.reqs)} requests, seed {args.seed}, random token-id prompts; "
+         f"log-normal lengths (p99 set to the max, then clipped): prompt {dist(prompts)}; "
+         f"output {dist(outputs)}"),
+        (f"- engine: KV pool {args.num_gpu_blocks} blocks x 16 tokens, host pool "
+         f"{args.num_host_blocks} blocks, max_num_seqs {args.max_num_seqs}, "
+         f"max_num_batched_tokens {args.max_num_batched_tokens}"),
+        (f"- capacity: fcfs ({m.default_swap}) with all {len(m.reqs)} requests at t=0 finished "
+         f"in {cap.makespan:.1f} s -> {m.capacity:.3f} req/s "
+         f"({cap.output_tokens / cap.makespan:.1f} output tok/s, {cap.preemptions} preemptions)"),
+        (f"- arrivals: Poisson at {args.load:g} x capacity = {m.rate:.3f} req/s, the same times "
+         f"for every row (last arrival at {m.reqs[-1].arrival_s:.1f} s)"),
+        (f"- MLFQ: base quantum {m.base_quantum * 1e3:.0f} ms ({quantum_src}), ratio "
+         f"{args.quantum_ratio:g}, {args.num_queues} queues, starvation limit "
+         f"{args.starvation_limit:g} s; skip-join reads the profile measured once at start"),
+        "",
+        ("| scheduling | swap | mean JCT (s) | p50 JCT (s) | p99 JCT (s) | mean TTFT (s) "
+         "| output tok/s | makespan (s) | preemptions | swapped blocks out / in (proactive) "
+         "| recomputes |"),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (policy, swap), r in results.items():
+        lines.append(
+            f"| {policy} | {swap} | {statistics.mean(r.jct):.2f} | {statistics.median(r.jct):.2f} "
+            f"| {nearest_rank(r.jct, 0.99):.2f} | {statistics.mean(r.ttft):.2f} "
+            f"| {r.output_tokens / r.makespan:.1f} | {r.makespan:.1f} | {r.preemptions} "
+            f"| {r.swap_out_blocks} / {r.swap_in_blocks} ({r.proactive_blocks}) "
+            f"| {r.recomputes} |")
+
+    def mean_jct(policy: str) -> float:
+        return statistics.mean(results[(policy, m.default_swap)].jct)
+
+    fcfs = mean_jct("fcfs")
+    lines += [
+        "",
+        (f"fcfs mean JCT / skip-join-mlfq mean JCT = {fcfs / mean_jct('skip-join-mlfq'):.2f} "
+         f"(fcfs / mlfq = {fcfs / mean_jct('mlfq'):.2f}; swap policy {m.default_swap} "
+         "for all three)"),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
