@@ -124,7 +124,7 @@ class Scheduler:
             if job.job_id in self._evicted_now:
                 continue  # evicted for a higher-priority job this step: running it now undoes that
             n = min(job.num_pending_tokens, budget)
-            if not self._make_resident(job, job.num_computed_tokens + n, order[pos + 1 :], in_batch, plan, now):
+            if not self._make_resident(job, job.num_computed_tokens + n, order, pos, in_batch, plan, now):
                 if pos == 0 and not self._fits_alone(job, n):
                     # Even an empty pool cannot hold it: stop it rather than deadlock.
                     self._finish(job, FinishReason.LENGTH, now)
@@ -182,11 +182,14 @@ class Scheduler:
         return self.blocks.blocks_for(job.num_computed_tokens + n) <= self.blocks.num_gpu_blocks
 
     def _make_resident(
-        self, job: Job, num_tokens: int, lower: list[Job], in_batch: set[str], plan: StepPlan, now: float
+        self, job: Job, num_tokens: int, order: list[Job], pos: int, in_batch: set[str], plan: StepPlan,
+        now: float,
     ) -> bool:
-        """Give ``job`` GPU room for ``num_tokens``, evicting lower-priority jobs if needed."""
+        """Give ``job`` (``order[pos]``) GPU room for ``num_tokens``, evicting jobs below it
+        in the order if needed."""
         need = self.blocks.extra_blocks_needed(job.job_id, num_tokens)
         if need > self.blocks.num_free_gpu_blocks:
+            lower = order[pos + 1 :]
             reclaimable = sum(
                 len(self.blocks.gpu_table(v.job_id)) for v in lower if v.job_id not in in_batch
             )
