@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import errno
 import logging
+import os
 from typing import Any
 
 import zmq
@@ -94,6 +95,10 @@ class ZmqFrontend:
         if self._ctx is not None:
             self._ctx.term()
         self._sock = self._ctx = None
+        if self.address and self.address.startswith("ipc://"):
+            # libzmq leaves the socket file behind; a stale one would confuse the next bind.
+            with contextlib.suppress(OSError):
+                os.unlink(self.address.removeprefix("ipc://"))
 
     # -- I/O ----------------------------------------------------------------------------------
     async def _send(self, identity: bytes, msg: dict) -> None:
