@@ -114,11 +114,11 @@ async def main() -> None:
         "# Offline CPU benchmark: FastServe vs transformers static batching",
         "",
         f"- date: {dt.date.today().isoformat()}",
-        f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}; "
-        f"torch {torch.__version__}, {threads} threads; no GPU",
+        (f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} "
+         f"{platform.release()}; torch {torch.__version__}, {threads} threads; no GPU"),
         "- model: SmolLM2-135M-Instruct (bundled Q4_1 GGUF, dequantized to fp32), greedy, EOS ignored",
-        f"- command: `.venv/bin/python benchmarks/offline_cpu.py --requests {args.requests} "
-        f"--max-num-seqs {args.max_num_seqs}`",
+        (f"- command: `.venv/bin/python benchmarks/offline_cpu.py --requests {args.requests} "
+         f"--max-num-seqs {args.max_num_seqs}`"),
         f"- {args.requests} requests, all arriving at t=0",
         "",
         "| workload | system | output tok/s | mean JCT (s) | makespan (s) |",

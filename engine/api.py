@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from engine.actors.frontend import FrontendActor, RequestOutput
 from engine.actors.memory import MemoryManagerActor

@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from engine.config import (
     CacheConfig,

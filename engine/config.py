@@ -54,8 +54,9 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
+    """Worker processes. One worker per engine for now: tensor and pipeline parallelism
+    are not implemented, so there is no knob for them yet."""
+
     # Seconds a worker may take to answer a step before it is declared dead.
     step_timeout_s: float = 120.0
     # Seconds a worker may take to start and load its model.

@@ -45,8 +45,8 @@ class Job:
     """Token state of one request.
 
     ``num_computed_tokens`` counts tokens whose KV is in the cache. A job's next step feeds
-    ``all_token_ids[num_computed_tokens:]`` — its prompt (or a chunk of it) at first, then
-    the one token sampled last. Preemption by recompute resets it to 0.
+    the tokens from there on (prompt, then outputs) — its prompt (or a chunk of it) at
+    first, then the one token sampled last. Preemption by recompute resets it to 0.
     """
 
     job_id: str
@@ -74,10 +74,6 @@ class Job:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_ids)
-
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
 
     @property
     def num_pending_tokens(self) -> int:

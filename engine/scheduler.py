@@ -116,7 +116,7 @@ class Scheduler:
         self._to_free = []
         order = list(self.policy.order(now))
         in_batch: set[str] = set()
-        self._evicted_now: set[str] = set()
+        self._evicted_now = set()
         budget = self.config.max_num_batched_tokens
         for pos, job in enumerate(order):
             if len(plan.seqs) >= self.config.max_num_seqs or budget <= 0:

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from engine.actors.base import Actor
 from engine.actors.scheduler import TokenEvent
+from engine.detokenizer import IncrementalDetokenizer
 from engine.request import FinishReason, Job
 from engine.sampling import InvalidRequestError, SamplingParams
-from engine.detokenizer import IncrementalDetokenizer
 from engine.tokenizer import Tokenizer
 
 
@@ -47,7 +48,6 @@ class _Live:
     prompt_ids: list[int]
     first: bool = True
     done: bool = False
-    pending_ids: list[int] = field(default_factory=list)
 
 
 class FrontendActor(Actor):

@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from engine.actors.base import Actor
 from engine.parallel.executor import WorkerDiedError, WorkerError, WorkerExecutor

@@ -53,18 +53,6 @@ class BlockManager:
     def num_free_host_blocks(self) -> int:
         return len(self._host_free)
 
-    @property
-    def gpu_usage(self) -> float:
-        used = self.num_gpu_blocks - len(self._gpu_free)
-        return used / self.num_gpu_blocks
-
-    @property
-    def host_usage(self) -> float:
-        if self.num_host_blocks == 0:
-            return 0.0
-        used = self.num_host_blocks - len(self._host_free) - len(self._host_deferred)
-        return used / self.num_host_blocks
-
     def residency(self, job_id: str) -> Residency:
         if job_id in self._gpu_tables:
             return Residency.GPU
@@ -74,9 +62,6 @@ class BlockManager:
 
     def gpu_table(self, job_id: str) -> list[int]:
         return self._gpu_tables.get(job_id, [])
-
-    def host_table(self, job_id: str) -> list[int]:
-        return self._host_tables.get(job_id, [])
 
     def num_blocks_held(self, job_id: str) -> int:
         return len(self._gpu_tables.get(job_id, ())) + len(self._host_tables.get(job_id, ()))

@@ -22,7 +22,7 @@ it never names a job in ``batch`` or a job that would not fit the destination po
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from engine.memory.block_manager import Residency
 from engine.memory.swap import EvictMode, MemoryView, SwapPlan, SwapPolicy

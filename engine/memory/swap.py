@@ -15,8 +15,9 @@ and never changes block tables. The scheduler consults it in two places:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol, Sequence
+from typing import Any, ClassVar, Literal, Protocol
 
 from engine.memory.block_manager import Residency
 from engine.request import Job

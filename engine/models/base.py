@@ -11,8 +11,9 @@ prefill is a sequence with ``query_len == context_len``, a decode step one with
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Protocol
 
 import torch
 

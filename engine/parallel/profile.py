@@ -7,7 +7,8 @@ it borrows the front of the KV pool and gives it back.
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 # Enough points for piecewise-linear interpolation of the (close to linear) cost curves,
 # few enough that start-up profiling of a small model on a CPU takes seconds.

@@ -13,7 +13,8 @@ unfinished job exactly once. Policies never touch KV blocks, the worker or the c
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterable
+from collections.abc import Iterable
+from typing import Any, ClassVar
 
 from engine.request import Job
 

@@ -29,7 +29,8 @@ entered queue 0 before it.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from engine.policies.base import SchedulingPolicy
 from engine.request import Job

@@ -12,7 +12,8 @@ less urgent work, as it does in vLLM's priority scheduling.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from engine.policies.base import SchedulingPolicy
 from engine.policies.mlfq import MLFQPolicy

@@ -13,7 +13,8 @@ import bisect
 import json
 import math
 import os
-from typing import Any, Iterable, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import Any, Union
 
 Points = tuple[tuple[int, float], ...]
 ProfileLike = Union["PrefillProfile", dict, str, "os.PathLike[str]", None]
