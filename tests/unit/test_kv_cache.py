@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.memory.kv_cache import KVCachePool, copy_blocks
+from engine.memory.kv_cache import AsyncBlockCopier, KVCachePool, copy_blocks
 from engine.models.loader import load_model
 from tests.tiny_models import PagedDriver, make_tiny_model
 
@@ -43,6 +43,29 @@ def test_copy_blocks_moves_whole_blocks_of_every_layer_and_nothing_else(non_bloc
             assert torch.equal(d_cache[:, d], s_cache[:, s])
         untouched = [b for b in range(6) if b not in (0, 5, 2)]
         assert not d_cache[:, untouched].any()
+
+
+def test_async_copier_moves_blocks_on_a_one_thread_side_thread_and_leaves_the_main_one_alone():
+    gpu, host = pool(6), pool(6)
+    for cache in gpu.caches:
+        cache.normal_()
+    gpu.caches[0][:, 4] = 7.0
+    main_threads = torch.get_num_threads()
+    copier = AsyncBlockCopier(torch.device("cpu"))
+    try:
+        copier.submit(gpu, host, offload=[(1, 2)], prefetch=[(2, 4)])
+        assert copier.wait() >= 0.0
+        # offload ran before prefetch: block 1 went out to host 2, then came back to block 4
+        for g_cache, h_cache in zip(gpu.caches, host.caches):
+            assert torch.equal(h_cache[:, 2], g_cache[:, 1])
+            assert torch.equal(g_cache[:, 4], g_cache[:, 1])
+        # A copy thread with its own multi-threaded OpenMP team slows every later forward
+        # in the main thread on a small CPU; it must run its ops on one thread.
+        assert copier._pool.submit(torch.get_num_threads).result() == 1
+        assert torch.get_num_threads() == main_threads
+        assert copier.wait() == 0.0  # nothing pending
+    finally:
+        copier.close()
 
 
 def test_copy_blocks_rejects_pools_of_different_geometry():
