@@ -1,4 +1,4 @@
-"""``fastserve`` command line: serve | generate | worker."""
+"""``fastserve`` command line: serve | generate | profile | simulate | worker."""
 
 from __future__ import annotations
 
@@ -158,6 +158,83 @@ async def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from engine.bench.workload import heavy_tailed, with_rate
+    from engine.policies.profile import PrefillProfile
+    from engine.sim import CostModel, simulate
+    from engine.sim.simulator import build_scheduler
+
+    profile = PrefillProfile.load(args.profile_path)
+    cost = CostModel(profile, args.swap_ms_per_block / 1e3, overlap=not args.serial_copies)
+    host_blocks = 4 * args.num_gpu_blocks if args.num_host_blocks is None else args.num_host_blocks
+    max_job = min(args.max_model_len, args.num_gpu_blocks * args.block_size)
+    items, gaps = heavy_tailed(args.requests, seed=args.seed, prompt_median=args.prompt_median,
+                               prompt_p99=args.prompt_max, output_median=args.output_median,
+                               output_p99=args.output_max, max_job_tokens=max_job)
+
+    def core(policy: str, swap: str):
+        cfg = SchedulerConfig(
+            policy=policy, swap_policy=swap, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            policy_options=() if policy == "fcfs" else tuple(args.policy_option),
+            swap_policy_options=tuple(args.swap_policy_option))
+        return build_scheduler(cfg, args.num_gpu_blocks, host_blocks, args.block_size, profile)
+
+    # Every pair is built before anything runs, so a bad name or knob fails at once.
+    pairs = [(pol, swap) for pol in args.scheduling_policy.split(",")
+             for swap in args.swap_policy.split(",")]
+    cores = [core(pol, swap) for pol, swap in pairs]
+    rate = args.rate
+    if rate is None:  # a fraction of what fcfs sustains with every job queued at t=0
+        capacity = simulate(core("fcfs", "reactive"), items, cost).saturated_capacity
+        rate = args.load * capacity
+        print(json.dumps({"fcfs_capacity_req_s": round(capacity, 4), "rate_req_s": round(rate, 4)}))
+    timed = with_rate(items, gaps, rate)
+    for (policy, swap), sched in zip(pairs, cores, strict=True):
+        r = simulate(sched, timed, cost)
+        print(json.dumps({
+            "scheduling_policy": policy, "swap_policy": swap,
+            "mean_jct_s": round(r.mean_jct, 4), "p99_jct_s": round(r.p99_jct, 4),
+            "mean_ttft_s": round(r.mean_ttft, 4), "output_tok_s": round(r.throughput, 2),
+            "makespan_s": round(r.makespan, 3), "steps": r.steps,
+            "preemptions": r.preemptions, "swap_out_blocks": r.swap_out_blocks,
+            "swap_in_blocks": r.swap_in_blocks, "proactive_blocks": r.proactive_blocks,
+            "recomputes": r.recomputes}))
+    return 0
+
+
+def add_simulate_args(p: argparse.ArgumentParser) -> None:
+    d = SchedulerConfig()
+    p.add_argument("--profile", required=True, dest="profile_path",
+                   help="cost profile from `fastserve profile --out` (prefill and decode points)")
+    g = p.add_argument_group("workload (log-normal lengths, Poisson arrivals)")
+    g.add_argument("--requests", type=int, default=200)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--prompt-median", type=int, default=64)
+    g.add_argument("--prompt-max", type=int, default=1024, help="p99 and clip of prompt length")
+    g.add_argument("--output-median", type=int, default=16)
+    g.add_argument("--output-max", type=int, default=512, help="p99 and clip of output length")
+    g.add_argument("--max-model-len", type=int, default=2048, help="prompt + output cap")
+    rate = g.add_mutually_exclusive_group()
+    rate.add_argument("--rate", type=float, default=None, help="arrivals per second")
+    rate.add_argument("--load", type=float, default=0.9,
+                      help="arrivals as a fraction of simulated fcfs capacity (default %(default)s)")
+    g = p.add_argument_group("engine")
+    g.add_argument("--scheduling-policy", default=d.policy, help="name, or a comma list to compare")
+    g.add_argument("--swap-policy", default=d.swap_policy, help="name, or a comma list to compare")
+    g.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE", type=_option)
+    g.add_argument("--swap-policy-option", action="append", default=[], metavar="KEY=VALUE",
+                   type=_option)
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    g.add_argument("--num-gpu-blocks", type=int, default=128)
+    g.add_argument("--num-host-blocks", type=int, default=None, help="default 4x --num-gpu-blocks")
+    g.add_argument("--block-size", type=int, default=CacheConfig().block_size)
+    g.add_argument("--swap-ms-per-block", type=float, default=0.0, help="copy cost of one block")
+    g.add_argument("--serial-copies", action="store_true",
+                   help="proactive copies add to the step instead of overlapping it (CPU)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastserve", description="FastServe LLM inference server.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -184,6 +261,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     pr.add_argument("--out", default=None, help="write the profile here (default: print it)")
     add_engine_args(pr)
 
+    sm = sub.add_parser("simulate", help="run policies on a synthetic workload on a virtual clock",
+                        description="Drive the real scheduler core with a cost model from a profile: "
+                                    "one JSON line per policy pair (no model, no worker).")
+    add_simulate_args(sm)
+    sm.add_argument("--log-level", default="WARNING")
+
     w = sub.add_parser("worker", help="run a worker process (started by the engine)", add_help=False)
     w.add_argument("rest", nargs=argparse.REMAINDER)
 
@@ -203,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_server(engine_config_from_args(args))
         if args.command == "profile":
             return _run(_profile(args))
+        if args.command == "simulate":
+            return _simulate(args)
         return _run(_generate(args))
     except (InvalidRequestError, ModelLoadError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,56 @@
+"""Cost model: how long one planned iteration takes, from a measured profile.
+
+A step's forward is priced from the profile the worker measures (``fastserve profile``):
+``decode_step_time(batch)`` for the jobs that feed one token and ``prefill_time(tokens)``
+for the prompt (or recompute) tokens fed by the others. When a step has both, the fixed
+per-forward overhead (the 1-job decode step) is counted once, not twice. Copies between
+the pools cost ``swap_s_per_block`` each: demand moves (``swap_out``/``swap_in``) sit on
+the critical path before the forward; proactive moves (``offload``/``prefetch``) overlap it
+when ``overlap`` is set (a GPU's copy engine), and add to it otherwise (copies competing
+for the same cores).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.policies.profile import PrefillProfile
+from engine.scheduler import StepPlan
+
+
+@dataclass(frozen=True)
+class StepCost:
+    seconds: float  # wall time of the step, copies included
+    forward_s: float
+    demand_copy_s: float
+    proactive_copy_s: float
+
+
+class CostModel:
+    def __init__(
+        self, profile: PrefillProfile, swap_s_per_block: float = 0.0, overlap: bool = True
+    ) -> None:
+        if not profile.decode_points:
+            raise ValueError("the cost model needs a profile with decode points")
+        if swap_s_per_block < 0:
+            raise ValueError(f"swap_s_per_block must be >= 0, got {swap_s_per_block}")
+        self.profile = profile
+        self.swap_s_per_block = swap_s_per_block
+        self.overlap = overlap
+
+    def forward_s(self, plan: StepPlan) -> float:
+        decode = sum(1 for s in plan.seqs if s.num_tokens == 1 and s.start >= s.job.num_prompt_tokens)
+        prefill = plan.num_tokens - decode
+        p = self.profile
+        if decode and prefill:
+            return p.decode_step_time(decode) + p.prefill_time(prefill) - p.decode_step_time(1)
+        if decode:
+            return p.decode_step_time(decode)
+        return p.prefill_time(prefill)
+
+    def step(self, plan: StepPlan) -> StepCost:
+        forward = self.forward_s(plan) if plan.seqs else 0.0
+        demand = (len(plan.swap_out) + len(plan.swap_in)) * self.swap_s_per_block
+        proactive = (len(plan.offload) + len(plan.prefetch)) * self.swap_s_per_block
+        body = max(forward, proactive) if self.overlap else forward + proactive
+        return StepCost(demand + body, forward, demand, proactive)
