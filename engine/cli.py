@@ -190,8 +190,9 @@ def _simulate(args: argparse.Namespace) -> int:
         rate = args.load * capacity
         print(json.dumps({"fcfs_capacity_req_s": round(capacity, 4), "rate_req_s": round(rate, 4)}))
     timed = with_rate(items, gaps, rate)
+    oracle = (lambda it: it.output_len) if args.oracle_priority else None
     for (policy, swap), sched in zip(pairs, cores, strict=True):
-        r = simulate(sched, timed, cost)
+        r = simulate(sched, timed, cost, priority=oracle)
         print(json.dumps({
             "scheduling_policy": policy, "swap_policy": swap,
             "mean_jct_s": round(r.mean_jct, 4), "p99_jct_s": round(r.p99_jct, 4),
@@ -231,6 +232,9 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-host-blocks", type=int, default=None, help="default 4x --num-gpu-blocks")
     g.add_argument("--block-size", type=int, default=CacheConfig().block_size)
     g.add_argument("--swap-ms-per-block", type=float, default=0.0, help="copy cost of one block")
+    g.add_argument("--oracle-priority", action="store_true",
+                   help="give each job its output length as priority: the `priority` policy "
+                        "becomes oracle shortest-job-first (a bound, not a deployable policy)")
     g.add_argument("--serial-copies", action="store_true",
                    help="proactive copies add to the step instead of overlapping it (CPU)")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from engine.bench.metrics import nearest_rank, saturated_capacity
@@ -79,10 +79,14 @@ def simulate(
     *,
     max_steps: int = 1_000_000,
     check_every: int = 0,
+    priority: Callable[[WorkItem], int] | None = None,
 ) -> SimResult:
     """Run ``items`` through ``scheduler`` (fresh, empty) and return per-job metrics.
 
     ``check_every`` > 0 runs ``scheduler.check_integrity()`` every that many steps (tests).
+    ``priority`` gives each job its request priority (``SamplingParams.priority``, used by
+    the ``priority`` policy); ``lambda it: it.output_len`` makes that policy an oracle
+    shortest-job-first, a bound no policy that does not know output lengths can beat much.
     """
     if scheduler.jobs:
         raise ValueError("simulate needs an empty scheduler")
@@ -90,7 +94,8 @@ def simulate(
         Job(
             job_id=f"sim-{i}",
             prompt_ids=[TOKEN] * it.prompt_len,
-            params=SamplingParams(max_tokens=it.output_len, temperature=0.0, ignore_eos=True),
+            params=SamplingParams(max_tokens=it.output_len, temperature=0.0, ignore_eos=True,
+                                  priority=priority(it) if priority else 0),
             arrival_time=it.arrival_s,
         )
         for i, it in enumerate(items)

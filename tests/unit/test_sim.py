@@ -208,3 +208,13 @@ def test_simulate_cli_prints_one_json_line_per_policy_pair(tmp_path, capsys):
     assert main([*argv[:3], "--scheduling-policy", "fcfs,nope"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "no plugin named 'nope'" in err
+
+
+def test_oracle_priority_turns_the_priority_policy_into_shortest_job_first():
+    items = [WorkItem(16, 100, 0.0), WorkItem(16, 50, 0.0), WorkItem(16, 2, 0.0)]
+    oracle = simulate(scheduler("priority", seqs=1), items, CostModel(PROFILE),
+                      priority=lambda it: it.output_len)
+    assert oracle.jct[2] < oracle.jct[1] < oracle.jct[0]  # shortest first
+    plain = simulate(scheduler("priority", seqs=1), items, CostModel(PROFILE))
+    assert plain.jct[0] < plain.jct[1] < plain.jct[2]  # all priority 0: arrival order
+    assert oracle.mean_jct < plain.mean_jct
