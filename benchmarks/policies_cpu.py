@@ -23,8 +23,9 @@ them, so every configuration sees the same arrival times.
 
 Predictions. Before any timed run, the simulator (``engine.sim``: the same scheduler core
 and policies on a virtual clock, steps priced from the profile measured here, copies at
-``--sim-swap-ms-per-block`` each, added to the step as on this CPU) runs every
-configuration on the same timed workload; its mean JCT is printed next to the measured one.
+``--sim-swap-ms-per-block`` each, added to the step as on this CPU, plus a per-step
+overhead fitted so that the simulated capacity run lasts as long as the measured one) runs
+every configuration on the same timed workload; its mean JCT is printed next to the measured one.
 It also runs fcfs and skip-join on ``--sim-seeds`` other seeds of the same workload shape, to
 show how much the ratio depends on the one seed the real run uses.
 
@@ -77,7 +78,7 @@ from engine.models.loader import default_model_path, load_model_info
 from engine.policies.profile import PrefillProfile
 from engine.sampling import SamplingParams
 from engine.sim import CostModel, simulate
-from engine.sim.simulator import build_scheduler
+from engine.sim.simulator import build_scheduler, calibrate_overhead
 
 DEFAULT_OUT = "benchmarks/results/policies_cpu.md"
 # Prefill lengths profiled for skip-join (capped at the longest prompt, which is added).
@@ -213,7 +214,7 @@ def parse_args() -> argparse.Namespace:
     a("--num-queues", type=int, default=8)
     a("--starvation-limit", type=float, default=30.0, help="MLFQ starvation guard, s")
     a("--torch-threads", type=int, default=None, help="worker torch threads (default: torch's)")
-    a("--sim-swap-ms-per-block", type=float, default=0.17,
+    a("--sim-swap-ms-per-block", type=float, default=0.21,
       help="copy cost of one KV block in the simulator (default: measured on the 2-core "
            "machine, %(default)s ms)")
     a("--sim-seeds", type=int, default=10,
@@ -246,15 +247,24 @@ class Simulator:
         # On this CPU the copies share the cores with the forward: they add to the step.
         self.cost = CostModel(profile, args.sim_swap_ms_per_block / 1e3, overlap=False)
 
-    def run(self, policy: str, swap: str, items: list[WorkItem]):
+    def core(self, policy: str, swap: str):
         a = self.args
         options = () if policy == "fcfs" else tuple(sorted(self.mlfq.items()))
         cfg = SchedulerConfig(policy=policy, swap_policy=swap, max_num_seqs=a.max_num_seqs,
                               max_num_batched_tokens=a.max_num_batched_tokens,
                               policy_options=options)
-        core = build_scheduler(cfg, a.num_gpu_blocks, a.num_host_blocks,
+        return build_scheduler(cfg, a.num_gpu_blocks, a.num_host_blocks,
                                CacheConfig().block_size, self.profile)
-        return simulate(core, items, self.cost)
+
+    def calibrate(self, swap: str, items: list[WorkItem], measured_makespan_s: float) -> float:
+        """Fit the per-step overhead to the measured fcfs run with every item at t=0."""
+        overhead = calibrate_overhead(self.core("fcfs", swap), items, self.cost,
+                                      measured_makespan_s)
+        self.cost = self.cost.with_overhead(overhead)
+        return overhead
+
+    def run(self, policy: str, swap: str, items: list[WorkItem]):
+        return simulate(self.core(policy, swap), items, self.cost)
 
     def ratio_on_seed(self, seed: int, max_job_tokens: int, swap: str) -> float:
         """fcfs / skip-join mean JCT on another seed, at the same load of simulated capacity."""
@@ -307,6 +317,9 @@ async def bench(args: argparse.Namespace, profile_path: str) -> None:
     # 2) Predictions, before any timed run: every configuration on the virtual clock, on
     #    the same timed workload; and the fcfs / skip-join ratio on other seeds.
     sim = Simulator(args, profile, mlfq)
+    overhead_s = sim.calibrate(default_swap, items, cap.makespan)
+    print(f"simulator: {overhead_s * 1e3:.1f} ms per step calibrated on the capacity run",
+          flush=True)
     predicted = {c: sim.run(*c, timed_items) for c in configs}
     for (policy, swap), r in predicted.items():
         print(f"predicted {policy:15s} {swap:10s} mean JCT {r.mean_jct:6.2f} s", flush=True)
@@ -329,7 +342,7 @@ async def bench(args: argparse.Namespace, profile_path: str) -> None:
               flush=True)
 
     meta = Meta(timed, cap, capacity, rate, step_s, base_quantum, default_swap, load_before,
-                time.perf_counter() - started, predicted, seed_ratios)
+                time.perf_counter() - started, predicted, seed_ratios, overhead_s)
     report = render(args, meta, results)
     print(report)
     if args.out:
@@ -352,6 +365,7 @@ class Meta:
     elapsed_s: float
     predicted: dict  # (policy, swap) -> SimResult on the same timed workload
     seed_ratios: dict[int, float]  # other seed -> simulated fcfs / skip-join mean JCT
+    step_overhead_s: float  # calibrated per-step overhead of the simulator's cost model
 
 
 def render(args: argparse.Namespace, m: Meta, results: dict[tuple[str, str], Result]) -> str:
@@ -398,7 +412,9 @@ def render(args: argparse.Namespace, m: Meta, results: dict[tuple[str, str], Res
          f"{args.quantum_ratio:g}, {args.num_queues} queues, starvation limit "
          f"{args.starvation_limit:g} s; skip-join reads the profile measured once at start"),
         (f"- predicted: the simulator (same scheduler core, virtual clock, the profile above, "
-         f"{args.sim_swap_ms_per_block:g} ms per copied block added to the step) on the same "
+         f"{args.sim_swap_ms_per_block:g} ms per copied block added to the step, and "
+         f"{m.step_overhead_s * 1e3:.1f} ms per step for what the profile does not see, fitted "
+         f"so that the simulated capacity run takes as long as the measured one) on the same "
          f"timed workload, computed before the timed runs; measured copy time in the runs "
          f"below: {copy_ms} per block"),
         "",

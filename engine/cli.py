@@ -165,7 +165,8 @@ def _simulate(args: argparse.Namespace) -> int:
     from engine.sim.simulator import build_scheduler
 
     profile = PrefillProfile.load(args.profile_path)
-    cost = CostModel(profile, args.swap_ms_per_block / 1e3, overlap=not args.serial_copies)
+    cost = CostModel(profile, args.swap_ms_per_block / 1e3, overlap=not args.serial_copies,
+                     step_overhead_s=args.step_overhead_ms / 1e3)
     host_blocks = 4 * args.num_gpu_blocks if args.num_host_blocks is None else args.num_host_blocks
     max_job = min(args.max_model_len, args.num_gpu_blocks * args.block_size)
     items, gaps = heavy_tailed(args.requests, seed=args.seed, prompt_median=args.prompt_median,
@@ -232,6 +233,8 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-host-blocks", type=int, default=None, help="default 4x --num-gpu-blocks")
     g.add_argument("--block-size", type=int, default=CacheConfig().block_size)
     g.add_argument("--swap-ms-per-block", type=float, default=0.0, help="copy cost of one block")
+    g.add_argument("--step-overhead-ms", type=float, default=0.0,
+                   help="added to every step for what the profile does not see (scheduling, IPC)")
     g.add_argument("--oracle-priority", action="store_true",
                    help="give each job its output length as priority: the `priority` policy "
                         "becomes oracle shortest-job-first (a bound, not a deployable policy)")

@@ -7,7 +7,9 @@ per-forward overhead (the 1-job decode step) is counted once, not twice. Copies 
 the pools cost ``swap_s_per_block`` each: demand moves (``swap_out``/``swap_in``) sit on
 the critical path before the forward; proactive moves (``offload``/``prefetch``) overlap it
 when ``overlap`` is set (a GPU's copy engine), and add to it otherwise (copies competing
-for the same cores).
+for the same cores). ``step_overhead_s`` is added to every step that runs a forward, for what the profile does
+not see (scheduling, messages to the worker, batch assembly); the policies benchmark
+calibrates it so that a simulated fcfs run takes as long as the measured one.
 """
 
 from __future__ import annotations
@@ -28,15 +30,25 @@ class StepCost:
 
 class CostModel:
     def __init__(
-        self, profile: PrefillProfile, swap_s_per_block: float = 0.0, overlap: bool = True
+        self,
+        profile: PrefillProfile,
+        swap_s_per_block: float = 0.0,
+        overlap: bool = True,
+        step_overhead_s: float = 0.0,
     ) -> None:
         if not profile.decode_points:
             raise ValueError("the cost model needs a profile with decode points")
         if swap_s_per_block < 0:
             raise ValueError(f"swap_s_per_block must be >= 0, got {swap_s_per_block}")
+        if step_overhead_s < 0:
+            raise ValueError(f"step_overhead_s must be >= 0, got {step_overhead_s}")
         self.profile = profile
         self.swap_s_per_block = swap_s_per_block
         self.overlap = overlap
+        self.step_overhead_s = step_overhead_s
+
+    def with_overhead(self, step_overhead_s: float) -> CostModel:
+        return CostModel(self.profile, self.swap_s_per_block, self.overlap, step_overhead_s)
 
     def forward_s(self, plan: StepPlan) -> float:
         decode = sum(1 for s in plan.seqs if s.num_tokens == 1 and s.start >= s.job.num_prompt_tokens)
@@ -53,4 +65,5 @@ class CostModel:
         demand = (len(plan.swap_out) + len(plan.swap_in)) * self.swap_s_per_block
         proactive = (len(plan.offload) + len(plan.prefetch)) * self.swap_s_per_block
         body = max(forward, proactive) if self.overlap else forward + proactive
-        return StepCost(demand + body, forward, demand, proactive)
+        overhead = self.step_overhead_s if plan.seqs else 0.0
+        return StepCost(overhead + demand + body, forward, demand, proactive)

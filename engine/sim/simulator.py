@@ -37,6 +37,7 @@ class SimResult:
     output_tokens: int
     steps: int
     preemptions: int
+    forward_steps: int = 0  # steps that ran a forward (the others only moved or freed blocks)
     swap_out_blocks: int = 0  # demand + proactive
     swap_in_blocks: int = 0
     proactive_blocks: int = 0  # of those, moved ahead of need (out + in)
@@ -105,6 +106,7 @@ def simulate(
     nxt = 0
     now = 0.0
     steps = busy = 0.0
+    forwards = 0
     moved = {"swap_out": 0, "swap_in": 0, "offload": 0, "prefetch": 0}
     preempted_before = scheduler.num_preemptions
     while nxt < len(pending) or scheduler.has_work():
@@ -124,6 +126,7 @@ def simulate(
         for key in moved:
             moved[key] += len(getattr(plan, key))
         took = cost.step(plan).seconds
+        forwards += bool(plan.seqs)
         now += took
         busy += took
         steps += 1
@@ -146,6 +149,7 @@ def simulate(
         output_tokens=sum(len(j.output_ids) for j in jobs),
         steps=int(steps),
         preemptions=scheduler.num_preemptions - preempted_before,
+        forward_steps=forwards,
         swap_out_blocks=moved["swap_out"] + moved["offload"],
         swap_in_blocks=moved["swap_in"] + moved["prefetch"],
         proactive_blocks=moved["offload"] + moved["prefetch"],
@@ -154,6 +158,24 @@ def simulate(
         jobs=jobs,
         token_times=[times[j.job_id] for j in jobs],
     )
+
+
+def calibrate_overhead(
+    scheduler: Scheduler,
+    items: Sequence[WorkItem],
+    cost: CostModel,
+    measured_makespan_s: float,
+) -> float:
+    """The per-step overhead that makes a simulated run of ``items`` take
+    ``measured_makespan_s`` on ``scheduler`` (fresh, empty), for a run whose step sequence
+    does not depend on step times (fcfs with every item at t=0): the makespan is then the
+    sum of the steps, linear in the overhead. Never negative: a model that is already
+    slower than the measurement gets 0.
+    """
+    if any(it.arrival_s for it in items):
+        raise ValueError("calibrate on a run with every item at t=0")
+    base = simulate(scheduler, items, cost.with_overhead(0.0))
+    return max(0.0, (measured_makespan_s - base.makespan) / base.forward_steps)
 
 
 def build_scheduler(

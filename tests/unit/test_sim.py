@@ -17,7 +17,7 @@ from engine.policies.profile import PrefillProfile
 from engine.policies.registry import create_scheduling_policy, create_swap_policy
 from engine.scheduler import Scheduler
 from engine.sim import CostModel, simulate
-from engine.sim.simulator import SimulationStalled
+from engine.sim.simulator import SimulationStalled, calibrate_overhead
 
 # A made-up but CPU-shaped profile: prefill ~1 ms/token above a 30 ms floor, decode
 # steps grow slowly with the batch.
@@ -218,3 +218,19 @@ def test_oracle_priority_turns_the_priority_policy_into_shortest_job_first():
     plain = simulate(scheduler("priority", seqs=1), items, CostModel(PROFILE))
     assert plain.jct[0] < plain.jct[1] < plain.jct[2]  # all priority 0: arrival order
     assert oracle.mean_jct < plain.mean_jct
+
+
+def test_step_overhead_is_added_to_every_step_and_calibrates_to_a_measured_makespan():
+    items = workload(30, rate=1.0)
+    at_once = [WorkItem(it.prompt_len, it.output_len, 0.0) for it in items]
+    base = simulate(scheduler(), at_once, CostModel(PROFILE))
+    slow = simulate(scheduler(), at_once, CostModel(PROFILE, step_overhead_s=0.005))
+    assert slow.steps == base.steps  # fcfs at t=0: the same steps, each forward 5 ms longer
+    assert slow.makespan == pytest.approx(base.makespan + 0.005 * base.forward_steps)
+    assert calibrate_overhead(scheduler(), at_once, CostModel(PROFILE),
+                              slow.makespan) == pytest.approx(0.005)
+    assert calibrate_overhead(scheduler(), at_once, CostModel(PROFILE), 0.0) == 0.0
+    with pytest.raises(ValueError, match="t=0"):
+        calibrate_overhead(scheduler(), items, CostModel(PROFILE), 10.0)
+    with pytest.raises(ValueError, match="step_overhead_s"):
+        CostModel(PROFILE, step_overhead_s=-0.001)
