@@ -7,9 +7,10 @@ per-forward overhead (the 1-job decode step) is counted once, not twice. Copies 
 the pools cost ``swap_s_per_block`` each: demand moves (``swap_out``/``swap_in``) sit on
 the critical path before the forward; proactive moves (``offload``/``prefetch``) overlap it
 when ``overlap`` is set (a GPU's copy engine), and add to it otherwise (copies competing
-for the same cores). ``step_overhead_s`` is added to every step that runs a forward, for what the profile does
-not see (scheduling, messages to the worker, batch assembly); the policies benchmark
-calibrates it so that a simulated fcfs run takes as long as the measured one.
+for the same cores). ``step_overhead_s`` is added to every step that runs a forward, for
+what the profile does not see (scheduling, messages to the worker, batch assembly); the
+policies benchmark calibrates it so that a simulated fcfs run lasts as long as the
+measured one.
 """
 
 from __future__ import annotations
