@@ -20,7 +20,7 @@ from engine.memory.block_manager import BlockManager
 from engine.models.loader import ModelLoadError
 from engine.parallel.executor import WorkerError, WorkerExecutor
 from engine.parallel.protocol import PROTOCOL_VERSION
-from engine.policies.registry import create_scheduling_policy, create_swap_policy
+from engine.policies.registry import create_scheduling_policy, create_swap_policy, wants_profile
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 from engine.tokenizer import Tokenizer
@@ -75,7 +75,7 @@ class Engine:
                 raise ModelLoadError(e.detail) from None
             raise
         self.worker_info = ready
-        if hasattr(policy, "set_profile") and getattr(policy, "profile", None) is None:
+        if wants_profile(policy):
             try:
                 policy.set_profile(await self._profile_for_policy(config))
             except BaseException:

@@ -187,7 +187,8 @@ def _simulate(args: argparse.Namespace) -> int:
     cores = [core(pol, swap) for pol, swap in pairs]
     rate = args.rate
     if rate is None:  # a fraction of what fcfs sustains with every job queued at t=0
-        capacity = simulate(core("fcfs", "reactive"), items, cost).saturated_capacity
+        capacity = simulate(core("fcfs", SchedulerConfig().swap_policy), items,
+                            cost).saturated_capacity
         rate = args.load * capacity
         print(json.dumps({"fcfs_capacity_req_s": round(capacity, 4), "rate_req_s": round(rate, 4)}))
     timed = with_rate(items, gaps, rate)

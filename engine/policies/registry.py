@@ -40,3 +40,9 @@ def create_scheduling_policy(name: str, options: dict[str, Any] | None = None) -
 
 def create_swap_policy(name: str, options: dict[str, Any] | None = None) -> Any:
     return create(SWAP_GROUP, name, options)
+
+
+def wants_profile(policy: Any) -> bool:
+    """Whether ``policy`` takes a cost profile (``set_profile``) and was given none in its
+    options: the engine then hands it the stored or freshly measured one (skip-join)."""
+    return hasattr(policy, "set_profile") and getattr(policy, "profile", None) is None

@@ -20,7 +20,7 @@ from engine.bench.workload import WorkItem
 from engine.config import SchedulerConfig
 from engine.memory.block_manager import BlockManager
 from engine.policies.profile import PrefillProfile
-from engine.policies.registry import create_scheduling_policy, create_swap_policy
+from engine.policies.registry import create_scheduling_policy, create_swap_policy, wants_profile
 from engine.request import Job
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
@@ -105,8 +105,8 @@ def simulate(
     pending = sorted(jobs, key=lambda j: j.arrival_time)
     nxt = 0
     now = 0.0
-    steps = busy = 0.0
-    forwards = 0
+    steps = forwards = 0
+    busy = 0.0
     moved = {"swap_out": 0, "swap_in": 0, "offload": 0, "prefetch": 0}
     preempted_before = scheduler.num_preemptions
     while nxt < len(pending) or scheduler.has_work():
@@ -147,7 +147,7 @@ def simulate(
         ttft=[j.stats.first_token_time - j.arrival_time for j in jobs],
         makespan=max(j.stats.finish_time for j in jobs),
         output_tokens=sum(len(j.output_ids) for j in jobs),
-        steps=int(steps),
+        steps=steps,
         preemptions=scheduler.num_preemptions - preempted_before,
         forward_steps=forwards,
         swap_out_blocks=moved["swap_out"] + moved["offload"],
@@ -190,6 +190,6 @@ def build_scheduler(
     none in its options (skip-join)."""
     policy = create_scheduling_policy(config.policy, dict(config.policy_options))
     swap = create_swap_policy(config.swap_policy, dict(config.swap_policy_options))
-    if hasattr(policy, "set_profile") and getattr(policy, "profile", None) is None:
+    if wants_profile(policy):
         policy.set_profile(profile)
     return Scheduler(config, policy, swap, BlockManager(num_gpu_blocks, num_host_blocks, block_size))
