@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 CPU_TORCH ?= torch==2.13.0
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PROMPT ?= What is the capital of France?
+# Pinned so that `make lint` gives the same answer on every machine and every month.
+RUFF_VERSION ?= 0.17.6
 
 .PHONY: install test test-fast generate serve bench lint clean
 
@@ -43,7 +45,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/policies_cpu.py
 
 lint: $(BIN)/.installed
-	$(BIN)/pip install -q ruff && $(BIN)/ruff check engine tests benchmarks
+	$(BIN)/pip install -q "ruff==$(RUFF_VERSION)" && $(BIN)/ruff check engine tests benchmarks plugins
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -178,7 +178,7 @@ class Engine:
         self._frontend.on_fail(list(self._frontend.live), EngineDeadError("engine shut down"))
         await self._executor.shutdown()
 
-    async def __aenter__(self) -> Engine:
+    async def __aenter__(self) -> Engine:  # noqa: PYI034 -- Self needs Python 3.11
         return self
 
     async def __aexit__(self, *exc: object) -> None:

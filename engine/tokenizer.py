@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -25,6 +26,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from engine.sampling import InvalidRequestError
+
+log = logging.getLogger("fastserve.tokenizer")
 
 __all__ = ["IncrementalDetokenizer", "Tokenizer", "TokenizerLoadError", "default_cache_dir"]
 
@@ -134,7 +137,7 @@ class Tokenizer:
         try:
             text = self.hf.apply_chat_template(
                 normalized, tokenize=False, add_generation_prompt=add_generation_prompt)
-        except Exception as e:  # the template's own raise_exception(), or a type it chokes on
+        except Exception as e:  # noqa: BLE001 -- the template's own raise_exception(), or a type it chokes on
             raise InvalidRequestError(f"messages: the chat template rejected them: {e}",
                                       param="messages") from None
         if not isinstance(text, str):  # some versions return a list for batched input
@@ -247,13 +250,13 @@ def _load_cached(entry: tuple[str, dict]) -> Any | None:
         with open(os.path.join(directory, _CACHE_MARKER)) as f:
             if json.load(f) != key:
                 return None
-    except Exception:  # absent, or not written by this code: convert again
+    except Exception:  # noqa: BLE001 -- absent, or not written by this code: convert again
         return None
     try:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    except Exception:  # a complete entry that does not load (damaged): drop it, convert again
+    except Exception:  # noqa: BLE001 -- a complete entry that does not load (damaged): drop it, convert again
         shutil.rmtree(directory, ignore_errors=True)
         return None
 
@@ -272,8 +275,9 @@ def _store_cached(hf: Any, entry: tuple[str, dict]) -> None:
         # Fails if another process has just stored the same entry: theirs is kept.
         os.rename(tmp, directory)
         tmp = None
-    except Exception:
-        pass  # read-only home, full disk, a concurrent writer won: the cache is optional
+    except Exception as e:  # noqa: BLE001 -- the cache is optional
+        # read-only home, full disk, a concurrent writer won
+        log.debug("tokenizer cache not written to %s: %s", directory, e)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -281,4 +285,4 @@ def _store_cached(hf: Any, entry: tuple[str, dict]) -> None:
 
 # Re-exported here because callers think of detokenizing as part of the tokenizer; it lives
 # in its own module to keep each file to one job.
-from engine.detokenizer import IncrementalDetokenizer  # noqa: E402
+from engine.detokenizer import IncrementalDetokenizer

@@ -68,7 +68,7 @@ class WorkerExecutor:
         cmd = [sys.executable, "-m", "engine.parallel.worker", "--cmd", self.cmd_addr,
                "--result", self.result_addr, "--parent-pid", str(os.getpid()),
                "--log-level", logging.getLevelName(logging.getLogger("fastserve").getEffectiveLevel())]
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)  # noqa: ASYNC220 -- fork+exec, no wait
         self._reader = asyncio.get_running_loop().create_task(self._read_loop())
         return await self.call("init", timeout=self.startup_timeout_s, **init)
 

@@ -140,7 +140,7 @@ def serve(cmd_addr: str, result_addr: str, parent_pid: int | None, idle_exit_s: 
                 msg = decode(cmd.recv_multipart(copy=False))
                 call = msg.get("call")
                 reply = worker.handle(msg)
-            except Exception as e:  # reported to the engine, which fails the owning requests
+            except Exception as e:  # noqa: BLE001 -- reported to the engine, which fails the owning requests
                 log.error("command failed: %s", traceback.format_exc())
                 reply = {"kind": "error", "type": type(e).__name__, "message": str(e)}
             if reply is not None:

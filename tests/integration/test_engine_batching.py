@@ -85,8 +85,8 @@ async def test_stop_token_ids_finish_with_stop(engine):
 
 
 @pytest.mark.parametrize("bad", [
-    dict(max_tokens=0), dict(max_tokens=-3), dict(temperature=-0.5),
-    dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-2),
+    {"max_tokens": 0}, {"max_tokens": -3}, {"temperature": -0.5},
+    {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -2},
 ])
 async def test_bad_sampling_params_are_refused(engine, bad):
     with pytest.raises(InvalidRequestError) as e:

@@ -227,8 +227,8 @@ async def test_greedy_chat_equals_engine_generate_with_messages(server, oai):
 
 async def test_seeded_n_choices_are_reproducible_and_match_seed_plus_index(server, oai):
     prompt, n, seed, m = PROMPTS[1], 3, 1234, 8
-    kw = dict(model=MODEL, prompt=prompt, max_tokens=m, temperature=1.0, seed=seed,
-              extra_body={"ignore_eos": True})
+    kw = {"model": MODEL, "prompt": prompt, "max_tokens": m, "temperature": 1.0, "seed": seed,
+          "extra_body": {"ignore_eos": True}}
     first = await oai.completions.create(n=n, **kw)
     again = await oai.completions.create(n=n, **kw)
     texts = [c.text for c in sorted(first.choices, key=lambda c: c.index)]
@@ -257,8 +257,8 @@ async def test_stop_string_cuts_the_text_and_finishes_with_stop(server, oai):
     full = await offline(server.engine, prompt, max_tokens=16, temperature=0, ignore_eos=True)
     stop = ascii_stop_string(full.text)
     cut = full.text[: full.text.index(stop)]
-    kw = dict(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stop=[stop],
-              extra_body={"ignore_eos": True})
+    kw = {"model": MODEL, "prompt": prompt, "max_tokens": 16, "temperature": 0, "stop": [stop],
+          "extra_body": {"ignore_eos": True}}
     r = await oai.completions.create(**kw)
     assert (r.choices[0].text, r.choices[0].finish_reason) == (cut, "stop")
     assert r.usage.completion_tokens <= len(full.ids)

@@ -23,7 +23,7 @@ BLOCK = 4
 GPU_BLOCKS = 32  # 128 tokens of KV
 JOBS = 16
 PROMPT, OUTPUT = 24, 16  # 40 tokens each: 16 x 40 = 640 tokens = 5x the pool
-TINY_QUANTUM = dict(base_quantum_s=0.002, quantum_ratio=2.0)  # forces demotions on a tiny model
+TINY_QUANTUM = {"base_quantum_s": 0.002, "quantum_ratio": 2.0}  # forces demotions on a tiny model
 # The pool holds about three whole jobs, the batch cap is two: idle jobs keep KV on the GPU,
 # which is what proactive offloading moves out ahead of need.
 MAX_SEQS = 2

@@ -5,7 +5,7 @@ Everything runs on a virtual clock (``fakes.VirtualClock``); JCTs are virtual se
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from engine.memory.proactive import ProactivePolicy
 from engine.memory.swap import ReactivePolicy, RecomputePolicy, SwapPolicy

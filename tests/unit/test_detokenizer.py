@@ -170,7 +170,7 @@ def test_possible_stop_prefix_is_held_back_then_released(llama_style):
 
 def test_flush_releases_a_held_stop_prefix(llama_style):
     ids = llama_style.encode("Hello the stop", add_special_tokens=False)
-    deltas, final, stopped, d = stream(llama_style, [1], ids, stop=["stop here"])
+    deltas, final, stopped, _d = stream(llama_style, [1], ids, stop=["stop here"])
     assert not stopped and "".join(deltas) == "Hello the " and final == "stop"
 
 

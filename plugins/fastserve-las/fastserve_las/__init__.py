@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 from engine.policies.base import SchedulingPolicy
 from engine.request import Job
