@@ -6,7 +6,10 @@ chunks if needed), or the one token it sampled last — until the batch-size cap
 token budget is reached. There is no prefill or decode phase: a batch mixes both. Jobs
 left out keep their KV where it is unless a higher-priority job needs the room; then
 victims are taken from the lowest-priority end of the order, and the swap policy says
-whether each is swapped to host or recomputed later. ``update`` applies the worker's
+whether each is swapped to host or recomputed later. A victim that should be swapped but
+does not fit the host pool is spared (the job that wanted its room waits) unless nothing
+at all could run; only then is its KV dropped for recompute, since that throws away all
+the compute it had. ``update`` applies the worker's
 sampled tokens, charges the iteration's measured duration to every job in it, and finishes
 jobs that hit a stop condition. Blocks are the block manager's; the scheduler only asks.
 """
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 
 from engine.config import SchedulerConfig
 from engine.memory.block_manager import BlockManager, Residency
-from engine.memory.swap import SwapPolicy
+from engine.memory.swap import EvictMode, SwapPolicy
 from engine.policies.base import SchedulingPolicy
 from engine.request import FinishReason, Job, JobState
 
@@ -117,14 +120,30 @@ class Scheduler:
         order = list(self.policy.order(now))
         in_batch: set[str] = set()
         self._evicted_now = set()
-        budget = self.config.max_num_batched_tokens
+        # Dropping a job's KV because the host pool is full wastes all the compute it had:
+        # do it only if nothing at all can run otherwise (never deadlock).
+        self._fill_batch(order, in_batch, plan, now, allow_recompute=False)
+        if not plan.seqs:
+            self._fill_batch(order, in_batch, plan, now, allow_recompute=True)
+        self._apply_proactive(order, in_batch, plan, now)
+        self.blocks.end_step()
+        return plan
+
+    def _fill_batch(
+        self, order: list[Job], in_batch: set[str], plan: StepPlan, now: float, allow_recompute: bool,
+    ) -> None:
+        budget = self.config.max_num_batched_tokens - plan.num_tokens
         for pos, job in enumerate(order):
             if len(plan.seqs) >= self.config.max_num_seqs or budget <= 0:
                 break
             if job.job_id in self._evicted_now:
                 continue  # evicted for a higher-priority job this step: running it now undoes that
+            if job.job_id in in_batch or job.is_finished:
+                continue  # a second pass: placed, or stopped for good, by the first
             n = min(job.num_pending_tokens, budget)
-            if not self._make_resident(job, job.num_computed_tokens + n, order, pos, in_batch, plan, now):
+            if not self._make_resident(
+                job, job.num_computed_tokens + n, order, pos, in_batch, plan, now, allow_recompute
+            ):
                 if pos == 0 and not self._fits_alone(job, n):
                     # Even an empty pool cannot hold it: stop it rather than deadlock.
                     self._finish(job, FinishReason.LENGTH, now)
@@ -137,9 +156,6 @@ class Scheduler:
             if job.job_id not in self._worker_known:
                 self._worker_known.add(job.job_id)
                 plan.new_jobs.append(job)
-        self._apply_proactive(order, in_batch, plan, now)
-        self.blocks.end_step()
-        return plan
 
     def update(self, plan: StepPlan, sampled: dict[str, int], step_time_s: float, now: float) -> list[Job]:
         """Apply a step's results. Returns the jobs that got a token or finished."""
@@ -183,37 +199,55 @@ class Scheduler:
 
     def _make_resident(
         self, job: Job, num_tokens: int, order: list[Job], pos: int, in_batch: set[str], plan: StepPlan,
-        now: float,
+        now: float, allow_recompute: bool = True,
     ) -> bool:
         """Give ``job`` (``order[pos]``) GPU room for ``num_tokens``, evicting jobs below it
         in the order if needed."""
         need = self.blocks.extra_blocks_needed(job.job_id, num_tokens)
-        if need > self.blocks.num_free_gpu_blocks:
-            lower = order[pos + 1 :]
-            reclaimable = sum(
-                len(self.blocks.gpu_table(v.job_id)) for v in lower if v.job_id not in in_batch
-            )
-            if need > self.blocks.num_free_gpu_blocks + reclaimable:
-                return False  # evicting everyone below would not be enough: evict no one
-            for victim in reversed(lower):
-                if self.blocks.num_free_gpu_blocks >= need:
-                    break
-                if victim.job_id not in in_batch and self.blocks.residency(victim.job_id) is Residency.GPU:
-                    self._evict(victim, plan, now)
-            if need > self.blocks.num_free_gpu_blocks:
-                return False
+        short = need - self.blocks.num_free_gpu_blocks
+        if short > 0:
+            victims = self._pick_victims(order[pos + 1 :], in_batch, short, allow_recompute)
+            if victims is None:
+                return False  # evicting everyone allowed below would not be enough: evict no one
+            for victim, mode in victims:
+                self._evict(victim, mode, plan, now)
         if self.blocks.residency(job.job_id) is Residency.HOST:
             plan.swap_in.extend(self.blocks.swap_in(job.job_id))
             self._note_swapped_in(job, now)
         self.blocks.allocate(job.job_id, num_tokens)
         return True
 
-    def _evict(self, victim: Job, plan: StepPlan, now: float) -> None:
+    def _pick_victims(
+        self, lower: list[Job], in_batch: set[str], short: int, allow_recompute: bool,
+    ) -> list[tuple[Job, EvictMode]] | None:
+        """Resident jobs to evict, lowest priority first, that free ``short`` GPU blocks;
+        None if they cannot. Without ``allow_recompute`` a job the swap policy would swap
+        but the host pool has no room for is spared."""
+        host_room = self.blocks.num_free_host_blocks
+        chosen: list[tuple[Job, EvictMode]] = []
+        for victim in reversed(lower):
+            if short <= 0:
+                break
+            if victim.job_id in in_batch or self.blocks.residency(victim.job_id) is not Residency.GPU:
+                continue
+            held = self.blocks.num_blocks_held(victim.job_id)
+            mode = self.swap_policy.evict(victim, self.blocks)
+            if mode == "swap":
+                if held <= host_room:
+                    host_room -= held
+                elif allow_recompute:
+                    mode = "recompute"  # the host pool is full: fall back
+                else:
+                    continue
+            chosen.append((victim, mode))
+            short -= held
+        return chosen if short <= 0 else None
+
+    def _evict(self, victim: Job, mode: EvictMode, plan: StepPlan, now: float) -> None:
         self._evicted_now.add(victim.job_id)
         self.num_preemptions += 1
         victim.stats.preemptions += 1
-        mode = self.swap_policy.evict(victim, self.blocks)
-        if mode == "swap" and self.blocks.can_swap_out(victim.job_id):
+        if mode == "swap":
             plan.swap_out.extend(self._swap_out(victim, now))
         else:
             self._recompute(victim)

@@ -5,8 +5,9 @@ and never changes block tables. The scheduler consults it in two places:
 
 * ``evict(job, view)`` — the batch needs GPU blocks that ``job`` (a resident job of lower
   priority than everything already in the batch) holds: keep its KV on the host
-  (``"swap"``) or drop it and prefill again later (``"recompute"``). The scheduler
-  falls back to recompute when the host pool has no room, so a policy may always say swap.
+  (``"swap"``) or drop it and prefill again later (``"recompute"``). If the host pool has
+  no room for a job to swap, the scheduler spares it while anything else can run and
+  recomputes it only when the batch would be empty, so a policy may always say swap.
 * ``plan(view, upcoming, batch)`` — after the batch is formed: proactive moves for
   jobs *not* in this batch, ahead of need. ``upcoming`` is the policy order, highest
   priority first. The scheduler applies the plan atomically per job and skips moves that

@@ -62,6 +62,16 @@ async def reference(model_path, workload):
         await engine.shutdown()
 
 
+async def collect_with_stats(engine: Engine, prompt, params: SamplingParams) -> tuple[list[int], dict]:
+    ids: list[int] = []
+    stats: dict = {}
+    async for out in engine.generate(prompt, params):
+        ids.extend(out.token_ids)
+        if out.finished:
+            stats = out.stats
+    return ids, stats
+
+
 def _options(opts) -> tuple:
     return tuple(opts.items()) if isinstance(opts, dict) else tuple(opts)
 
@@ -116,8 +126,11 @@ async def test_host_pool_full_falls_back_to_recompute(model_path, workload, refe
     engine = await Engine.create(cfg)
     try:
         params = SamplingParams(max_tokens=OUTPUT, temperature=0.0, ignore_eos=True)
-        got = await asyncio.wait_for(asyncio.gather(*(collect(engine, p, params) for p, _ in workload)), 120)
-        assert [ids for ids, _, _ in got] == reference
+        got = await asyncio.wait_for(asyncio.gather(*(collect_with_stats(engine, p, params) for p, _ in workload)), 120)
+        assert [ids for ids, _ in got] == reference
+        stats = [s for _, s in got]
+        assert sum(s["swap_outs"] for s in stats) > 0  # the host pool was used...
+        assert sum(s["recomputes"] for s in stats) > 0  # ...and ran out
         assert_pools_whole(await wait_all_blocks_free(engine))
     finally:
         await engine.shutdown()

@@ -4,6 +4,7 @@ import pytest
 
 from engine.memory.swap import ReactivePolicy, RecomputePolicy
 from engine.policies.fcfs import FCFSPolicy
+from engine.policies.priority import PriorityPolicy
 from engine.request import FinishReason, JobState
 from engine.scheduler import AdmissionError, QueueFullError
 
@@ -83,6 +84,36 @@ def test_reactive_swaps_out_then_in_and_tokens_continue():
     assert b.stats.swap_outs >= 1 and b.stats.swap_ins == b.stats.swap_outs
     assert any(p.swap_out for p in plans) and any(p.swap_in for p in plans)
     assert len(b.output_ids) == 8 and b.stats.recomputes == 0
+
+
+def test_full_host_pool_spares_a_job_while_another_can_run():
+    """Host pool full: dropping a lower-priority job's KV would waste its compute, so a more
+    urgent job waits for room while something can still run, instead of forcing a recompute."""
+    s = make_scheduler(PriorityPolicy(), ReactivePolicy(), gpu_blocks=4, host_blocks=0, block_size=4)
+    clock = VirtualClock()
+    low, high = make_job("low", 8, 4, priority=5), make_job("high", 12, 4, priority=0)
+    s.add(low, 0.0)
+    run_step(s, clock)  # low prefills into 2 of the 4 blocks; high needs 3
+    s.add(high, clock.now)
+    plan = run_step(s, clock)
+    assert [x.job.job_id for x in plan.seqs] == ["low"] and not plan.swap_out
+    assert low.stats.preemptions == 0 and high.num_computed_tokens == 0
+    run_until_idle(s, clock)
+    assert low.stats.recomputes == 0 and len(low.output_ids) == len(high.output_ids) == 4
+
+
+def test_full_host_pool_falls_back_to_recompute_when_nothing_else_can_run():
+    s = make_scheduler(FCFSPolicy(), ReactivePolicy(), gpu_blocks=4, host_blocks=0, block_size=4)
+    clock = VirtualClock()
+    a, b = make_job("a", 7, 4), make_job("b", 7, 4)
+    s.add(a, 0.0)
+    s.add(b, 0.0)
+    run_step(s, clock)  # both prefill: 2 blocks each, the pool is full
+    run_step(s, clock)  # token 8 of each still fits in its second block
+    plan = run_step(s, clock)  # token 9 needs a third block, which only b's KV can give
+    assert [x.job.job_id for x in plan.seqs] == ["a"] and b.stats.recomputes == 1
+    run_until_idle(s, clock)
+    assert len(a.output_ids) == len(b.output_ids) == 4
 
 
 def test_abort_frees_blocks_and_tells_worker():
