@@ -173,17 +173,32 @@ def _simulate(args: argparse.Namespace) -> int:
                                prompt_p99=args.prompt_max, output_median=args.output_median,
                                output_p99=args.output_max, max_job_tokens=max_job)
 
+    policies = args.scheduling_policy.split(",")
+    for key, _ in args.policy_option:
+        scope = key.rpartition(".")[0]
+        if scope and scope not in policies:
+            raise ValueError(f"--policy-option {key}: {scope!r} is not one of the policies "
+                             f"compared ({args.scheduling_policy})")
+
+    def options_for(policy: str) -> tuple:
+        # KEY=VALUE goes to every policy but fcfs (which has no knobs); NAME.KEY=VALUE to NAME.
+        out = []
+        for key, value in args.policy_option:
+            scope, _, knob = key.rpartition(".")
+            if scope == policy or (not scope and policy != "fcfs"):
+                out.append((knob, value))
+        return tuple(out)
+
     def core(policy: str, swap: str):
         cfg = SchedulerConfig(
             policy=policy, swap_policy=swap, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
-            policy_options=() if policy == "fcfs" else tuple(args.policy_option),
+            policy_options=options_for(policy),
             swap_policy_options=tuple(args.swap_policy_option))
         return build_scheduler(cfg, args.num_gpu_blocks, host_blocks, args.block_size, profile)
 
     # Every pair is built before anything runs, so a bad name or knob fails at once.
-    pairs = [(pol, swap) for pol in args.scheduling_policy.split(",")
-             for swap in args.swap_policy.split(",")]
+    pairs = [(pol, swap) for pol in policies for swap in args.swap_policy.split(",")]
     cores = [core(pol, swap) for pol, swap in pairs]
     rate = args.rate
     if rate is None:  # a fraction of what fcfs sustains with every job queued at t=0
@@ -225,7 +240,9 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--scheduling-policy", default=d.policy, help="name, or a comma list to compare")
     g.add_argument("--swap-policy", default=d.swap_policy, help="name, or a comma list to compare")
-    g.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE", type=_option)
+    g.add_argument("--policy-option", action="append", default=[], metavar="[NAME.]KEY=VALUE",
+                   type=_option, help="a knob for every listed policy but fcfs, or with NAME. "
+                   "for that one only (e.g. skip-join-mlfq.base_quantum_s=0.05)")
     g.add_argument("--swap-policy-option", action="append", default=[], metavar="KEY=VALUE",
                    type=_option)
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)

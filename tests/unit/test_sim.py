@@ -210,6 +210,25 @@ def test_simulate_cli_prints_one_json_line_per_policy_pair(tmp_path, capsys):
     assert out == "" and "no plugin named 'nope'" in err
 
 
+def test_simulate_cli_scopes_a_policy_option_to_one_policy(tmp_path, capsys):
+    from engine.cli import main
+
+    prof = tmp_path / "profile.json"
+    PROFILE.save(str(prof))
+    base = ["simulate", "--profile", str(prof), "--requests", "12", "--num-gpu-blocks", "32",
+            "--output-max", "32", "--prompt-max", "64", "--scheduling-policy", "mlfq,priority"]
+    # priority refuses MLFQ knobs unless mlfq=True: unscoped, the knob breaks it...
+    assert main([*base, "--policy-option", "base_quantum_s=0.1"]) == 2
+    assert "base_quantum_s" in capsys.readouterr().err
+    # ...scoped, only mlfq gets it
+    assert main([*base, "--policy-option", "mlfq.base_quantum_s=0.1"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [r["scheduling_policy"] for r in rows] == ["mlfq", "priority"]
+    assert main([*base, "--policy-option", "fcfs.base_quantum_s=0.1"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "'fcfs' is not one of the policies compared" in err
+
+
 def test_oracle_priority_turns_the_priority_policy_into_shortest_job_first():
     items = [WorkItem(16, 100, 0.0), WorkItem(16, 50, 0.0), WorkItem(16, 2, 0.0)]
     oracle = simulate(scheduler("priority", seqs=1), items, CostModel(PROFILE),
