@@ -28,6 +28,11 @@ def _size(text: str) -> int:
     return int(t)
 
 
+EAGER_RECOMPUTE_HELP = (
+    "when the host pool cannot take a victim's KV, drop it for recompute at once (strict "
+    "priority) instead of letting the urgent job wait while other jobs can run")
+
+
 def _option(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -63,6 +68,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="a swap-policy knob, e.g. headroom_frac=0.2")
     g.add_argument("--profile", default=None, dest="profile_path",
                    help="stored cost profile (from `fastserve profile`) for skip-join")
+    g.add_argument("--eager-recompute", action="store_true", help=EAGER_RECOMPUTE_HELP)
     g.add_argument("--max-num-seqs", type=int, default=d.scheduler.max_num_seqs, help="batch-size cap")
     g.add_argument("--max-num-batched-tokens", type=int, default=d.scheduler.max_num_batched_tokens,
                    help="token budget per iteration")
@@ -86,6 +92,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             profile_path=args.profile_path,
+            eager_recompute=args.eager_recompute,
             policy_options=tuple(args.policy_option),
             swap_policy_options=tuple(args.swap_policy_option),
         ),
@@ -193,6 +200,7 @@ def _simulate(args: argparse.Namespace) -> int:
         cfg = SchedulerConfig(
             policy=policy, swap_policy=swap, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
+            eager_recompute=args.eager_recompute,
             policy_options=options_for(policy),
             swap_policy_options=tuple(args.swap_policy_option))
         return build_scheduler(cfg, args.num_gpu_blocks, host_blocks, args.block_size, profile)
@@ -246,6 +254,7 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--swap-policy-option", action="append", default=[], metavar="KEY=VALUE",
                    type=_option)
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    g.add_argument("--eager-recompute", action="store_true", help=EAGER_RECOMPUTE_HELP)
     g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
     g.add_argument("--num-gpu-blocks", type=int, default=128)
     g.add_argument("--num-host-blocks", type=int, default=None, help="default 4x --num-gpu-blocks")

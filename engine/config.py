@@ -47,6 +47,10 @@ class SchedulerConfig:
     max_waiting: int = 4096  # admission cap; more waiting jobs are refused
     policy_options: tuple[tuple[str, object], ...] = ()  # extra knobs for the policy plugin
     swap_policy_options: tuple[tuple[str, object], ...] = ()  # extra knobs for the swap plugin
+    # A victim the host pool cannot take: False spares it while anything else can run (the
+    # job that wanted its room waits); True drops its KV for recompute at once, so a more
+    # urgent job never waits for room (strict priority, at the cost of the victim's work).
+    eager_recompute: bool = False
     # Stored cost profile (`fastserve profile --out`) for policies that use one (skip-join);
     # None: such a policy has the worker profile the model at start-up.
     profile_path: str | None = None

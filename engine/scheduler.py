@@ -9,7 +9,7 @@ victims are taken from the lowest-priority end of the order, and the swap policy
 whether each is swapped to host or recomputed later. A victim that should be swapped but
 does not fit the host pool is spared (the job that wanted its room waits) unless nothing
 at all could run; only then is its KV dropped for recompute, since that throws away all
-the compute it had. ``update`` applies the worker's
+the compute it had (``SchedulerConfig.eager_recompute`` drops it at once instead). ``update`` applies the worker's
 sampled tokens, charges the iteration's measured duration to every job in it, and finishes
 jobs that hit a stop condition. Blocks are the block manager's; the scheduler only asks.
 """
@@ -121,9 +121,9 @@ class Scheduler:
         in_batch: set[str] = set()
         self._evicted_now = set()
         # Dropping a job's KV because the host pool is full wastes all the compute it had:
-        # do it only if nothing at all can run otherwise (never deadlock).
-        self._fill_batch(order, in_batch, plan, now, allow_recompute=False)
-        if not plan.seqs:
+        # unless configured to, do it only if nothing at all can run otherwise (no deadlock).
+        self._fill_batch(order, in_batch, plan, now, allow_recompute=self.config.eager_recompute)
+        if not plan.seqs and not self.config.eager_recompute:
             self._fill_batch(order, in_batch, plan, now, allow_recompute=True)
         self._apply_proactive(order, in_batch, plan, now)
         self.blocks.end_step()

@@ -102,6 +102,20 @@ def test_full_host_pool_spares_a_job_while_another_can_run():
     assert low.stats.recomputes == 0 and len(low.output_ids) == len(high.output_ids) == 4
 
 
+def test_eager_recompute_keeps_strict_priority_when_the_host_pool_is_full():
+    s = make_scheduler(PriorityPolicy(), ReactivePolicy(), gpu_blocks=4, host_blocks=0, block_size=4,
+                       eager_recompute=True)
+    clock = VirtualClock()
+    low, high = make_job("low", 8, 4, priority=5), make_job("high", 12, 4, priority=0)
+    s.add(low, 0.0)
+    run_step(s, clock)
+    s.add(high, clock.now)
+    plan = run_step(s, clock)
+    assert [x.job.job_id for x in plan.seqs] == ["high"] and low.stats.recomputes == 1
+    run_until_idle(s, clock)
+    assert len(low.output_ids) == len(high.output_ids) == 4
+
+
 def test_full_host_pool_falls_back_to_recompute_when_nothing_else_can_run():
     s = make_scheduler(FCFSPolicy(), ReactivePolicy(), gpu_blocks=4, host_blocks=0, block_size=4)
     clock = VirtualClock()

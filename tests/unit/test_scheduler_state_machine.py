@@ -54,14 +54,16 @@ class SchedulerMachine(RuleBasedStateMachine):
         block_size=st.sampled_from([2, 4]),
         max_num_seqs=st.integers(1, 4),
         token_budget=st.integers(4, 24),
+        eager_recompute=st.booleans(),
     )
     def setup(
         self, gpu_blocks: int, host_blocks: int, block_size: int, max_num_seqs: int,
-        token_budget: int,
+        token_budget: int, eager_recompute: bool,
     ) -> None:
         self.s = make_scheduler(
             POLICIES[self.policy_name](), SWAPS[self.swap_name](), gpu_blocks, host_blocks,
             block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=token_budget,
+            eager_recompute=eager_recompute,
         )
         self.clock = VirtualClock(step_s=0.01)
         self.admitted: dict[str, Job] = {}
