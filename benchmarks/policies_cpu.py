@@ -172,7 +172,7 @@ async def warm_up(engine: Engine, vocab: int) -> None:
 
 
 def engine_config(args: argparse.Namespace, policy: str, swap: str, policy_options: dict,
-                  profile_path: str | None) -> EngineConfig:
+                  profile_path: str | None, eager_recompute: bool = False) -> EngineConfig:
     return EngineConfig(
         cache=CacheConfig(num_gpu_blocks_override=args.num_gpu_blocks,
                           num_host_blocks_override=args.num_host_blocks),
@@ -183,13 +183,16 @@ def engine_config(args: argparse.Namespace, policy: str, swap: str, policy_optio
             max_num_batched_tokens=args.max_num_batched_tokens,
             policy_options=tuple(sorted(policy_options.items())),
             profile_path=profile_path,
+            eager_recompute=eager_recompute,
         ),
         parallel=ParallelConfig(torch_threads=args.torch_threads),
     )
 
 
-def parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__,
+def build_parser(doc: str | None, default_out: str) -> argparse.ArgumentParser:
+    """The workload, engine and simulator options, shared with the other CPU policy
+    benchmarks."""
+    ap = argparse.ArgumentParser(description=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
     a("--requests", type=int, default=None, help="requests (default 120; 8 with --quick)")
@@ -220,8 +223,12 @@ def parse_args() -> argparse.Namespace:
     a("--sim-seeds", type=int, default=10,
       help="other workload seeds the simulator runs fcfs and skip-join on (0: none)")
     a("--quick", action="store_true", help="smoke run: 8 short requests; no file unless --out")
-    a("--out", default=None, help=f"markdown results (default {DEFAULT_OUT}; none with --quick)")
-    args = ap.parse_args()
+    a("--out", default=None, help=f"markdown results (default {default_out}; none with --quick)")
+    return ap
+
+
+def finish_args(args: argparse.Namespace, default_out: str) -> argparse.Namespace:
+    """Fill the defaults that depend on --quick or on other options."""
     q = args.quick
     args.requests = args.requests or (8 if q else 120)
     args.prompt_max = args.prompt_max or (256 if q else 1024)
@@ -229,8 +236,12 @@ def parse_args() -> argparse.Namespace:
     if args.num_host_blocks is None:
         args.num_host_blocks = 4 * args.num_gpu_blocks
     if args.out is None and not q:
-        args.out = DEFAULT_OUT
+        args.out = default_out
     return args
+
+
+def parse_args() -> argparse.Namespace:
+    return finish_args(build_parser(__doc__, DEFAULT_OUT).parse_args(), DEFAULT_OUT)
 
 
 async def main() -> None:
@@ -247,12 +258,12 @@ class Simulator:
         # On this CPU the copies share the cores with the forward: they add to the step.
         self.cost = CostModel(profile, args.sim_swap_ms_per_block / 1e3, overlap=False)
 
-    def core(self, policy: str, swap: str):
+    def core(self, policy: str, swap: str, eager_recompute: bool = False):
         a = self.args
         options = () if policy == "fcfs" else tuple(sorted(self.mlfq.items()))
         cfg = SchedulerConfig(policy=policy, swap_policy=swap, max_num_seqs=a.max_num_seqs,
                               max_num_batched_tokens=a.max_num_batched_tokens,
-                              policy_options=options)
+                              policy_options=options, eager_recompute=eager_recompute)
         return build_scheduler(cfg, a.num_gpu_blocks, a.num_host_blocks,
                                CacheConfig().block_size, self.profile)
 
@@ -263,8 +274,8 @@ class Simulator:
         self.cost = self.cost.with_overhead(overhead)
         return overhead
 
-    def run(self, policy: str, swap: str, items: list[WorkItem]):
-        return simulate(self.core(policy, swap), items, self.cost)
+    def run(self, policy: str, swap: str, items: list[WorkItem], eager_recompute: bool = False):
+        return simulate(self.core(policy, swap, eager_recompute), items, self.cost)
 
     def ratio_on_seed(self, seed: int, max_job_tokens: int, swap: str) -> float:
         """fcfs / skip-join mean JCT on another seed, at the same load of simulated capacity."""
@@ -275,7 +286,31 @@ class Simulator:
                                                                  timed).mean_jct
 
 
-async def bench(args: argparse.Namespace, profile_path: str) -> None:
+@dataclass
+class Baseline:
+    """The shared first phase: workload, profile, measured fcfs capacity, timed arrivals."""
+
+    vocab_size: int
+    max_job_tokens: int
+    items: list[WorkItem]  # lengths, arrivals at unit rate
+    reqs: list[Request]  # prompts, everything at t=0 (the capacity run)
+    profile: PrefillProfile
+    cap: Result  # the capacity run
+    capacity: float  # requests/s
+    rate: float  # arrivals/s
+    step_s: float  # profiled decode step at a full batch
+    base_quantum: float
+    timed_items: list[WorkItem]
+    timed: list[Request]
+    mlfq: dict  # options of the MLFQ-based policies
+    default_swap: str
+    started: float  # perf_counter at the start of the benchmark
+    load_before: float
+
+
+async def measure_capacity(args: argparse.Namespace, profile_path: str) -> Baseline:
+    """On one fcfs engine: profile once (saved to ``profile_path`` for skip-join), then
+    measure capacity with every request at t=0; arrivals at ``--load`` x capacity."""
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
     info = load_model_info(default_model_path())
@@ -283,8 +318,6 @@ async def bench(args: argparse.Namespace, profile_path: str) -> None:
     items, gaps = workload_shape(args, args.seed, max_job_tokens)
     reqs = to_requests(items, info.vocab_size, args.seed)
     default_swap = SchedulerConfig().swap_policy
-
-    # 1) On one fcfs engine: profile once, then measure capacity with everything at t=0.
     engine = await Engine.create(engine_config(args, "fcfs", default_swap, {}, None))
     try:
         longest = max(len(r.prompt) for r in reqs)
@@ -310,20 +343,29 @@ async def bench(args: argparse.Namespace, profile_path: str) -> None:
                                                                              strict=True)]
     mlfq = {"base_quantum_s": base_quantum, "quantum_ratio": args.quantum_ratio,
             "num_queues": args.num_queues, "starvation_limit_s": args.starvation_limit}
+    return Baseline(info.vocab_size, max_job_tokens, items, reqs, profile, cap, capacity, rate,
+                    step_s, base_quantum, timed_items, timed, mlfq, default_swap, started,
+                    load_before)
+
+
+async def bench(args: argparse.Namespace, profile_path: str) -> None:
+    # 1) On one fcfs engine: profile once, then measure capacity with everything at t=0.
+    b = await measure_capacity(args, profile_path)
+    default_swap, mlfq, timed, timed_items = b.default_swap, b.mlfq, b.timed, b.timed_items
     configs = [("fcfs", default_swap), ("mlfq", default_swap), ("skip-join-mlfq", default_swap)]
     configs += [("skip-join-mlfq", s) for s in ("proactive", "reactive", "recompute")
                 if s != default_swap]
 
     # 2) Predictions, before any timed run: every configuration on the virtual clock, on
     #    the same timed workload; and the fcfs / skip-join ratio on other seeds.
-    sim = Simulator(args, profile, mlfq)
-    overhead_s = sim.calibrate(default_swap, items, cap.makespan)
+    sim = Simulator(args, b.profile, mlfq)
+    overhead_s = sim.calibrate(default_swap, b.items, b.cap.makespan)
     print(f"simulator: {overhead_s * 1e3:.1f} ms per step calibrated on the capacity run",
           flush=True)
     predicted = {c: sim.run(*c, timed_items) for c in configs}
     for (policy, swap), r in predicted.items():
         print(f"predicted {policy:15s} {swap:10s} mean JCT {r.mean_jct:6.2f} s", flush=True)
-    seed_ratios = {seed: sim.ratio_on_seed(seed, max_job_tokens, default_swap)
+    seed_ratios = {seed: sim.ratio_on_seed(seed, b.max_job_tokens, default_swap)
                    for seed in range(args.seed + 1, args.seed + 1 + args.sim_seeds)}
 
     # 3) Every configuration on the same timed workload, a fresh engine each.
@@ -333,7 +375,7 @@ async def bench(args: argparse.Namespace, profile_path: str) -> None:
         stored = profile_path if policy == "skip-join-mlfq" else None
         engine = await Engine.create(engine_config(args, policy, swap, options, stored))
         try:
-            await warm_up(engine, info.vocab_size)
+            await warm_up(engine, b.vocab_size)
             res = results[(policy, swap)] = await run(engine, timed)
         finally:
             await engine.shutdown()
@@ -341,8 +383,9 @@ async def bench(args: argparse.Namespace, profile_path: str) -> None:
               f"p99 {nearest_rank(res.jct, 0.99):6.2f} s  makespan {res.makespan:5.1f} s",
               flush=True)
 
-    meta = Meta(timed, cap, capacity, rate, step_s, base_quantum, default_swap, load_before,
-                time.perf_counter() - started, predicted, seed_ratios, overhead_s)
+    meta = Meta(timed, b.cap, b.capacity, b.rate, b.step_s, b.base_quantum, default_swap,
+                b.load_before, time.perf_counter() - b.started, predicted, seed_ratios,
+                overhead_s)
     report = render(args, meta, results)
     print(report)
     if args.out:
@@ -368,11 +411,14 @@ class Meta:
     step_overhead_s: float  # calibrated per-step overhead of the simulator's cost model
 
 
-def render(args: argparse.Namespace, m: Meta, results: dict[tuple[str, str], Result]) -> str:
+def header_lines(args: argparse.Namespace, m: Meta, results: list[Result], title: str,
+                 script: str) -> list[str]:
+    """Title, then how, where and on what the run was made (shared by the CPU policy
+    benchmarks)."""
     prompts = [len(r.prompt) for r in m.reqs]
     outputs = [r.max_tokens for r in m.reqs]
     threads = args.torch_threads or torch.get_num_threads()
-    cmd = shlex.join([".venv/bin/python", "benchmarks/policies_cpu.py", *sys.argv[1:]])
+    cmd = shlex.join([".venv/bin/python", script, *sys.argv[1:]])
     cap = m.capacity_run
 
     def dist(xs: list[int]) -> str:
@@ -384,11 +430,11 @@ def render(args: argparse.Namespace, m: Meta, results: dict[tuple[str, str], Res
     else:
         quantum_src = (f"{QUANTUM_ITERATIONS:g} x the profiled decode step at batch "
                        f"{args.max_num_seqs}, {m.step_s * 1e3:.0f} ms")
-    swapped = sum(r.swap_out_blocks + r.swap_in_blocks for r in results.values())
-    copy_s = sum(r.swap_seconds for r in results.values())
+    swapped = sum(r.swap_out_blocks + r.swap_in_blocks for r in results)
+    copy_s = sum(r.swap_seconds for r in results)
     copy_ms = f"{copy_s / swapped * 1e3:.3f} ms" if swapped else "n/a (nothing swapped)"
-    lines = [
-        "# Scheduling and swap policies on CPU: heavy-tailed online workload",
+    return [
+        title,
         "",
         f"- date: {dt.date.today().isoformat()}",
         (f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, shared (load average "
@@ -417,21 +463,33 @@ def render(args: argparse.Namespace, m: Meta, results: dict[tuple[str, str], Res
          f"so that the simulated capacity run takes as long as the measured one) on the same "
          f"timed workload, computed before the timed runs; measured copy time in the runs "
          f"below: {copy_ms} per block"),
-        "",
-        ("| scheduling | swap | mean JCT (s) | predicted mean JCT (s) | p50 JCT (s) "
-         "| p99 JCT (s) | mean TTFT (s) | output tok/s | makespan (s) | preemptions "
-         "| swapped blocks out / in (proactive) | recomputes |"),
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for key, r in results.items():
-        policy, swap = key
-        lines.append(
-            f"| {policy} | {swap} | {statistics.mean(r.jct):.2f} | {m.predicted[key].mean_jct:.2f} "
+
+
+# The measured columns of a result row, after the columns that name the configuration.
+RESULT_COLUMNS = ("mean JCT (s) | predicted mean JCT (s) | p50 JCT (s) | p99 JCT (s) "
+                  "| mean TTFT (s) | output tok/s | makespan (s) | preemptions "
+                  "| swapped blocks out / in (proactive) | recomputes |")
+RESULT_ALIGN = "---:|" * 10
+
+
+def result_cells(r: Result, predicted_mean_jct: float) -> str:
+    return (f"{statistics.mean(r.jct):.2f} | {predicted_mean_jct:.2f} "
             f"| {statistics.median(r.jct):.2f} | {nearest_rank(r.jct, 0.99):.2f} "
             f"| {statistics.mean(r.ttft):.2f} | {r.output_tokens / r.makespan:.1f} "
             f"| {r.makespan:.1f} | {r.preemptions} "
             f"| {r.swap_out_blocks} / {r.swap_in_blocks} ({r.proactive_blocks}) "
             f"| {r.recomputes} |")
+
+
+def render(args: argparse.Namespace, m: Meta, results: dict[tuple[str, str], Result]) -> str:
+    lines = header_lines(args, m, list(results.values()),
+                         "# Scheduling and swap policies on CPU: heavy-tailed online workload",
+                         "benchmarks/policies_cpu.py")
+    lines += ["", f"| scheduling | swap | {RESULT_COLUMNS}", f"|---|---|{RESULT_ALIGN}"]
+    for key, r in results.items():
+        policy, swap = key
+        lines.append(f"| {policy} | {swap} | {result_cells(r, m.predicted[key].mean_jct)}")
 
     def ratio(table: dict, policy: str) -> float:
         def mean(x) -> float:
