@@ -9,9 +9,10 @@ victims are taken from the lowest-priority end of the order, and the swap policy
 whether each is swapped to host or recomputed later. A victim that should be swapped but
 does not fit the host pool is spared (the job that wanted its room waits) unless nothing
 at all could run; only then is its KV dropped for recompute, since that throws away all
-the compute it had (``SchedulerConfig.eager_recompute`` drops it at once instead). ``update`` applies the worker's
-sampled tokens, charges the iteration's measured duration to every job in it, and finishes
-jobs that hit a stop condition. Blocks are the block manager's; the scheduler only asks.
+the compute it had (``SchedulerConfig.eager_recompute`` drops it at once instead).
+``update`` applies the worker's sampled tokens, charges the iteration's measured duration
+to every job in it, and finishes jobs that hit a stop condition. Blocks are the block
+manager's; the scheduler only asks.
 """
 
 from __future__ import annotations

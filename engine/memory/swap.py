@@ -8,6 +8,8 @@ and never changes block tables. The scheduler consults it in two places:
   (``"swap"``) or drop it and prefill again later (``"recompute"``). If the host pool has
   no room for a job to swap, the scheduler spares it while anything else can run and
   recomputes it only when the batch would be empty, so a policy may always say swap.
+  It is a question, not an order: the scheduler may ask about a job and then evict
+  nobody (when evicting every candidate would still not free enough room).
 * ``plan(view, upcoming, batch)`` — after the batch is formed: proactive moves for
   jobs *not* in this batch, ahead of need. ``upcoming`` is the policy order, highest
   priority first. The scheduler applies the plan atomically per job and skips moves that
