@@ -181,20 +181,16 @@ def _simulate(args: argparse.Namespace) -> int:
                                output_p99=args.output_max, max_job_tokens=max_job)
 
     policies = args.scheduling_policy.split(",")
-    for key, _ in args.policy_option:
-        scope = key.rpartition(".")[0]
+    # KEY=VALUE goes to every policy but fcfs (which has no knobs); NAME.KEY=VALUE to NAME.
+    scoped = [(*key.rpartition(".")[::2], value) for key, value in args.policy_option]
+    for scope, knob, _ in scoped:
         if scope and scope not in policies:
-            raise ValueError(f"--policy-option {key}: {scope!r} is not one of the policies "
-                             f"compared ({args.scheduling_policy})")
+            raise ValueError(f"--policy-option {scope}.{knob}: {scope!r} is not one of the "
+                             f"policies compared ({args.scheduling_policy})")
 
     def options_for(policy: str) -> tuple:
-        # KEY=VALUE goes to every policy but fcfs (which has no knobs); NAME.KEY=VALUE to NAME.
-        out = []
-        for key, value in args.policy_option:
-            scope, _, knob = key.rpartition(".")
-            if scope == policy or (not scope and policy != "fcfs"):
-                out.append((knob, value))
-        return tuple(out)
+        return tuple((knob, value) for scope, knob, value in scoped
+                     if scope == policy or (not scope and policy != "fcfs"))
 
     def core(policy: str, swap: str):
         cfg = SchedulerConfig(

@@ -86,16 +86,24 @@ def test_reactive_swaps_out_then_in_and_tokens_continue():
     assert len(b.output_ids) == 8 and b.stats.recomputes == 0
 
 
-def test_full_host_pool_spares_a_job_while_another_can_run():
-    """Host pool full: dropping a lower-priority job's KV would waste its compute, so a more
-    urgent job waits for room while something can still run, instead of forcing a recompute."""
-    s = make_scheduler(PriorityPolicy(), ReactivePolicy(), gpu_blocks=4, host_blocks=0, block_size=4)
+def _urgent_job_arrives_with_the_host_pool_full(eager_recompute: bool):
+    """``low`` runs, holding 2 of 4 GPU blocks; ``high`` (more urgent) arrives needing 3,
+    and there is no host pool to swap ``low`` into. Returns the plan of the next step."""
+    s = make_scheduler(PriorityPolicy(), ReactivePolicy(), gpu_blocks=4, host_blocks=0, block_size=4,
+                       eager_recompute=eager_recompute)
     clock = VirtualClock()
     low, high = make_job("low", 8, 4, priority=5), make_job("high", 12, 4, priority=0)
     s.add(low, 0.0)
-    run_step(s, clock)  # low prefills into 2 of the 4 blocks; high needs 3
+    run_step(s, clock)
     s.add(high, clock.now)
     plan = run_step(s, clock)
+    return s, clock, low, high, plan
+
+
+def test_full_host_pool_spares_a_job_while_another_can_run():
+    """Host pool full: dropping a lower-priority job's KV would waste its compute, so a more
+    urgent job waits for room while something can still run, instead of forcing a recompute."""
+    s, clock, low, high, plan = _urgent_job_arrives_with_the_host_pool_full(eager_recompute=False)
     assert [x.job.job_id for x in plan.seqs] == ["low"] and not plan.swap_out
     assert low.stats.preemptions == 0 and high.num_computed_tokens == 0
     run_until_idle(s, clock)
@@ -103,14 +111,7 @@ def test_full_host_pool_spares_a_job_while_another_can_run():
 
 
 def test_eager_recompute_keeps_strict_priority_when_the_host_pool_is_full():
-    s = make_scheduler(PriorityPolicy(), ReactivePolicy(), gpu_blocks=4, host_blocks=0, block_size=4,
-                       eager_recompute=True)
-    clock = VirtualClock()
-    low, high = make_job("low", 8, 4, priority=5), make_job("high", 12, 4, priority=0)
-    s.add(low, 0.0)
-    run_step(s, clock)
-    s.add(high, clock.now)
-    plan = run_step(s, clock)
+    s, clock, low, high, plan = _urgent_job_arrives_with_the_host_pool_full(eager_recompute=True)
     assert [x.job.job_id for x in plan.seqs] == ["high"] and low.stats.recomputes == 1
     run_until_idle(s, clock)
     assert len(low.output_ids) == len(high.output_ids) == 4
