@@ -58,14 +58,42 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Worker processes. One worker per engine for now: tensor and pipeline parallelism
-    are not implemented, so there is no knob for them yet."""
+    """Worker processes: ``tensor_parallel_size`` x ``pipeline_parallel_size`` ranks.
 
+    Rank ``r`` is TP rank ``r % tp`` of pipeline stage ``r // tp``; the last stage's TP rank 0
+    (the driver) samples and answers steps. See docs/distributed.md.
+    """
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     # Seconds a worker may take to answer a step before it is declared dead.
     step_timeout_s: float = 120.0
     # Seconds a worker may take to start and load its model.
     startup_timeout_s: float = 300.0
-    torch_threads: int | None = None  # None: torch's default
+    # Torch threads per rank; None: an equal share of the machine's cores (one rank: torch's
+    # default).
+    torch_threads: int | None = None
+    # Address the engine's control socket binds. None: an ipc:// path (local ranks only);
+    # "tcp://HOST:PORT" lets `fastserve worker --engine ...` on other hosts join.
+    engine_address: str | None = None
+    # torch.distributed rendezvous (rank 0 hosts the TCPStore there; 0: a free port).
+    dist_host: str = "127.0.0.1"
+    dist_port: int = 0
+    # Ranks the engine does not start itself (started with `fastserve worker` elsewhere).
+    remote_ranks: tuple[int, ...] = ()
+    # "auto": NCCL on CUDA, gloo on CPU.
+    dist_backend: str = "auto"
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
+            raise ValueError("tensor_parallel_size and pipeline_parallel_size must be >= 1")
+        bad = [r for r in self.remote_ranks if not 0 <= r < self.world_size]
+        if bad:
+            raise ValueError(f"remote ranks {bad} outside 0..{self.world_size - 1}")
 
 
 @dataclass(frozen=True)

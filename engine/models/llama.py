@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.base import AttentionMetadata, KVCache
+from engine.models.base import AttentionMetadata, KVCache, MissingLayer, PipelineStage, layer_of
 from engine.models.layers import (
     AttentionPlan,
     RMSNorm,
@@ -138,29 +138,35 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaBackbone(nn.Module):
-    def __init__(self, args: LlamaArgs) -> None:
+    def __init__(self, args: LlamaArgs, stage: PipelineStage) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(args) for _ in range(args.num_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        # A tied head reads the embedding matrix, so the last stage holds it too.
+        wants_embedding = stage.is_first or (stage.is_last and args.tie_word_embeddings)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size) if wants_embedding else None
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(args) if stage.owns_layer(i) else MissingLayer()
+            for i in range(args.num_layers)
+        )
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps) if stage.is_last else None
 
 
 class LlamaForCausalLM(nn.Module):
     """Implements ``engine.models.base.CausalLM``; parameter names follow the HF checkpoint
     except for the fused ``qkv_proj`` and ``gate_up_proj``."""
 
-    def __init__(self, config: dict) -> None:
+    def __init__(self, config: dict, stage: PipelineStage | None = None) -> None:
         super().__init__()
         args = LlamaArgs.from_hf(config)
         self.args = args
+        self.stage = stage or PipelineStage.whole(args.num_layers)
         self.num_layers, self.num_kv_heads = args.num_layers, args.num_kv_heads
         self.head_dim, self.vocab_size = args.head_dim, args.vocab_size
-        self.model = LlamaBackbone(args)
+        self.model = LlamaBackbone(args, self.stage)
         # A tied head reads the embedding matrix at call time, so no second parameter has to
         # be kept tied through device moves.
         self.lm_head = (
             None
-            if args.tie_word_embeddings
+            if args.tie_word_embeddings or not self.stage.is_last
             else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         )
         self.rotary = RotaryEmbedding(
@@ -173,13 +179,15 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[KVCache],
         attn: AttentionMetadata,
+        hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids) if self.stage.is_first else hidden
         plan = AttentionPlan.build(attn, x.device)
         cos, sin = self.rotary(positions, x.dtype)
-        for layer, cache in zip(self.model.layers, kv_caches):
+        layers = self.model.layers[self.stage.start_layer : self.stage.end_layer]
+        for layer, cache in zip(layers, kv_caches, strict=True):
             x = layer(x, cos, sin, cache, plan)
-        return self.model.norm(x)
+        return self.model.norm(x) if self.stage.is_last else x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -188,11 +196,24 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_named_weights(self, weights, self._target)
 
+    def owns(self, name: str) -> bool:
+        """Whether this pipeline stage keeps checkpoint tensor ``name`` (the loader skips
+        reading the rest)."""
+        layer = layer_of(name)
+        if layer is not None:
+            return self.stage.owns_layer(layer)
+        if name.startswith("model.embed_tokens."):
+            return self.model.embed_tokens is not None
+        if name.startswith(("model.norm.", "lm_head.")):
+            return self.stage.is_last
+        return True
+
     def _target(self, name: str) -> WeightTarget | None:
         if "rotary_emb." in name or (name == "lm_head.weight" and self.lm_head is None):
             return None
-        attn = self.model.layers[0].self_attn
-        q, kv = attn.q_size, attn.kv_size
+        if not self.owns(name):
+            return None
+        q, kv = self.args.num_heads * self.head_dim, self.args.num_kv_heads * self.head_dim
         inter = self.args.intermediate_size
         fused = {
             "q_proj": ("qkv_proj", slice(0, q)),

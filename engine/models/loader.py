@@ -12,13 +12,14 @@ import importlib.metadata
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from engine.models.base import PipelineStage
 from engine.models.gguf_file import GGUFFile
 from engine.models.llama import LlamaForCausalLM
 from engine.models.opt import OPTForCausalLM
@@ -97,18 +98,23 @@ def load_model_info(path: str | None) -> ModelInfo:
 
 
 def load_model(
-    path: str | None, dtype: torch.dtype, device: torch.device | str
+    path: str | None, dtype: torch.dtype, device: torch.device | str,
+    stage: PipelineStage | None = None,
 ) -> tuple[nn.Module, ModelInfo]:
-    """Build the model on ``device`` in ``dtype`` and fill it from the checkpoint."""
+    """Build the model on ``device`` in ``dtype`` and fill it from the checkpoint.
+
+    With a pipeline ``stage`` only that stage's layers are built, and only the checkpoint
+    tensors it keeps are read."""
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"unsupported model dtype {dtype} (use one of {SUPPORTED_DTYPES})")
     resolved = resolve_model_path(path)
     config = load_hf_config(resolved)
     # Built on the meta device and only then given real (uninitialised) memory: random init
     # of weights about to be overwritten would cost more than reading the checkpoint.
-    model = _build(config, torch.device("meta")).to(dtype).to_empty(device=device)
+    model = _build(config, torch.device("meta"), stage).to(dtype).to_empty(device=device)
     try:
-        model.load_weights(iter_weights(resolved, config))  # type: ignore[operator]
+        keep = getattr(model, "owns", None)
+        model.load_weights(iter_weights(resolved, config, keep))  # type: ignore[operator]
     except ValueError as exc:
         raise ModelLoadError(f"{resolved}: {exc}") from exc
     model.requires_grad_(False).eval()
@@ -135,21 +141,25 @@ def load_hf_config(path: str) -> dict:
         raise ModelLoadError(f"{path}: GGUF metadata lacks {exc}") from None
 
 
-def iter_weights(path: str, config: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(
+    path: str, config: dict | None = None, keep: Callable[[str], bool] | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Checkpoint tensors under HF names, lazily (one tensor in memory at a time).
 
-    ``config`` is :func:`load_hf_config`'s result when the caller already has it.
+    ``config`` is :func:`load_hf_config`'s result when the caller already has it. ``keep``
+    (by HF name) skips tensors before they are read, e.g. other pipeline stages' layers.
     """
+    keep = keep or (lambda _name: True)
     if os.path.isdir(path):
-        return _safetensors_weights(path)
+        return _safetensors_weights(path, keep)
     gguf = _gguf_file(path)
-    return _gguf_weights(gguf, config if config is not None else _gguf_config(gguf))
+    return _gguf_weights(gguf, config if config is not None else _gguf_config(gguf), keep)
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def _build(config: dict, device: torch.device) -> nn.Module:
+def _build(config: dict, device: torch.device, stage: PipelineStage | None = None) -> nn.Module:
     model_type = config.get("model_type")
     cls = ARCHITECTURES.get(str(model_type))
     if cls is None:
@@ -159,7 +169,7 @@ def _build(config: dict, device: torch.device) -> nn.Module:
         )
     try:
         with device:
-            return cls(config)
+            return cls(config) if stage is None else cls(config, stage)
     except (KeyError, ValueError, TypeError) as exc:
         raise ModelLoadError(f"invalid {model_type} config: {exc!r}") from exc
 
@@ -197,7 +207,7 @@ def _read_json(path: str) -> dict:
         raise ModelLoadError(f"cannot read {path}: {exc}") from exc
 
 
-def _safetensors_weights(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _safetensors_weights(directory: str, keep: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
     index = os.path.join(directory, "model.safetensors.index.json")
@@ -213,7 +223,8 @@ def _safetensors_weights(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
         try:
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                    yield key, f.get_tensor(key)
+                    if keep(key):
+                        yield key, f.get_tensor(key)
         except Exception as exc:  # safetensors raises its own error types
             raise ModelLoadError(f"cannot read {file}: {exc}") from exc
 
@@ -288,7 +299,9 @@ def _gguf_config(gguf: GGUFFile) -> dict:
     return config
 
 
-def _gguf_weights(gguf: GGUFFile, config: dict) -> Iterator[tuple[str, torch.Tensor]]:
+def _gguf_weights(
+    gguf: GGUFFile, config: dict, keep: Callable[[str], bool]
+) -> Iterator[tuple[str, torch.Tensor]]:
     # llama.cpp's converter interleaves the two RoPE halves of each q/k head (for its
     # GPT-J-style rotation); Qwen2 GGUFs are stored unpermuted.
     permuted = gguf.get("general.architecture") == "llama"
@@ -296,6 +309,8 @@ def _gguf_weights(gguf: GGUFFile, config: dict) -> Iterator[tuple[str, torch.Ten
         if info.name == _ROPE_FREQS:
             continue  # already folded into the config's rope scaling
         name = _gguf_to_hf_name(info.name)
+        if not keep(name):
+            continue
         try:
             weights = gguf.read(info)
         except (ValueError, NotImplementedError) as exc:

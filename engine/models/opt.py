@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.base import AttentionMetadata, KVCache
+from engine.models.base import AttentionMetadata, KVCache, MissingLayer, PipelineStage, layer_of
 from engine.models.layers import AttentionPlan, WeightTarget, load_named_weights, paged_attention
 
 # OPT's position table has two extra leading rows (a fairseq padding convention).
@@ -97,17 +97,24 @@ class OPTDecoderLayer(nn.Module):
 
 
 class OPTDecoder(nn.Module):
-    def __init__(self, args: OPTArgs) -> None:
+    def __init__(self, args: OPTArgs, stage: PipelineStage) -> None:
         super().__init__()
         hidden, proj = args.hidden_size, args.word_embed_proj_dim
-        self.embed_tokens = nn.Embedding(args.vocab_size, proj)
-        self.embed_positions = nn.Embedding(args.max_position_embeddings + POSITION_OFFSET, hidden)
-        self.project_in = nn.Linear(proj, hidden, bias=False) if proj != hidden else None
-        self.project_out = nn.Linear(hidden, proj, bias=False) if proj != hidden else None
-        self.layers = nn.ModuleList(OPTDecoderLayer(args) for _ in range(args.num_layers))
+        first, last = stage.is_first, stage.is_last
+        # The head is tied to the token embedding: the last stage holds it too.
+        self.embed_tokens = nn.Embedding(args.vocab_size, proj) if first or last else None
+        self.embed_positions = (
+            nn.Embedding(args.max_position_embeddings + POSITION_OFFSET, hidden) if first else None
+        )
+        self.project_in = nn.Linear(proj, hidden, bias=False) if proj != hidden and first else None
+        self.project_out = nn.Linear(hidden, proj, bias=False) if proj != hidden and last else None
+        self.layers = nn.ModuleList(
+            OPTDecoderLayer(args) if stage.owns_layer(i) else MissingLayer()
+            for i in range(args.num_layers)
+        )
         self.final_layer_norm = (
             nn.LayerNorm((hidden,), elementwise_affine=args.elementwise_affine)
-            if args.final_layer_norm
+            if args.final_layer_norm and last
             else None
         )
 
@@ -115,23 +122,24 @@ class OPTDecoder(nn.Module):
 class OPTModel(nn.Module):
     """Only a holder, so parameter names carry HF's ``model.decoder.`` prefix."""
 
-    def __init__(self, args: OPTArgs) -> None:
+    def __init__(self, args: OPTArgs, stage: PipelineStage) -> None:
         super().__init__()
-        self.decoder = OPTDecoder(args)
+        self.decoder = OPTDecoder(args, stage)
 
 
 class OPTForCausalLM(nn.Module):
     """Implements ``engine.models.base.CausalLM``; parameter names follow the HF checkpoint
     except for the fused ``qkv_proj``."""
 
-    def __init__(self, config: dict) -> None:
+    def __init__(self, config: dict, stage: PipelineStage | None = None) -> None:
         super().__init__()
         args = OPTArgs.from_hf(config)
         self.args = args
+        self.stage = stage or PipelineStage.whole(args.num_layers)
         self.num_layers, self.num_kv_heads = args.num_layers, args.num_heads
         self.head_dim = args.hidden_size // args.num_heads
         self.vocab_size = args.vocab_size
-        self.model = OPTModel(args)
+        self.model = OPTModel(args, self.stage)
 
     def forward(
         self,
@@ -139,15 +147,21 @@ class OPTForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[KVCache],
         attn: AttentionMetadata,
+        hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        dec = self.model.decoder
-        x = dec.embed_tokens(input_ids)
-        if dec.project_in is not None:
-            x = dec.project_in(x)
-        x = x + dec.embed_positions(positions + POSITION_OFFSET)
+        dec, stage = self.model.decoder, self.stage
+        if stage.is_first:
+            x = dec.embed_tokens(input_ids)
+            if dec.project_in is not None:
+                x = dec.project_in(x)
+            x = x + dec.embed_positions(positions + POSITION_OFFSET)
+        else:
+            x = hidden
         plan = AttentionPlan.build(attn, x.device)
-        for layer, cache in zip(dec.layers, kv_caches):
+        for layer, cache in zip(dec.layers[stage.start_layer : stage.end_layer], kv_caches, strict=True):
             x = layer(x, cache, plan)
+        if not stage.is_last:
+            return x
         if dec.final_layer_norm is not None:
             x = dec.final_layer_norm(x)
         return x if dec.project_out is None else dec.project_out(x)
@@ -158,11 +172,27 @@ class OPTForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_named_weights(self, weights, self._target)
 
+    def owns(self, name: str) -> bool:
+        """Whether this pipeline stage keeps checkpoint tensor ``name``."""
+        layer = layer_of(name)
+        if layer is not None:
+            return self.stage.owns_layer(layer)
+        leaf = name.removeprefix("model.").removeprefix("decoder.")
+        if leaf.startswith("embed_tokens."):
+            return self.stage.is_first or self.stage.is_last
+        if leaf.startswith(("embed_positions.", "project_in.")):
+            return self.stage.is_first
+        if leaf.startswith(("final_layer_norm.", "project_out.")):
+            return self.stage.is_last
+        return True
+
     def _target(self, name: str) -> WeightTarget | None:
         if name == "lm_head.weight":  # always tied to embed_tokens
             return None
         if name.startswith("decoder."):  # early OPT checkpoints have no "model." prefix
             name = "model." + name
+        if not self.owns(name):
+            return None
         parts = name.split(".")
         if len(parts) >= 2 and parts[-2] in ("q_proj", "k_proj", "v_proj"):
             size = self.args.hidden_size
