@@ -59,7 +59,8 @@ class Engine:
         policy = create_scheduling_policy(config.scheduler.policy, dict(config.scheduler.policy_options))
         swap_policy = create_swap_policy(config.scheduler.swap_policy, dict(config.scheduler.swap_policy_options))
         self.config = config
-        self._executor = WorkerExecutor(config.parallel.step_timeout_s, config.parallel.startup_timeout_s)
+        self._executor = WorkerExecutor(config.parallel.step_timeout_s, config.parallel.startup_timeout_s,
+                                        config.parallel)
         init = {
             "version": PROTOCOL_VERSION,
             "model": {**config_to_dict(config.model), "path": path},

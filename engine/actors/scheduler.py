@@ -112,7 +112,8 @@ class SchedulerActor(Actor):
                 await asyncio.sleep(0.001)
             return
         try:
-            reply = await self.executor.call("step", **_fields(plan_to_message(plan, 0)))
+            reply = await self.executor.call(
+                "step", **_fields(plan_to_message(plan, 0, with_feed=self.executor.world_size > 1)))
         except (WorkerDiedError, WorkerError) as e:
             self._die(e)
             return

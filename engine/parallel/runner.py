@@ -2,7 +2,9 @@
 
 The runner keeps each job's token history and block table, so a plan carries only what
 changed. A decode step of a job is just ``(id, start, 1)``: the token it feeds is the one
-this runner sampled for it last step.
+this runner sampled for it last step. Under pipeline or tensor parallelism only the driver
+rank samples, so a plan also carries the output tokens each sequence feeds (``feed``), and
+``dist`` routes the forward through this rank's stage (see ``engine.parallel.distributed``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from engine.memory.kv_cache import AsyncBlockCopier, KVCachePool, copy_blocks
 from engine.models.base import AttentionMetadata
+from engine.parallel.distributed import Distributed, stage_forward
 from engine.sampling import Sampler
 
 
@@ -42,6 +45,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.jobs: dict[str, _JobState] = {}
         self.copier = AsyncBlockCopier(device)
+        self.dist: Distributed | None = None  # set by a worker that is one rank of several
 
     def step(self, msg: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -101,13 +105,15 @@ class ModelRunner:
         sample_rows: list[int] = []
         sample_ids: list[str] = []
         bs = self.block_size
-        for jid, start, n, blocks, reset, sample in seqs:
+        for jid, start, n, blocks, reset, sample, *feed in seqs:
             job = self.jobs[jid]
             if reset:
                 job.table = list(blocks)
             else:
                 job.table.extend(blocks)
             end = start + n
+            if feed and len(feed[0]):  # output tokens another rank sampled
+                job.tokens[end - len(feed[0]) : end] = [int(t) for t in feed[0]]
             if end > len(job.tokens):
                 raise RuntimeError(f"job {jid}: plan feeds up to {end}, worker has {len(job.tokens)} tokens")
             input_ids.extend(job.tokens[start:end])
@@ -132,15 +138,17 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             block_size=bs,
         )
-        hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            torch.tensor(positions, dtype=torch.int64, device=dev),
-            self.gpu_pool.caches,
-            attn,
-        )
-        if not sample_ids:
+        ids_t = torch.tensor(input_ids, dtype=torch.int64, device=dev)
+        pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
+        if self.dist is None:
+            hidden = self.model(ids_t, pos_t, self.gpu_pool.caches, attn)
+        else:
+            hidden = stage_forward(self.dist, self.model, ids_t, pos_t, self.gpu_pool.caches, attn)
+        if not sample_ids or hidden is None:
             return [], [], []
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
+        if self.dist is not None and not self.dist.layout.is_driver:
+            return [], [], []  # computed the logits for the TP collective; the driver samples
         result = self.sampler.sample(logits.float(), sample_ids)
         for jid, tok in zip(sample_ids, result.token_ids):
             self.jobs[jid].tokens.append(int(tok))
