@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from engine.models.gguf_file import GGUFFile
+from engine.models.linear import SINGLE_DEVICE, TPInfo
 from engine.models.llama import LlamaForCausalLM
 from engine.models.opt import OPTForCausalLM
 
@@ -97,16 +98,21 @@ def load_model_info(path: str | None) -> ModelInfo:
 
 
 def load_model(
-    path: str | None, dtype: torch.dtype, device: torch.device | str
+    path: str | None,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    tp: TPInfo = SINGLE_DEVICE,
 ) -> tuple[nn.Module, ModelInfo]:
-    """Build the model on ``device`` in ``dtype`` and fill it from the checkpoint."""
+    """Build the model on ``device`` in ``dtype`` and fill it from the checkpoint; with
+    ``tp`` of size > 1, only this rank's shards (then ``num_kv_heads``, of the model and of
+    the ``ModelInfo``, counts the KV heads this rank caches)."""
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"unsupported model dtype {dtype} (use one of {SUPPORTED_DTYPES})")
     resolved = resolve_model_path(path)
     config = load_hf_config(resolved)
     # Built on the meta device and only then given real (uninitialised) memory: random init
     # of weights about to be overwritten would cost more than reading the checkpoint.
-    model = _build(config, torch.device("meta")).to(dtype).to_empty(device=device)
+    model = _build(config, torch.device("meta"), tp).to(dtype).to_empty(device=device)
     try:
         model.load_weights(iter_weights(resolved, config))  # type: ignore[operator]
     except ValueError as exc:
@@ -149,7 +155,7 @@ def iter_weights(path: str, config: dict | None = None) -> Iterator[tuple[str, t
 # --------------------------------------------------------------------------- helpers
 
 
-def _build(config: dict, device: torch.device) -> nn.Module:
+def _build(config: dict, device: torch.device, tp: TPInfo = SINGLE_DEVICE) -> nn.Module:
     model_type = config.get("model_type")
     cls = ARCHITECTURES.get(str(model_type))
     if cls is None:
@@ -159,7 +165,7 @@ def _build(config: dict, device: torch.device) -> nn.Module:
         )
     try:
         with device:
-            return cls(config)
+            return cls(config, tp)  # type: ignore[call-arg]
     except (KeyError, ValueError, TypeError) as exc:
         raise ModelLoadError(f"invalid {model_type} config: {exc!r}") from exc
 
