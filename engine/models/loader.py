@@ -21,6 +21,7 @@ from torch import nn
 
 from engine.models.base import PipelineStage
 from engine.models.gguf_file import GGUFFile
+from engine.models.linear import SINGLE_DEVICE, TPInfo
 from engine.models.llama import LlamaForCausalLM
 from engine.models.opt import OPTForCausalLM
 
@@ -98,20 +99,23 @@ def load_model_info(path: str | None) -> ModelInfo:
 
 
 def load_model(
-    path: str | None, dtype: torch.dtype, device: torch.device | str,
+    path: str | None,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    tp: TPInfo = SINGLE_DEVICE,
     stage: PipelineStage | None = None,
 ) -> tuple[nn.Module, ModelInfo]:
-    """Build the model on ``device`` in ``dtype`` and fill it from the checkpoint.
-
-    With a pipeline ``stage`` only that stage's layers are built, and only the checkpoint
-    tensors it keeps are read."""
+    """Build the model on ``device`` in ``dtype`` and fill it from the checkpoint; with
+    ``tp`` of size > 1, only this rank's shards (then ``num_kv_heads``, of the model and of
+    the ``ModelInfo``, counts the KV heads this rank caches). With a pipeline ``stage`` only
+    that stage's layers are built, and only the checkpoint tensors it keeps are read."""
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"unsupported model dtype {dtype} (use one of {SUPPORTED_DTYPES})")
     resolved = resolve_model_path(path)
     config = load_hf_config(resolved)
     # Built on the meta device and only then given real (uninitialised) memory: random init
     # of weights about to be overwritten would cost more than reading the checkpoint.
-    model = _build(config, torch.device("meta"), stage).to(dtype).to_empty(device=device)
+    model = _build(config, torch.device("meta"), tp, stage).to(dtype).to_empty(device=device)
     try:
         keep = getattr(model, "owns", None)
         model.load_weights(iter_weights(resolved, config, keep))  # type: ignore[operator]
@@ -159,7 +163,9 @@ def iter_weights(
 # --------------------------------------------------------------------------- helpers
 
 
-def _build(config: dict, device: torch.device, stage: PipelineStage | None = None) -> nn.Module:
+def _build(
+    config: dict, device: torch.device, tp: TPInfo = SINGLE_DEVICE, stage: PipelineStage | None = None
+) -> nn.Module:
     model_type = config.get("model_type")
     cls = ARCHITECTURES.get(str(model_type))
     if cls is None:
@@ -169,7 +175,7 @@ def _build(config: dict, device: torch.device, stage: PipelineStage | None = Non
         )
     try:
         with device:
-            return cls(config) if stage is None else cls(config, stage)
+            return cls(config, tp, stage=stage)  # type: ignore[call-arg]
     except (KeyError, ValueError, TypeError) as exc:
         raise ModelLoadError(f"invalid {model_type} config: {exc!r}") from exc
 

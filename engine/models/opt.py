@@ -12,7 +12,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.models.base import AttentionMetadata, KVCache, MissingLayer, PipelineStage, layer_of
-from engine.models.layers import AttentionPlan, WeightTarget, load_named_weights, paged_attention
+from engine.models.layers import AttentionPlan, paged_attention
+from engine.models.linear import (
+    SINGLE_DEVICE,
+    ColumnParallelLinear,
+    LinearMethodFor,
+    ParallelLMHead,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+    TPInfo,
+    VocabParallelEmbedding,
+    WeightTarget,
+    load_named_weights,
+    no_quant,
+)
 
 # OPT's position table has two extra leading rows (a fairseq padding convention).
 POSITION_OFFSET = 2
@@ -59,12 +73,15 @@ class OPTArgs:
 
 
 class OPTAttention(nn.Module):
-    def __init__(self, args: OPTArgs) -> None:
+    def __init__(self, args: OPTArgs, tp: TPInfo, quant: LinearMethodFor, prefix: str) -> None:
         super().__init__()
-        self.num_heads = args.num_heads
         self.head_dim = args.hidden_size // args.num_heads
-        self.qkv_proj = nn.Linear(args.hidden_size, 3 * args.hidden_size, bias=args.bias)
-        self.out_proj = nn.Linear(args.hidden_size, args.hidden_size, bias=args.bias)
+        heads, hidden = args.num_heads, args.hidden_size
+        self.qkv_proj = QKVParallelLinear(
+            hidden, self.head_dim, heads, heads, args.bias, tp, quant(f"{prefix}qkv_proj")
+        )
+        self.num_heads = self.qkv_proj.num_heads  # this rank's
+        self.out_proj = RowParallelLinear(hidden, hidden, args.bias, tp, quant(f"{prefix}out_proj"))
         self.scale = self.head_dim**-0.5
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache, plan: AttentionPlan) -> torch.Tensor:
@@ -75,15 +92,19 @@ class OPTAttention(nn.Module):
 
 
 class OPTDecoderLayer(nn.Module):
-    def __init__(self, args: OPTArgs) -> None:
+    def __init__(self, args: OPTArgs, tp: TPInfo, quant: LinearMethodFor, prefix: str) -> None:
         super().__init__()
         self.pre_norm = args.do_layer_norm_before
         self.activation = _ACTIVATIONS[args.activation]
-        self.self_attn = OPTAttention(args)
+        self.self_attn = OPTAttention(args, tp, quant, f"{prefix}self_attn.")
         norm = (args.hidden_size,)
         self.self_attn_layer_norm = nn.LayerNorm(norm, elementwise_affine=args.elementwise_affine)
-        self.fc1 = nn.Linear(args.hidden_size, args.ffn_dim, bias=args.bias)
-        self.fc2 = nn.Linear(args.ffn_dim, args.hidden_size, bias=args.bias)
+        self.fc1 = ColumnParallelLinear(
+            args.hidden_size, args.ffn_dim, args.bias, tp, quant(f"{prefix}fc1")
+        )
+        self.fc2 = RowParallelLinear(
+            args.ffn_dim, args.hidden_size, args.bias, tp, quant(f"{prefix}fc2")
+        )
         self.final_layer_norm = nn.LayerNorm(norm, elementwise_affine=args.elementwise_affine)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache, plan: AttentionPlan) -> torch.Tensor:
@@ -97,19 +118,29 @@ class OPTDecoderLayer(nn.Module):
 
 
 class OPTDecoder(nn.Module):
-    def __init__(self, args: OPTArgs, stage: PipelineStage) -> None:
+    def __init__(self, args: OPTArgs, tp: TPInfo, quant: LinearMethodFor, stage: PipelineStage) -> None:
         super().__init__()
         hidden, proj = args.hidden_size, args.word_embed_proj_dim
         first, last = stage.is_first, stage.is_last
         # The head is tied to the token embedding: the last stage holds it too.
-        self.embed_tokens = nn.Embedding(args.vocab_size, proj) if first or last else None
+        self.embed_tokens = VocabParallelEmbedding(args.vocab_size, proj, tp) if first or last else None
         self.embed_positions = (
             nn.Embedding(args.max_position_embeddings + POSITION_OFFSET, hidden) if first else None
         )
-        self.project_in = nn.Linear(proj, hidden, bias=False) if proj != hidden and first else None
-        self.project_out = nn.Linear(hidden, proj, bias=False) if proj != hidden and last else None
+        # Small square-ish projections, used once per step: replicated, not split.
+        self.project_in = (
+            ReplicatedLinear(proj, hidden, False, tp, quant("model.decoder.project_in"))
+            if proj != hidden and first
+            else None
+        )
+        self.project_out = (
+            ReplicatedLinear(hidden, proj, False, tp, quant("model.decoder.project_out"))
+            if proj != hidden and last
+            else None
+        )
         self.layers = nn.ModuleList(
-            OPTDecoderLayer(args) if stage.owns_layer(i) else MissingLayer()
+            OPTDecoderLayer(args, tp, quant, f"model.decoder.layers.{i}.") if stage.owns_layer(i)
+            else MissingLayer()
             for i in range(args.num_layers)
         )
         self.final_layer_norm = (
@@ -122,24 +153,36 @@ class OPTDecoder(nn.Module):
 class OPTModel(nn.Module):
     """Only a holder, so parameter names carry HF's ``model.decoder.`` prefix."""
 
-    def __init__(self, args: OPTArgs, stage: PipelineStage) -> None:
+    def __init__(self, args: OPTArgs, tp: TPInfo, quant: LinearMethodFor, stage: PipelineStage) -> None:
         super().__init__()
-        self.decoder = OPTDecoder(args, stage)
+        self.decoder = OPTDecoder(args, tp, quant, stage)
 
 
 class OPTForCausalLM(nn.Module):
     """Implements ``engine.models.base.CausalLM``; parameter names follow the HF checkpoint
     except for the fused ``qkv_proj``."""
 
-    def __init__(self, config: dict, stage: PipelineStage | None = None) -> None:
+    def __init__(
+        self,
+        config: dict,
+        tp: TPInfo = SINGLE_DEVICE,
+        quant: LinearMethodFor | None = None,
+        stage: PipelineStage | None = None,
+    ) -> None:
         super().__init__()
         args = OPTArgs.from_hf(config)
         self.args = args
         self.stage = stage or PipelineStage.whole(args.num_layers)
-        self.num_layers, self.num_kv_heads = args.num_layers, args.num_heads
+        self.model = OPTModel(args, tp, quant or no_quant, self.stage)
+        self.num_layers = args.num_layers
+        self.num_kv_heads = args.num_heads // tp.size  # this rank's (all heads are KV heads)
         self.head_dim = args.hidden_size // args.num_heads
         self.vocab_size = args.vocab_size
-        self.model = OPTModel(args, self.stage)
+        self.lm_head = (
+            ParallelLMHead(args.vocab_size, args.word_embed_proj_dim, tp, tied=self.model.decoder.embed_tokens)
+            if self.stage.is_last
+            else None
+        )
 
     def forward(
         self,
@@ -167,7 +210,7 @@ class OPTForCausalLM(nn.Module):
         return x if dec.project_out is None else dec.project_out(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.model.decoder.embed_tokens.weight).float()
+        return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_named_weights(self, weights, self._target)
@@ -195,8 +238,5 @@ class OPTForCausalLM(nn.Module):
             return None
         parts = name.split(".")
         if len(parts) >= 2 and parts[-2] in ("q_proj", "k_proj", "v_proj"):
-            size = self.args.hidden_size
-            index = ("q_proj", "k_proj", "v_proj").index(parts[-2])
-            rows = slice(index * size, (index + 1) * size)
-            return ".".join([*parts[:-2], "qkv_proj", parts[-1]]), rows
+            return ".".join([*parts[:-2], "qkv_proj", parts[-1]]), parts[-2][0]
         return name, None

@@ -66,6 +66,7 @@ class Worker:
 
         from engine.memory.kv_cache import block_bytes
         from engine.models.base import PipelineStage
+        from engine.models.linear import SINGLE_DEVICE, TPInfo
         from engine.models.loader import load_hf_config, load_model, resolve_model_path
         from engine.parallel.distributed import Distributed, RankLayout
 
@@ -90,7 +91,10 @@ class Worker:
             self.dist = Distributed(layout, device, pcfg.get("dist_backend", "auto"), dist_cfg["host"],
                                     int(dist_cfg["port"]), float(pcfg.get("step_timeout_s", 120.0)))
             self.dist.dtype = dtype
-        model, info = load_model(mcfg.get("path"), dtype, device, stage)
+        tp = SINGLE_DEVICE
+        if layout.tp_size > 1:
+            tp = TPInfo(layout.tp_rank, layout.tp_size, self.dist.tp_group)
+        model, info = load_model(mcfg.get("path"), dtype, device, tp, stage=stage)
         model.eval()
         self._model, self._device, self._dtype = model, device, dtype
         bs = int(ccfg["block_size"])

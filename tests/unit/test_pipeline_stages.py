@@ -56,8 +56,8 @@ def test_chained_stages_give_the_whole_models_logits(model_dir, num_stages):
     want = whole.compute_logits(_run(whole, _pool(whole), tokens))
     hidden = None
     for i in range(num_stages):
-        stage_model, _ = load_model(model_dir, torch.float32, "cpu", PipelineStage.split(
-            config["num_hidden_layers"], num_stages, i))
+        stage = PipelineStage.split(config["num_hidden_layers"], num_stages, i)
+        stage_model, _ = load_model(model_dir, torch.float32, "cpu", stage=stage)
         hidden = _run(stage_model, _pool(stage_model), tokens, hidden)
     got = stage_model.compute_logits(hidden)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -66,7 +66,7 @@ def test_chained_stages_give_the_whole_models_logits(model_dir, num_stages):
 def test_a_stage_holds_and_reads_only_its_own_tensors(model_dir):
     config = load_hf_config(model_dir)
     stage = PipelineStage.split(config["num_hidden_layers"], 2, 1)
-    model, _ = load_model(model_dir, torch.float32, "cpu", stage)
+    model, _ = load_model(model_dir, torch.float32, "cpu", stage=stage)
     read = [name for name, _ in iter_weights(model_dir, config, model.owns)]
     for names in (read, [n for n, _ in model.named_parameters()]):
         layers = {int(n.split("layers.")[1].split(".")[0]) for n in names if "layers." in n}
