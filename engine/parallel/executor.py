@@ -148,8 +148,15 @@ class WorkerExecutor:
         return ready
 
     async def submit(self, kind: str, timeout: float | None = None, **fields: Any) -> Awaitable[dict[str, Any]]:
-        """Send a command to every rank now; the returned awaitable gives its answer (the
-        driver's for steps and profiles, else a map rank -> reply via :meth:`call_all`)."""
+        """Send a command to every rank now; the returned awaitable gives the driver's reply
+        once every rank that answers ``kind`` has answered."""
+        call_id = await self._send(kind, timeout, fields)
+        return self._driver_reply(call_id)
+
+    async def _driver_reply(self, call_id: int) -> dict[str, Any]:
+        return (await self._wait(call_id))[self.driver]
+
+    async def _send(self, kind: str, timeout: float | None, fields: dict[str, Any]) -> int:
         if self._dead is not None:
             raise WorkerDiedError(self._dead)
         call_id = next(self._calls)
@@ -164,7 +171,7 @@ class WorkerExecutor:
                     await self._sock.send_multipart([rank_identity(rank), *frames], copy=False)
         except zmq.ZMQError as e:
             self._fail_all(f"cannot send {kind!r} to a worker: {e}")
-        return self._wait(call_id)
+        return call_id
 
     async def _wait(self, call_id: int) -> dict[int, dict]:
         call = self._pending.get(call_id)
@@ -176,12 +183,12 @@ class WorkerExecutor:
             self._pending.pop(call_id, None)
 
     async def call_all(self, kind: str, timeout: float | None = None, **fields: Any) -> dict[int, dict]:
-        return await (await self.submit(kind, timeout=timeout, **fields))
+        """One command, every rank; every answer by rank (only the driver's for steps)."""
+        return await self._wait(await self._send(kind, timeout, fields))
 
     async def call(self, kind: str, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
         """One command, every rank; the driver's reply."""
-        replies = await self.call_all(kind, timeout=timeout, **fields)
-        return replies[self.driver]
+        return await (await self.submit(kind, timeout=timeout, **fields))
 
     async def _read_loop(self) -> None:
         while self._dead is None:
