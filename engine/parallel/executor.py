@@ -256,10 +256,10 @@ class WorkerExecutor:
             # Ranks still alive after a failure may be stuck in a collective: say goodbye
             # without waiting, and kill what does not leave promptly.
             timeout = min(timeout, 2.0)
+            bye = encode({"kind": "shutdown", "call": 0})
             for rank in range(self.world_size):
-                with contextlib.suppress(zmq.ZMQError):
-                    self._sock.send_multipart([rank_identity(rank), *encode({"kind": "shutdown", "call": 0})],
-                                              flags=zmq.NOBLOCK)
+                with contextlib.suppress(zmq.ZMQError, asyncio.TimeoutError):
+                    await asyncio.wait_for(self._sock.send_multipart([rank_identity(rank), *bye]), 0.2)
         if self._dead is None:
             self._dead = "executor shut down"
         self._fail_all(self._dead)
