@@ -43,6 +43,13 @@ def _option(text: str) -> tuple[str, object]:
         return key.strip(), value
 
 
+def _ranks(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(r) for r in text.split(",") if r.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ranks, got {text!r}") from None
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     d = EngineConfig()
     g = p.add_argument_group("model")
@@ -72,7 +79,21 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=d.scheduler.max_num_seqs, help="batch-size cap")
     g.add_argument("--max-num-batched-tokens", type=int, default=d.scheduler.max_num_batched_tokens,
                    help="token budget per iteration")
-    g.add_argument("--torch-threads", type=int, default=None, help="torch threads in the worker")
+    g = p.add_argument_group("parallelism (see docs/distributed.md)")
+    g.add_argument("--torch-threads", type=int, default=None,
+                   help="torch threads per worker rank (default: an equal share of the cores)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.parallel.tensor_parallel_size,
+                   help="ranks per pipeline stage, each holding a slice of every layer")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=d.parallel.pipeline_parallel_size,
+                   help="pipeline stages, each holding a contiguous range of layers")
+    g.add_argument("--engine-address", default=None,
+                   help="control socket to bind, e.g. tcp://0.0.0.0:5555, for workers on other hosts "
+                        "(default: a local ipc:// path)")
+    g.add_argument("--remote-ranks", default="", type=_ranks,
+                   help="comma-separated ranks started elsewhere with `fastserve worker` (e.g. 2,3)")
+    g.add_argument("--dist-host", default=d.parallel.dist_host,
+                   help="address of rank 0's torch.distributed store, reachable from every rank")
+    g.add_argument("--dist-port", type=int, default=d.parallel.dist_port, help="its port (0: a free one)")
     p.add_argument("--log-level", default="WARNING")
 
 
@@ -96,7 +117,15 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             policy_options=tuple(args.policy_option),
             swap_policy_options=tuple(args.swap_policy_option),
         ),
-        parallel=ParallelConfig(torch_threads=args.torch_threads),
+        parallel=ParallelConfig(
+            torch_threads=args.torch_threads,
+            tensor_parallel_size=args.tensor_parallel_size,
+            pipeline_parallel_size=args.pipeline_parallel_size,
+            engine_address=args.engine_address,
+            remote_ranks=args.remote_ranks,
+            dist_host=args.dist_host,
+            dist_port=args.dist_port,
+        ),
         server=_server_config(args),
     )
 
@@ -266,6 +295,12 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if args_in[:1] == ["worker"]:
+        # The worker parses its own flags (argparse's REMAINDER would not pass on leading ones).
+        from engine.parallel.worker import main as worker_main
+
+        return worker_main(args_in[1:])
     parser = argparse.ArgumentParser(prog="fastserve", description="FastServe LLM inference server.")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -83,6 +83,9 @@ class ParallelConfig:
     remote_ranks: tuple[int, ...] = ()
     # "auto": NCCL on CUDA, gloo on CPU.
     dist_backend: str = "auto"
+    # Seconds between the engine's pings to remote ranks when it sends nothing else; a remote
+    # worker exits after its --idle-exit without any message (its engine is gone).
+    heartbeat_s: float = 5.0
 
     @property
     def world_size(self) -> int:

@@ -96,6 +96,7 @@ class WorkerExecutor:
         self._procs: dict[int, subprocess.Popen] = {}
         self._reader: asyncio.Task | None = None
         self._dead: str | None = None
+        self._last_send = time.monotonic()
 
     @property
     def alive(self) -> bool:
@@ -169,6 +170,7 @@ class WorkerExecutor:
             async with self._send_lock:  # whole commands, one after another, to every rank
                 for rank in range(self.world_size):
                     await self._sock.send_multipart([rank_identity(rank), *frames], copy=False)
+                self._last_send = time.monotonic()
         except zmq.ZMQError as e:
             self._fail_all(f"cannot send {kind!r} to a worker: {e}")
         return call_id
@@ -206,11 +208,23 @@ class WorkerExecutor:
                     self._fail_all(f"worker rank {rank} exited with code {proc.returncode}")
                     return
             now = time.monotonic()
+            if self.parallel.remote_ranks and self._all_hello is not None and self._all_hello.is_set() \
+                    and now - self._last_send > self.parallel.heartbeat_s:
+                await self._ping()
             for call in self._pending.values():
                 if now > call.deadline and not call.future.done():
                     missing = sorted(call.expect - set(call.replies))
                     self._fail_all(f"worker ranks {missing} did not answer {call.kind!r} in time")
                     return
+
+    async def _ping(self) -> None:
+        """Tell remote ranks the engine is alive (they exit after a silence of --idle-exit)."""
+        ping = encode({"kind": "ping", "call": 0})
+        async with self._send_lock:
+            for rank in self.parallel.remote_ranks:
+                with contextlib.suppress(zmq.ZMQError):
+                    await self._sock.send_multipart([rank_identity(rank), *ping])
+            self._last_send = time.monotonic()
 
     def _on_message(self, msg: dict) -> None:
         rank = msg.get("rank")

@@ -46,6 +46,8 @@ class Worker:
             return reply if self.replies_to_steps else None
         if kind == "init":
             return self.init(msg)
+        if kind == "ping":  # the engine's heartbeat to remote ranks: nothing to answer
+            return None
         if kind == "resize_cache":
             return self.allocate(int(msg["num_gpu_blocks"]), int(msg["num_host_blocks"]))
         if kind == "health":
@@ -224,12 +226,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="the engine's control address (engine binds, workers connect), e.g. tcp://HOST:PORT")
     p.add_argument("--rank", type=int, default=0, help="this worker's rank (stage * tp + tp rank)")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is no longer our parent")
-    p.add_argument("--idle-exit", type=float, default=None, help="exit after this many seconds without a command")
+    p.add_argument("--idle-exit", type=float, default=None,
+                   help="exit after this many seconds without a message from the engine (default: 60 "
+                        "without --parent-pid; the engine pings remote ranks every few seconds)")
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s worker[rank {args.rank} pid %(process)d] %(levelname)s %(message)s")
-    return serve(args.engine, args.rank, args.parent_pid, args.idle_exit)
+    idle_exit = args.idle_exit if args.idle_exit is not None or args.parent_pid else 60.0
+    return serve(args.engine, args.rank, args.parent_pid, idle_exit)
 
 
 if __name__ == "__main__":

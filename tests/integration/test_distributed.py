@@ -12,6 +12,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -153,3 +156,43 @@ async def test_killing_a_rank_mid_stream_fails_every_stream_fast_and_reaps_all(m
     finally:
         await engine.shutdown()
     assert all(_gone(pid) for pid in pids.values()), pids
+
+
+# ------------------------------------------------------------------ multi-node path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_fastserve_worker_processes_joining_over_tcp_give_the_same_tokens(models):
+    """The two-node recipe of docs/distributed.md on one host: the engine starts no worker
+    itself; each rank is a `fastserve worker --engine tcp://... --rank R` process."""
+    path, reference = models["llama"]
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "engine.cli", "worker", "--engine", address, "--rank", str(rank)],
+                         stdin=subprocess.DEVNULL)
+        for rank in (0, 1)
+    ]
+    try:
+        cfg = tiny_engine_config(path).replace(parallel=ParallelConfig(
+            tensor_parallel_size=1, pipeline_parallel_size=2, torch_threads=1, engine_address=address,
+            remote_ranks=(0, 1), startup_timeout_s=120.0, step_timeout_s=60.0))
+        engine = await Engine.create(cfg)
+        try:
+            assert engine._executor.pids == {0: workers[0].pid, 1: workers[1].pid}
+            got = await asyncio.wait_for(asyncio.gather(*(collect(engine, p, GREEDY) for p in PROMPTS[:4])), 120)
+            assert [ids for ids, _, _ in got] == reference[:4]
+        finally:
+            await engine.shutdown()
+        loop = asyncio.get_running_loop()
+        codes = [await loop.run_in_executor(None, w.wait, 20) for w in workers]
+        assert codes == [0, 0]  # both left on the engine's shutdown
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+                w.wait(5)
