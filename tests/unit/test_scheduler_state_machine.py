@@ -16,6 +16,8 @@ an in-flight job keeps every block its batch uses.
 
 from __future__ import annotations
 
+from collections import deque
+
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -30,8 +32,6 @@ from hypothesis.stateful import (
 
 from engine.memory.block_manager import Residency
 from engine.request import FinishReason, Job
-from collections import deque
-
 from engine.scheduler import AdmissionError, StepPlan
 
 from .fakes import EOS, VirtualClock, fake_tokens, make_job, make_scheduler
