@@ -167,16 +167,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start_worker(address: str, rank: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "engine.cli", "worker", "--engine", address, "--rank", str(rank)],
+                            stdin=subprocess.DEVNULL)
+
+
 async def test_fastserve_worker_processes_joining_over_tcp_give_the_same_tokens(models):
     """The two-node recipe of docs/distributed.md on one host: the engine starts no worker
     itself; each rank is a `fastserve worker --engine tcp://... --rank R` process."""
     path, reference = models["llama"]
     address = f"tcp://127.0.0.1:{_free_port()}"
-    workers = [
-        subprocess.Popen([sys.executable, "-m", "engine.cli", "worker", "--engine", address, "--rank", str(rank)],
-                         stdin=subprocess.DEVNULL)  # noqa: ASYNC220 -- fork+exec, no wait
-        for rank in (0, 1)
-    ]
+    workers = [_start_worker(address, rank) for rank in (0, 1)]
     try:
         cfg = tiny_engine_config(path).replace(parallel=ParallelConfig(
             tensor_parallel_size=1, pipeline_parallel_size=2, torch_threads=1, engine_address=address,
