@@ -89,8 +89,8 @@ class Engine:
         eos = frozenset(info.eos_token_ids) | self.tokenizer.eos_token_ids
         blocks = BlockManager(ready["num_gpu_blocks"], ready["num_host_blocks"], config.cache.block_size)
         # One batch in flight per pipeline stage.
-        core = Scheduler(config.scheduler, policy, swap_policy, blocks,
-                         pipeline_depth=config.parallel.pipeline_parallel_size)
+        depth = config.parallel.max_batches_in_flight or config.parallel.pipeline_parallel_size
+        core = Scheduler(config.scheduler, policy, swap_policy, blocks, pipeline_depth=depth)
         self._scheduler = SchedulerActor(core, self._executor, emit=self._emit, fail=self._fail)
         self._memory = MemoryManagerActor(blocks.num_gpu_blocks, blocks.num_host_blocks,
                                           ready["block_bytes"], self._scheduler)

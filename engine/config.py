@@ -86,6 +86,9 @@ class ParallelConfig:
     # Seconds between the engine's pings to remote ranks when it sends nothing else; a remote
     # worker exits after its --idle-exit without any message (its engine is gone).
     heartbeat_s: float = 5.0
+    # Batches the scheduler keeps in flight; None: one per pipeline stage (1 shows the bubble
+    # of a pipeline without streaming, as benchmarks/parallel_cpu.py does).
+    max_batches_in_flight: int | None = None
 
     @property
     def world_size(self) -> int:

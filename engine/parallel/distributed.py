@@ -15,6 +15,7 @@ ahead of the stage after it: that is what lets ``pp`` batches be in flight at on
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -90,6 +91,7 @@ class Distributed:
         self.dtype = torch.float32  # of the hidden states between stages; the worker sets it
         self._pending_send: Any = None
         self._send_buf: torch.Tensor | None = None
+        self.wait_s = 0.0  # time blocked on the neighbouring stages (benchmarks' bubble)
         if layout.world_size == 1:
             return
         import torch.distributed as dist
@@ -142,12 +144,16 @@ class Distributed:
         import torch.distributed as dist
 
         buf = torch.empty((num_tokens, hidden_size), dtype=dtype, device=self.device)
+        t0 = time.perf_counter()
         dist.recv(buf, self.layout.rank - self.layout.tp_size)
+        self.wait_s += time.perf_counter() - t0
         return buf
 
     def wait_sent(self) -> None:
         if self._pending_send is not None:
+            t0 = time.perf_counter()
             self._pending_send.wait()
+            self.wait_s += time.perf_counter() - t0
             self._pending_send = None
             self._send_buf = None
 

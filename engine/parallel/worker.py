@@ -32,6 +32,8 @@ class Worker:
         self.runner: Any = None
         self.dist: Any = None  # engine.parallel.distributed.Distributed once initialised
         self.moved_blocks = 0  # KV blocks this rank copied for swap plans (all kinds)
+        self.step_s = 0.0  # time spent running steps (benchmarks: per-stage busy time)
+        self.num_steps = 0
 
     @property
     def replies_to_steps(self) -> bool:
@@ -42,7 +44,10 @@ class Worker:
         kind = msg["kind"]
         if kind == "step":
             self.moved_blocks += sum(len(msg.get(k) or ()) for k in ("swap_out", "swap_in", "offload", "prefetch"))
+            t0 = time.perf_counter()
             reply = self.runner.step(msg)
+            self.step_s += time.perf_counter() - t0
+            self.num_steps += 1
             return reply if self.replies_to_steps else None
         if kind == "init":
             return self.init(msg)
@@ -51,7 +56,9 @@ class Worker:
         if kind == "resize_cache":
             return self.allocate(int(msg["num_gpu_blocks"]), int(msg["num_host_blocks"]))
         if kind == "health":
-            return {"kind": "healthy", "pid": os.getpid(), "rank": self.rank, "moved_blocks": self.moved_blocks}
+            return {"kind": "healthy", "pid": os.getpid(), "rank": self.rank, "moved_blocks": self.moved_blocks,
+                    "step_s": self.step_s, "num_steps": self.num_steps,
+                    "wait_s": self.dist.wait_s if self.dist is not None else 0.0}
         if kind == "profile":
             from engine.parallel.profile import profile_runner
 
