@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from engine.actors.frontend import fit_max_tokens
 from engine.sampling import InvalidRequestError, SamplingParams
 from engine.scheduler import QueueFullError
 
@@ -125,6 +126,7 @@ class FakeEngine:
         if not self.serving:
             raise FakeEngineDeadError("engine is not serving")
         prompt_ids = self._validate(prompt, messages)
+        params = fit_max_tokens(params, len(prompt_ids), self.max_model_len)
         if self.queue_full:
             raise QueueFullError("4096 jobs waiting (max_waiting=4096)")
         if rid in self.live:
