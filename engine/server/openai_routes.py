@@ -178,7 +178,7 @@ class _FanOut:
     async def _pump(self, c: ChoiceSpec) -> None:
         tracker = self.metrics.track() if self.metrics is not None else None
         gen = self.engine.generate(
-            c.prompt, c.params, messages=c.messages, request_id=f"{self.req.id}-{c.index}"
+            c.prompt, c.params, messages=c.messages, request_id=self.request_id(c)
         )
         try:
             async with contextlib.aclosing(gen) as outputs:
@@ -192,6 +192,9 @@ class _FanOut:
             self.queue.put_nowait((c.index, e))
             return
         self.queue.put_nowait((c.index, None))
+
+    def request_id(self, c: ChoiceSpec) -> str:
+        return f"{self.req.id}-{c.index}"
 
     async def get(self, request: web.Request) -> tuple[int, Any]:
         while True:
@@ -227,18 +230,41 @@ class GenerationRoutes:
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
         self.tok = TokenText(engine.tokenizer)
+        # Shutdown: ``admitting`` False refuses new generations with 503 while the requests
+        # in ``live`` drain; ``abort_live`` ends the ones still running at the deadline.
+        self.admitting = True
+        self.live: set[_FanOut] = set()
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
+        self._check_admitting()
         body = await read_json(request, self.max_body_bytes)
         return await self._run(request, parse_completion(body, self.model_name))
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        self._check_admitting()
         body = await read_json(request, self.max_body_bytes)
         return await self._run(
             request, parse_chat(body, self.model_name, self.engine.max_model_len)
         )
 
+    def _check_admitting(self) -> None:
+        if not self.admitting:
+            raise ApiError(
+                503,
+                "the server is shutting down",
+                type="service_unavailable",
+                code="shutting_down",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+
+    async def abort_live(self) -> None:
+        """Abort every running engine request; each ends with finish_reason ``abort``."""
+        for fan in list(self.live):
+            for c in fan.req.choices:
+                await self.engine.abort(fan.request_id(c))
+
     async def _run(self, request: web.Request, req: GenerationRequest) -> web.StreamResponse:
+        self._check_admitting()
         if not self.engine.is_serving:
             raise ApiError(
                 503,
@@ -248,6 +274,7 @@ class GenerationRoutes:
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
         fan = _FanOut(self.engine, req, self.metrics)
+        self.live.add(fan)
         states = {c.index: ChoiceState() for c in req.choices}
         try:
             if req.stream:
@@ -257,6 +284,7 @@ class GenerationRoutes:
             log.info("client went away; aborted %s", req.id)
             return web.Response(status=499)  # never sent: the connection is gone
         finally:
+            self.live.discard(fan)
             await fan.close()
 
     async def _collect(

@@ -156,6 +156,23 @@ def test_queue_full_is_refused():
         s.add(make_job("b", 4, 1), 0.0)
 
 
+def test_waiting_prompt_tokens_past_the_cap_are_refused_and_running_ones_do_not_count():
+    s = make_scheduler(FCFSPolicy(), RecomputePolicy(), max_waiting_tokens=10)
+    s.add(make_job("a", 6, 1), 0.0)
+    with pytest.raises(QueueFullError, match="max_waiting_tokens=10"):
+        s.add(make_job("b", 5, 1), 0.0)
+    s.add(make_job("c", 4, 1), 0.0)  # 6 + 4 fits exactly
+    s.schedule(0.0)  # a and c start running: the waiting queue is empty again
+    s.add(make_job("b", 5, 1), 0.0)
+    assert set(s.jobs) == {"a", "b", "c"}
+
+
+def test_prompt_larger_than_the_waiting_token_cap_can_never_be_admitted():
+    s = make_scheduler(FCFSPolicy(), RecomputePolicy(), max_waiting_tokens=10)
+    with pytest.raises(AdmissionError, match="max_waiting_tokens"):
+        s.add(make_job("a", 11, 1), 0.0)
+
+
 def test_job_that_outgrows_the_whole_pool_finishes_with_length():
     s = make_scheduler(FCFSPolicy(), RecomputePolicy(), gpu_blocks=2, block_size=4)
     a = make_job("a", 4, 100)
