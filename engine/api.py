@@ -94,6 +94,7 @@ class Engine:
         self._scheduler.memory = self._memory
         self._frontend = FrontendActor(self.tokenizer, max_len, eos, info.vocab_size, self._scheduler)
         self.max_model_len = max_len
+        self.vocab_size = info.vocab_size  # the model's: token ids at or past it are refused
         for actor in (self._scheduler, self._frontend, self._memory):
             actor.start()
         return self

@@ -268,10 +268,11 @@ class _MiscRoutes:
         f = check_fields(body, {"model": "str", "tokens": "list"}, {})
         check_model(f, self.model_name)
         tokens = f.get("tokens")
+        vocab = self.engine.vocab_size
         if tokens is None or not all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens
         ):
-            raise bad("tokens", "required: an array of non-negative integers")
+            raise bad("tokens", f"required: an array of token ids in [0, {vocab})")
         try:
             text = self.engine.tokenizer.decode(tokens)
         except Exception as e:  # noqa: BLE001 - e.g. an id past the vocabulary

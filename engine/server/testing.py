@@ -68,6 +68,7 @@ class FakeEngine:
     ) -> None:
         self.tokenizer = FakeTokenizer()
         self.max_model_len = max_model_len
+        self.vocab_size = MAX_TOKEN_ID + 1
         self.token_delay_s = token_delay_s
         self.first_token_delay_s = first_token_delay_s
         self.serving = True

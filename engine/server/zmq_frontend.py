@@ -206,6 +206,7 @@ class ZmqFrontend:
     async def _handle(self, identity: bytes, msg: dict) -> None:
         kind, rid = msg["kind"], _id(msg)
         if rid is None:
+            self._drop(identity, "no valid 'id'")
             await self._reply(
                 identity,
                 wire.error_message(
@@ -247,8 +248,10 @@ class ZmqFrontend:
             ]
             await self._reply(identity, {"kind": wire.MODELS, "id": rid, "data": data})
         else:
+            self._drop(identity, f"unknown kind {kind[:64]!r}")
             await self._reply(
-                identity, wire.error_message(rid, wire.BAD_MESSAGE, f"unknown kind {kind!r}")
+                identity,
+                wire.error_message(rid, wire.BAD_MESSAGE, f"unknown kind {kind[:64]!r}"),
             )
 
     async def _generate(self, identity: bytes, rid: str, msg: dict) -> None:
