@@ -26,6 +26,7 @@ from engine.config import EngineConfig, ServerConfig
 from engine.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from engine.server.openai_api import ApiError, bad, check_fields, check_model, parse_messages
 from engine.server.openai_routes import RETRY_AFTER_S, GenerationRoutes, read_json
+from engine.server.openapi import openapi_document
 from engine.server.protocol import EngineLike
 
 log = logging.getLogger("fastserve.server")
@@ -128,6 +129,7 @@ def build_app(
     app.router.add_post("/detokenize", misc.detokenize)
     app.router.add_get("/metrics", misc.metrics_route)
     app.router.add_get("/v1/scheduler", misc.scheduler)
+    app.router.add_get("/openapi.json", misc.openapi)
     return app
 
 
@@ -177,6 +179,10 @@ class _MiscRoutes:
             code="engine_unavailable",
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        doc = openapi_document(self.model_name, self.engine.max_model_len, _version())
+        return web.json_response(doc)
 
     async def version(self, request: web.Request) -> web.Response:
         return web.json_response({"version": _version()})
