@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -333,7 +334,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             from engine.server import run_server
 
-            return run_server(engine_config_from_args(args))
+            code = run_server(engine_config_from_args(args))
+            # Everything the server owned (workers, sockets, socket files) is released by
+            # now; skip the interpreter's teardown, which takes seconds with torch loaded,
+            # so SIGTERM's promise (exit within 5 s of the drain deadline) holds.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
         if args.command == "profile":
             return _run(_profile(args))
         if args.command == "simulate":

@@ -323,10 +323,6 @@ async def serve(
 
     sc = engine_config.server
     own_engine = engine is None
-    if own_engine:
-        from engine.api import Engine
-
-        engine = await Engine.create(engine_config)
     stop = stop or asyncio.Event()
     hurry = asyncio.Event()  # a second signal: abort in-flight requests now
     loop = asyncio.get_running_loop()
@@ -347,6 +343,12 @@ async def serve(
     metrics = ServerMetrics(name)
     runner = zmq = app = None
     try:
+        if own_engine:  # after the handlers: a SIGTERM while loading still shuts down cleanly
+            from engine.api import Engine
+
+            engine = await Engine.create(engine_config)
+            if stop.is_set():
+                return
         app = build_app(engine, sc, name, metrics=metrics)
         runner, port = await start_http(app, sc.host, sc.port)
         address = resolve_zmq_address(sc.zmq_address, port)
@@ -379,7 +381,7 @@ async def serve(
             await zmq.stop()
         if runner is not None:
             await runner.cleanup()
-        if own_engine:
+        if own_engine and engine is not None:
             await engine.shutdown()
         log.warning("server stopped")
 
