@@ -54,6 +54,10 @@ class SchedulerConfig:
     # Stored cost profile (`fastserve profile --out`) for policies that use one (skip-join);
     # None: such a policy has the worker profile the model at start-up.
     profile_path: str | None = None
+    # Service charged to each job per iteration, in seconds, instead of the step's measured
+    # duration; None: measured. Set, quanta count iterations, so demotions do not depend on
+    # how fast (or how loaded) the machine is: reproducible experiments and tests.
+    fixed_step_time_s: float | None = None
 
 
 @dataclass(frozen=True)
