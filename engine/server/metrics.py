@@ -144,6 +144,9 @@ class ServerMetrics:
         self.preemptions = counter(
             "num_preemptions", "Cumulative number of preemptions by the scheduler."
         )
+        self.restarts = counter(
+            "worker_restarts", "Worker groups the engine's supervisor restarted after a failure."
+        )
         self.prompt_tokens = counter("prompt_tokens", "Number of prefill tokens processed.")
         self.generation_tokens = counter(
             "generation_tokens", "Number of generation tokens processed."
@@ -188,7 +191,7 @@ class ServerMetrics:
         # dashboards work before the first event of each kind.
         for metric in (
             self.running, self.waiting, self.swapped, self.kv_usage, self.host_usage, self.serving,
-            self.preemptions, self.prompt_tokens, self.generation_tokens, self.demotions,
+            self.preemptions, self.restarts, self.prompt_tokens, self.generation_tokens, self.demotions,
             self.promotions, self.swapped_time, self.ttft, self.itl, self.e2e, self.queue_time,
             *self.memory_counters.values(),
         ):  # fmt: skip
@@ -220,6 +223,7 @@ class ServerMetrics:
         self.host_usage.labels(m).set(_usage(mem.get("host_cache_usage"), stats, "host"))
         self.serving.labels(m).set(1 if serving else 0)
         self._mirror("num_preemptions", self.preemptions, stats.get("num_preemptions"))
+        self._mirror("num_restarts", self.restarts, stats.get("num_restarts"))
         for key, c in self.memory_counters.items():
             self._mirror("memory." + key, c, mem.get(key))
 
