@@ -522,11 +522,13 @@ async def _open_streams(
     sdk_outs = c.generate(PROMPTS[0], max_tokens=240, temperature=0, ignore_eos=True)
     assert not (await asyncio.wait_for(sdk_outs.__anext__(), 10)).finished
     body = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 240, "ignore_eos": True, "stream": True}
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        async with session.post(srv.base + "/v1/completions", json=body) as resp:
-            assert resp.status == 200
-            assert (await resp.content.readline()).startswith(b"data: ")
-            yield sdk_outs, session, resp
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
+        session.post(srv.base + "/v1/completions", json=body) as resp,
+    ):
+        assert resp.status == 200
+        assert (await resp.content.readline()).startswith(b"data: ")
+        yield sdk_outs, session, resp
 
 
 async def _assert_streams_fail(sdk_outs: AsyncIterator, resp: aiohttp.ClientResponse,

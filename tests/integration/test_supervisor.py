@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -65,8 +66,7 @@ async def test_model_that_no_longer_loads_ends_the_engine(model_dir, tmp_path):
     try:
         for name in os.listdir(path):
             if name.endswith(".safetensors"):
-                with open(os.path.join(path, name), "wb") as f:
-                    f.write(b"not a checkpoint")
+                Path(path, name).write_bytes(b"not a checkpoint")
         os.kill(engine.worker_info["pid"], signal.SIGKILL)
         await asyncio.wait_for(engine.wait_fatal(), 60)
         assert isinstance(engine.fatal_error, ModelLoadError)
