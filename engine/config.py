@@ -57,6 +57,10 @@ class SchedulerConfig:
     # Stored cost profile (`fastserve profile --out`) for policies that use one (skip-join);
     # None: such a policy has the worker profile the model at start-up.
     profile_path: str | None = None
+    # Service charged to each job per iteration, in seconds, instead of the step's measured
+    # duration; None: measured. Set, quanta count iterations, so demotions do not depend on
+    # how fast (or how loaded) the machine is: reproducible experiments and tests.
+    fixed_step_time_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,12 @@ class ParallelConfig:
     # Seconds a worker may take to start and load its model.
     startup_timeout_s: float = 300.0
     torch_threads: int | None = None  # None: torch's default
+    # Self-recovery: after the worker group fails (a worker died or missed the step
+    # deadline) the engine restarts it after this many seconds, doubling on each failure
+    # in a row up to the maximum; a group that served restart_reset_s resets the backoff.
+    restart_backoff_s: float = 1.0
+    restart_backoff_max_s: float = 30.0
+    restart_reset_s: float = 60.0
 
 
 @dataclass(frozen=True)

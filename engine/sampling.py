@@ -244,38 +244,57 @@ class Sampler:
 
 
 def _draw(probs: torch.Tensor, jobs: list[_JobSampling], gen: torch.Generator) -> torch.Tensor:
-    """One token per row of ``probs`` [m, V], after each job's top-k / top-p."""
+    """One token per row of ``probs`` [m, V], after each job's top-k / top-p.
+
+    The race's noise is drawn for the whole vocabulary, one value per token *id*, and the
+    filtered candidates read theirs by id. So the token a draw goes to does not depend on
+    where the candidates rank: two near-equal probabilities that swap places because of a
+    last-bit difference in the logits (another batch composition, another kernel) keep their
+    own noise, and only a change at the top-k / top-p boundary can change the sample.
+    """
     import torch
 
     vocab = probs.shape[1]
+    noise = race_noise(probs.shape, gen, probs.dtype, probs.device)
     is_filtered = [0 < j.top_k < vocab or j.top_p < 1.0 for j in jobs]
     if not any(is_filtered):
-        return _exponential_race(probs, gen)
+        return _race(probs, noise)
     out = torch.empty(len(jobs), dtype=torch.int64, device=probs.device)
     filtered = [i for i, f in enumerate(is_filtered) if f]
     plain = [i for i, f in enumerate(is_filtered) if not f]
     if plain:
         p = torch.tensor(plain, device=probs.device)
-        out[p] = _exponential_race(probs[p], gen)
+        out[p] = _race(probs[p], noise[p])
     f = torch.tensor(filtered, device=probs.device)
     weights, ids = top_k_top_p(
         probs[f], [jobs[i].top_k for i in filtered], [jobs[i].top_p for i in filtered])
-    out[f] = ids.gather(1, _exponential_race(weights, gen).unsqueeze(1)).squeeze(1)
+    out[f] = ids.gather(1, _race(weights, noise[f].gather(1, ids)).unsqueeze(1)).squeeze(1)
     return out
 
 
-def _exponential_race(weights: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def race_noise(
+    shape: torch.Size | tuple[int, ...], gen: torch.Generator, dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """The exponential race's Exp(1) noise: one draw of ``shape`` [rows, vocab] from ``gen``.
+
+    A seeded job consumes exactly one such [1, vocab] draw per sampled token, which is what
+    makes its samples replayable (tests replay it to tell a floating-point tie from a bug).
+    """
+    import torch
+
+    q = torch.empty(shape, dtype=dtype, device=device).exponential_(generator=gen)
+    # An exact 0 draw would turn a zero weight into 0/0 = NaN, or any weight into inf.
+    return q.clamp_min_(torch.finfo(q.dtype).tiny)
+
+
+def _race(weights: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Index drawn per row with probability proportional to ``weights`` (unnormalised).
 
     argmax(w / E) with E ~ Exp(1) picks i with probability w_i / sum(w) (the exponential
     race, as vLLM samples): no normalisation, and cheaper than ``torch.multinomial``.
     """
-    import torch
-
-    q = torch.empty_like(weights).exponential_(generator=gen)
-    # An exact 0 draw would turn a zero weight into 0/0 = NaN, or any weight into inf.
-    q.clamp_min_(torch.finfo(q.dtype).tiny)
-    return (weights / q).argmax(dim=-1)
+    return (weights / noise).argmax(dim=-1)
 
 
 def top_k_top_p(

@@ -111,6 +111,11 @@ class FrontendActor(Actor):
                 f"{self.max_model_len} tokens", field)
         return ids
 
+    def on_rewire(self, scheduler: Actor) -> None:
+        """The supervisor replaced the worker group: new jobs go to its scheduler. Jobs of
+        the old one were all failed before it was replaced."""
+        self.scheduler = scheduler
+
     def on_forget(self, request_id: str) -> None:
         """The caller is gone (it aborted): drop its state; the scheduler frees its job."""
         if self.live.pop(request_id, None) is not None:

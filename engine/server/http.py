@@ -372,7 +372,7 @@ async def serve(
         log.warning("serving %s on %s%s", name, url, f" and {address}" if address else "")
         if on_ready is not None:
             on_ready(url, address)
-        await stop.wait()
+        await _until_stopped(stop, engine)
         await _drain(app[ROUTES_KEY], zmq, sc.shutdown_timeout_s, hurry)
     finally:
         for sig in handled:
@@ -426,12 +426,38 @@ async def _drain(gen: GenerationRoutes, zmq: Any, timeout_s: float, hurry: async
         await asyncio.sleep(0.05)
 
 
+async def _until_stopped(stop: asyncio.Event, engine: Any) -> None:
+    """Until ``stop`` is set, or the engine gives up for good (its model no longer loads):
+    then the process must end with an error rather than serve 503s forever."""
+    fatal = getattr(engine, "wait_fatal", None)
+    if fatal is None:
+        await stop.wait()
+        return
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(fatal())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+    if engine.fatal_error is not None:
+        raise EngineFatalError(f"the engine stopped for good: {engine.fatal_error}")
+
+
+class EngineFatalError(RuntimeError):
+    """The engine cannot recover (its model no longer loads); the server exits."""
+
+
 def run_server(engine_config: EngineConfig) -> int:
     """Blocking entry point for ``fastserve serve``: uvloop where available."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(engine_config))
+        run = asyncio.run
     else:
-        uvloop.run(serve(engine_config))
+        run = uvloop.run
+    try:
+        run(serve(engine_config))
+    except EngineFatalError as e:
+        log.error("%s", e)
+        return 1
     return 0
