@@ -100,6 +100,7 @@ class Engine:
         eos = frozenset(info.eos_token_ids) | self.tokenizer.eos_token_ids
         self._frontend = FrontendActor(self.tokenizer, max_len, eos, info.vocab_size, workers.scheduler)
         self.max_model_len = max_len
+        self.vocab_size = info.vocab_size  # the model's: token ids at or past it are refused
         for actor in (workers.scheduler, self._frontend, workers.memory):
             actor.start()
         self._supervisor = loop.create_task(self._supervise(), name="supervisor")
