@@ -31,15 +31,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.api import Engine  # noqa: E402
-from engine.config import (  # noqa: E402
+from engine.api import Engine
+from engine.config import (
     CacheConfig,
     EngineConfig,
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
 )
-from engine.sampling import SamplingParams  # noqa: E402
+from engine.sampling import SamplingParams
 
 DEFAULT_OUT = "benchmarks/results/parallel_cpu.md"
 # Big enough that a step's compute dominates gloo's per-message cost, small enough to run
@@ -81,11 +81,11 @@ async def run(path: str, args: argparse.Namespace, tp: int, pp: int, in_flight: 
             return n
 
         await one(0)  # warm-up: first calls pay for allocation
-        before = await engine._executor.call_all("health")
+        before = await engine._workers.executor.call_all("health")
         t0 = time.perf_counter()
         tokens = sum(await asyncio.gather(*(one(i) for i in range(args.requests))))
         wall = time.perf_counter() - t0
-        after = await engine._executor.call_all("health")
+        after = await engine._workers.executor.call_all("health")
     finally:
         await engine.shutdown()
     stages = []
@@ -119,9 +119,9 @@ async def main() -> None:
     lines = [
         "# Pipeline and tensor parallelism on CPU (gloo)",
         "",
-        f"`benchmarks/parallel_cpu.py`: Llama {MODEL}, fp32, {args.requests} requests of "
+        (f"`benchmarks/parallel_cpu.py`: Llama {MODEL}, fp32, {args.requests} requests of "
         f"{args.prompt_len} prompt + {args.output_len} output tokens at once, batch cap "
-        f"{args.max_num_seqs}, one torch thread per rank, {os.cpu_count()} cores shared with other work.",
+        f"{args.max_num_seqs}, one torch thread per rank, {os.cpu_count()} cores shared with other work."),
         "",
         "## Pipeline bubble: 1 batch in flight vs one per stage",
         "",

@@ -11,8 +11,8 @@ does not fit the host pool is spared (the job that wanted its room waits) unless
 at all could run; only then is its KV dropped for recompute, since that throws away all
 the compute it had (``SchedulerConfig.eager_recompute`` drops it at once instead).
 ``update`` applies the worker's sampled tokens, charges the iteration's measured duration
-to every job in it, and finishes jobs that hit a stop condition. Blocks are the block
-manager's; the scheduler only asks.
+(or ``SchedulerConfig.fixed_step_time_s``) to every job in it, and finishes jobs that hit a
+stop condition. Blocks are the block manager's; the scheduler only asks.
 
 Pipeline parallelism keeps up to ``pipeline_depth`` batches in flight: ``schedule`` may be
 called again before the last plan's ``update``. A job whose batch is in flight is never
@@ -34,6 +34,7 @@ from engine.config import SchedulerConfig
 from engine.memory.block_manager import BlockManager, Residency
 from engine.memory.swap import EvictMode, SwapPolicy
 from engine.policies.base import SchedulingPolicy
+from engine.policies.mlfq import check_number
 from engine.request import FinishReason, Job, JobState
 
 
@@ -88,6 +89,9 @@ class Scheduler:
     ) -> None:
         if pipeline_depth < 1:
             raise ValueError("pipeline_depth must be >= 1")
+        fixed = config.fixed_step_time_s
+        if fixed is not None:
+            check_number("fixed_step_time_s", fixed)
         self.config = config
         self.pipeline_depth = pipeline_depth
         self._in_flight: dict[str, int] = {}  # job id -> step id of its batch in the pipeline
@@ -113,9 +117,23 @@ class Scheduler:
                 f"prompt of {job.num_prompt_tokens} tokens does not fit the KV cache "
                 f"({self.blocks.num_gpu_blocks} blocks of {self.blocks.block_size} tokens)"
             )
-        waiting = sum(1 for j in self.jobs.values() if j.state is JobState.WAITING)
-        if waiting >= self.config.max_waiting:
-            raise QueueFullError(f"{waiting} jobs waiting (max_waiting={self.config.max_waiting})")
+        waiting = [j for j in self.jobs.values() if j.state is JobState.WAITING]
+        if len(waiting) >= self.config.max_waiting:
+            raise QueueFullError(
+                f"{len(waiting)} jobs waiting (max_waiting={self.config.max_waiting})"
+            )
+        cap = self.config.max_waiting_tokens
+        if cap is not None and job.num_prompt_tokens > cap:
+            raise AdmissionError(
+                f"prompt of {job.num_prompt_tokens} tokens exceeds max_waiting_tokens={cap}"
+            )
+        if cap is not None:
+            queued = sum(j.num_prompt_tokens for j in waiting)
+            if queued + job.num_prompt_tokens > cap:
+                raise QueueFullError(
+                    f"{queued} prompt tokens waiting, {job.num_prompt_tokens} more would pass "
+                    f"max_waiting_tokens={cap}"
+                )
         job.state = JobState.WAITING
         self.jobs[job.job_id] = job
         self.policy.admit(job, now)
@@ -205,6 +223,8 @@ class Scheduler:
             self._plans_in_flight.popleft()
             for seq in plan.seqs:
                 self._in_flight.pop(seq.job.job_id, None)
+        if self.config.fixed_step_time_s is not None:
+            step_time_s = self.config.fixed_step_time_s
         touched: list[Job] = []
         for seq in plan.seqs:
             job = seq.job

@@ -97,6 +97,7 @@ class WorkerExecutor:
         self._reader: asyncio.Task | None = None
         self._dead: str | None = None
         self._last_send = time.monotonic()
+        self.died = asyncio.Event()  # set once the worker exited or missed a deadline
 
     @property
     def alive(self) -> bool:
@@ -256,6 +257,7 @@ class WorkerExecutor:
         if self._dead is None:
             self._dead = why
             log.error("%s", why)
+        self.died.set()
         if self._all_hello is not None:
             self._all_hello.set()
         for call in self._pending.values():
@@ -263,13 +265,13 @@ class WorkerExecutor:
                 call.future.set_exception(WorkerDiedError(why))
 
     async def shutdown(self, timeout: float = 10.0) -> None:
-        if self._dead is None and self._procs:
+        healthy = self._dead is None
+        if healthy and self._procs:
             with contextlib.suppress(WorkerDiedError, WorkerError):
                 await self.call_all("shutdown", timeout=timeout)
         else:
             # Ranks still alive after a failure may be stuck in a collective: say goodbye
-            # without waiting, and kill what does not leave promptly.
-            timeout = min(timeout, 2.0)
+            # (remote ranks leave on it) without waiting; local ones are killed at once.
             bye = encode({"kind": "shutdown", "call": 0})
             for rank in range(self.world_size):
                 with contextlib.suppress(zmq.ZMQError, asyncio.TimeoutError):
@@ -283,7 +285,8 @@ class WorkerExecutor:
                 await self._reader
         procs = list(self._procs.values())
         if procs:
-            await asyncio.get_running_loop().run_in_executor(None, _reap, procs, timeout)
+            # A group that failed (a rank died, missed a deadline, or hangs) gets no grace period.
+            await asyncio.get_running_loop().run_in_executor(None, _reap, procs, timeout if healthy else 0)
         self._sock.close()
         self._ctx.term()
         shutil.rmtree(self._dir, ignore_errors=True)

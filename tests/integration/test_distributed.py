@@ -104,7 +104,7 @@ async def test_greedy_tokens_match_through_swap_cycles_and_every_rank_moves_the_
         stats = await engine.stats()
         mem = stats["memory"]
         assert mem["integrity_errors"] == []
-        moved = {rank: h["moved_blocks"] for rank, h in (await engine._executor.call_all("health")).items()}
+        moved = {rank: h["moved_blocks"] for rank, h in (await engine._workers.executor.call_all("health")).items()}
         assert set(moved.values()) == {mem["swap_out_blocks"] + mem["swap_in_blocks"]}, moved
         if swap is None:
             return
@@ -133,7 +133,8 @@ def _gone(pid: int) -> bool:
 @pytest.mark.parametrize("victim", ["non-driver", "driver"])
 async def test_killing_a_rank_mid_stream_fails_every_stream_fast_and_reaps_all(models, victim):
     engine = await Engine.create(tiny_engine_config(models["llama"][0]).replace(parallel=parallel(1, 2)))
-    pids = dict(engine._executor.pids)
+    pids = dict(engine._workers.executor.pids)
+    everyone = list(pids.values())
     try:
         params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
         started = asyncio.Event()
@@ -146,16 +147,16 @@ async def test_killing_a_rank_mid_stream_fails_every_stream_fast_and_reaps_all(m
 
         tasks = [asyncio.create_task(stream(p)) for p in PROMPTS[:3]]
         await asyncio.wait_for(started.wait(), 60)
-        rank = engine._executor.driver if victim == "driver" else 0
+        rank = engine._workers.executor.driver if victim == "driver" else 0
         os.kill(pids[rank], signal.SIGKILL)
         t0 = time.monotonic()
         results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
         assert time.monotonic() - t0 < 10
         assert all(isinstance(r, EngineDeadError) for r in results), results
-        assert not engine.is_serving
+        everyone = [*pids.values(), *engine._workers.executor.pids.values()]  # and a restarted group's
     finally:
         await engine.shutdown()
-    assert all(_gone(pid) for pid in pids.values()), pids
+    assert all(_gone(pid) for pid in everyone), everyone
 
 
 # ------------------------------------------------------------------ multi-node path
@@ -184,7 +185,7 @@ async def test_fastserve_worker_processes_joining_over_tcp_give_the_same_tokens(
             remote_ranks=(0, 1), startup_timeout_s=120.0, step_timeout_s=60.0))
         engine = await Engine.create(cfg)
         try:
-            assert engine._executor.pids == {0: workers[0].pid, 1: workers[1].pid}
+            assert engine._workers.executor.pids == {0: workers[0].pid, 1: workers[1].pid}
             got = await asyncio.wait_for(asyncio.gather(*(collect(engine, p, GREEDY) for p in PROMPTS[:4])), 120)
             assert [ids for ids, _, _ in got] == reference[:4]
         finally:
