@@ -61,7 +61,9 @@ class Worker:
         torch.manual_seed(int(mcfg.get("seed", 0)))
         device = resolve_device(mcfg.get("device", "auto"))
         dtype = resolve_dtype(mcfg.get("dtype", "auto"), device)
-        model, info = load_model(mcfg.get("path"), dtype, device)
+        model, info = load_model(
+            mcfg.get("path"), dtype, device, quantization=mcfg.get("quantization", "auto")
+        )
         model.eval()
         bs = int(ccfg["block_size"])
         per_block = block_bytes(info.num_layers, bs, info.num_kv_heads, info.head_dim, dtype)
