@@ -1,10 +1,11 @@
 """One decode step of the bundled SmolLM2 (forward + logits), per weight format, on this CPU.
 
-For each ``--quantization`` mode the model is loaded once; a batch of B sequences with a
-``--context``-token history is prefilled, then the same decode step (one new token per
-sequence, fixed slots) is timed ``--iters`` times after ``--warmup`` untimed runs. The
-median and the 10th/90th percentiles of the per-step times are reported in ms. Also times
-the LM head alone (the largest matrix) in each format.
+Every ``--quantization`` mode's model is loaded first; then rounds run one decode step of
+each (mode, batch) in turn (B sequences, one new token each over a ``--context``-token
+history, fixed slots), so that load from other processes on a shared machine hits every
+mode alike. ``--warmup`` untimed rounds, then ``--iters`` timed ones; the median and the
+10th/90th percentiles of the per-step times are reported in ms. The LM head alone (the
+largest matrix) is timed the same way.
 
     .venv/bin/python benchmarks/quant_decode_step.py [--threads 2] [--batch 1 8]
 """
@@ -38,27 +39,30 @@ def decode_inputs(batch: int, context: int, block_size: int):
     return ids, torch.full((batch,), context), attn, batch * blocks_per_seq
 
 
-def time_step(model, batch: int, context: int, warmup: int, iters: int) -> list[float]:
-    ids, positions, attn, blocks = decode_inputs(batch, context, 16)
-    dtype = next(model.parameters()).dtype
-    pool = KVCachePool(
-        model.num_layers, blocks, 16, model.num_kv_heads, model.head_dim, dtype, "cpu"
-    )
-    for cache in pool.caches:
-        cache.normal_()  # a filled history; its values do not matter for timing
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + iters):
-            start = time.perf_counter()
-            model.compute_logits(model(ids, positions, pool.caches, attn))
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1e3)
-    return times
+class Case:
+    """One (mode, batch) step, ready to run."""
+
+    def __init__(self, model, batch: int, context: int) -> None:
+        self.model = model
+        self.ids, self.positions, self.attn, blocks = decode_inputs(batch, context, 16)
+        dtype = next(model.parameters()).dtype
+        self.pool = KVCachePool(
+            model.num_layers, blocks, 16, model.num_kv_heads, model.head_dim, dtype, "cpu"
+        )
+        for cache in self.pool.caches:
+            cache.normal_()  # a filled history; its values do not matter for timing
+        self.hidden = torch.randn(batch, model.lm_head.in_features)
+
+    def step(self) -> None:
+        self.model.compute_logits(self.model(self.ids, self.positions, self.pool.caches, self.attn))
+
+    def head(self) -> None:
+        self.model.lm_head(self.hidden)
 
 
 def summary(times: list[float]) -> str:
     q = statistics.quantiles(times, n=10)
-    return f"{statistics.median(times):7.2f} ms (p10 {q[0]:.2f}, p90 {q[-1]:.2f})"
+    return f"{statistics.median(times):8.2f} ms (p10 {q[0]:7.2f}, p90 {q[-1]:7.2f})"
 
 
 def main() -> None:
@@ -67,29 +71,27 @@ def main() -> None:
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--iters", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=30)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, context {args.context}")
-    for mode in args.modes:
-        model, _ = load_model(None, torch.float32, "cpu", quantization=mode)
-        for batch in args.batch:
-            times = time_step(model, batch, args.context, args.warmup, args.iters)
-            print(f"{mode:>5} batch {batch}: decode step {summary(times)}")
-        head = model.lm_head
-        for batch in args.batch:
-            x = torch.randn(batch, head.in_features)
-            with torch.inference_mode():
-                for _ in range(args.warmup):
-                    head(x)
-                times = []
-                for _ in range(args.iters):
+    print(f"torch {torch.__version__}, {args.threads} threads, context {args.context}", flush=True)
+    models = {m: load_model(None, torch.float32, "cpu", quantization=m)[0] for m in args.modes}
+    cases = {(m, b): Case(models[m], b, args.context) for m in args.modes for b in args.batch}
+    steps: dict = {key: [] for key in cases}
+    heads: dict = {key: [] for key in cases}
+    with torch.inference_mode():
+        for i in range(args.warmup + args.iters):
+            for key, case in cases.items():
+                for fn, times in ((case.step, steps[key]), (case.head, heads[key])):
                     start = time.perf_counter()
-                    head(x)
-                    times.append((time.perf_counter() - start) * 1e3)
-            print(f"{mode:>5} batch {batch}: lm head alone {summary(times)}")
-        del model
+                    fn()
+                    if i >= args.warmup:
+                        times.append((time.perf_counter() - start) * 1e3)
+    for (mode, batch), times in steps.items():
+        print(f"{mode:>5} batch {batch}: decode step {summary(times)}")
+    for (mode, batch), times in heads.items():
+        print(f"{mode:>5} batch {batch}: lm head     {summary(times)}")
 
 
 if __name__ == "__main__":
