@@ -58,6 +58,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=d.model.dtype, choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", default=d.model.device, help="auto | cpu | cuda | cuda:N")
     g.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
+    g.add_argument("--quantization", default=d.model.quantization, choices=["auto", "none", "int8", "int4"],
+                   help="weights of linear layers: auto keeps a GGUF's own precision packed; none "
+                   "dequantizes; int8/int4 quantize at load (default %(default)s)")
     g = p.add_argument_group("KV cache")
     g.add_argument("--block-size", type=int, default=d.cache.block_size, help="tokens per KV block")
     g.add_argument("--kv-cache-memory", type=_size, default=d.cache.kv_cache_memory,
@@ -104,7 +107,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=ModelConfig(path=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len),
+        model=ModelConfig(path=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                          quantization=args.quantization),
         cache=CacheConfig(
             block_size=args.block_size,
             kv_cache_memory=args.kv_cache_memory,

@@ -18,6 +18,9 @@ class ModelConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 ("auto": fp32 on CPU, bf16 on CUDA)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_model_len: int | None = None  # None: the model's own context length
+    # How linear layers hold weights: auto (a GGUF keeps its own precision in the nearest
+    # packed format; floats for safetensors) | none (dequantize to dtype) | int8 | int4.
+    quantization: str = "auto"
     seed: int = 0  # seeds torch in the worker (used by random-init test models only)
 
 

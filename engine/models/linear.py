@@ -131,6 +131,10 @@ class LinearMethod(ABC):
 
     aux_params: tuple[str, ...] = ()
 
+    def fitted(self, in_features: int, out_features: int) -> LinearMethod:
+        """This method, or the one to use instead when its kernel cannot take the shape."""
+        return self
+
     @abstractmethod
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int) -> None: ...
 
@@ -147,6 +151,13 @@ class LinearMethod(ABC):
 
     def describe(self) -> str:
         return type(self).__name__
+
+    def refine_logits(
+        self, layer: nn.Module, x: torch.Tensor, logits: torch.Tensor
+    ) -> torch.Tensor:
+        """An output layer's fp32 logits, given what ``apply`` returned (a method whose
+        kernel rounds its output recomputes the candidates that matter)."""
+        return logits
 
 
 def as_float(loaded: Loaded) -> torch.Tensor:
@@ -193,7 +204,7 @@ class LinearBase(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features  # this rank's
         self.tp = tp
-        self.quant_method = quant_method or UNQUANTIZED
+        self.quant_method = (quant_method or UNQUANTIZED).fitted(in_features, out_features)
         self.quant_method.create_weights(self, in_features, out_features)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
@@ -449,8 +460,10 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(ColumnParallelLinear):
     """The output projection over a vocab-parallel split (same rows as the embedding's).
 
-    ``tied``: read the embedding's matrix instead of holding a weight (then always
-    unquantized). ``logits`` returns fp32 ``[n, vocab_size]``, padding trimmed.
+    ``tied``: the head is the embedding's matrix. Unquantized, it reads that matrix at call
+    time; quantized, it builds its own packed copy from it once loading is done (the
+    embedding keeps floats for its row lookups). ``forward`` returns fp32
+    ``[n, vocab_size]`` logits, padding trimmed.
     """
 
     def __init__(
@@ -464,11 +477,28 @@ class ParallelLMHead(ColumnParallelLinear):
         self.vocab_size = vocab_size
         self.padded_vocab = -(-vocab_size // tp.size) * tp.size
         self.tied = [tied] if tied is not None else None  # a list: not a registered submodule
-        if tied is not None:
-            quant_method = None
         super().__init__(hidden_size, self.padded_vocab, False, tp, quant_method)
-        if tied is not None:
+        self.reads_embedding = tied is not None and self.quant_method is UNQUANTIZED
+        if self.reads_embedding:
             del self.weight  # the embedding's matrix is used at call time
+
+    @property
+    def aux_params(self) -> tuple[str, ...]:
+        if self.tied is not None:  # nothing comes from the checkpoint under this name
+            return ("weight", *self.quant_method.aux_params)
+        return self.quant_method.aux_params
+
+    def process_after_loading(self) -> None:
+        if self.reads_embedding:
+            return
+        if self.tied is not None:
+            embed = self.tied[0]
+            kept = max(0, min(embed.rows, embed.vocab_size - embed.start))
+            self.quant_method.load_weight(self, embed.weight[:kept], slice(0, kept))
+            if kept < self.out_features:
+                pad = torch.zeros(self.out_features - kept, self.in_features)
+                self.quant_method.load_weight(self, pad, slice(kept, self.out_features))
+        self.quant_method.process_after_loading(self)
 
     def _expected_full_shape(self, shard_id: ShardId, is_bias: bool) -> tuple[int, ...]:
         return (self.vocab_size, self.in_features)
@@ -488,11 +518,12 @@ class ParallelLMHead(ColumnParallelLinear):
         return self.out_features * self.in_features
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.tied is not None:
-            logits = F.linear(hidden, self.tied[0].weight)
+        if self.reads_embedding:
+            logits = F.linear(hidden, self.tied[0].weight)  # type: ignore[index]
         else:
-            logits = self.quant_method.apply(self, hidden, None)
-        logits = self.tp.all_gather(logits.float())
+            logits = self.quant_method.apply(self, hidden, None).float()
+            logits = self.quant_method.refine_logits(self, hidden, logits)
+        logits = self.tp.all_gather(logits)
         return logits if self.padded_vocab == self.vocab_size else logits[..., : self.vocab_size]
 
 
@@ -543,7 +574,7 @@ def load_named_weights(
         if missing:
             raise ValueError(f"checkpoint lacks weights for {', '.join(missing[:5])}")
         for owner in owners.values():
-            if isinstance(owner, LinearBase) and not getattr(owner, "tied", None):
+            if isinstance(owner, LinearBase):
                 owner.process_after_loading()
 
 

@@ -103,7 +103,8 @@ class Worker:
         tp = SINGLE_DEVICE
         if layout.tp_size > 1:
             tp = TPInfo(layout.tp_rank, layout.tp_size, self.dist.tp_group)
-        model, info = load_model(mcfg.get("path"), dtype, device, tp, stage=stage)
+        model, info = load_model(mcfg.get("path"), dtype, device, tp,
+                                 quantization=mcfg.get("quantization", "auto"), stage=stage)
         model.eval()
         self._model, self._device, self._dtype = model, device, dtype
         bs = int(ccfg["block_size"])

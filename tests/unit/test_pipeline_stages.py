@@ -67,7 +67,7 @@ def test_a_stage_holds_and_reads_only_its_own_tensors(model_dir):
     config = load_hf_config(model_dir)
     stage = PipelineStage.split(config["num_hidden_layers"], 2, 1)
     model, _ = load_model(model_dir, torch.float32, "cpu", stage=stage)
-    read = [name for name, _ in iter_weights(model_dir, config, model.owns)]
+    read = [name for name, _ in iter_weights(model_dir, config, keep=model.owns)]
     for names in (read, [n for n, _ in model.named_parameters()]):
         layers = {int(n.split("layers.")[1].split(".")[0]) for n in names if "layers." in n}
         assert layers == set(range(stage.start_layer, stage.end_layer))
