@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import statistics
 from collections.abc import Sequence
@@ -103,7 +104,7 @@ class RequestRecord:
     def itl_s(self) -> list[float]:
         """Gaps between successive tokens (0 between tokens of one chunk)."""
         t = self.token_s
-        return [b - a for a, b in zip(t, t[1:])]
+        return [b - a for a, b in itertools.pairwise(t)]
 
     @property
     def queue_s(self) -> float | None:

@@ -12,22 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-WORDS = (
-    "the of and to in is was for on are with as by at from his that this it be or an "
-    "have had not but what all were when we there can more if no out so said time up "
-    "about many then them these some her would make like him into has two look way could "
-    "people than first water been call who oil its now find long down day did get come "
-    "made may part over new sound take only little work know place year live me back give "
-    "most very after thing our just name good sentence man think say great where help "
-    "through much before line right too mean old any same tell boy follow came want show "
-    "also around form three small set put end does another well large must big even such "
-    "because turn here why ask went men read need land different home us move try kind "
-    "hand picture again change off play spell air away animal house point page letter "
-    "mother answer found study still learn should world high every near add food between "
-    "own below country plant last school father keep tree never start city earth eye light "
-    "thought head under story saw left few while along might close something seem next "
-    "hard open example begin life always those both paper together got group often run"
-).split()
+WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "are", "with", "as", "by", "at", "from", "his", "that", "this", "it", "be", "or", "an", "have", "had", "not", "but", "what", "all", "were", "when", "we", "there", "can", "more", "if", "no", "out", "so", "said", "time", "up", "about", "many", "then", "them", "these", "some", "her", "would", "make", "like", "him", "into", "has", "two", "look", "way", "could", "people", "than", "first", "water", "been", "call", "who", "oil", "its", "now", "find", "long", "down", "day", "did", "get", "come", "made", "may", "part", "over", "new", "sound", "take", "only", "little", "work", "know", "place", "year", "live", "me", "back", "give", "most", "very", "after", "thing", "our", "just", "name", "good", "sentence", "man", "think", "say", "great", "where", "help", "through", "much", "before", "line", "right", "too", "mean", "old", "any", "same", "tell", "boy", "follow", "came", "want", "show", "also", "around", "form", "three", "small", "set", "put", "end", "does", "another", "well", "large", "must", "big", "even", "such", "because", "turn", "here", "why", "ask", "went", "men", "read", "need", "land", "different", "home", "us", "move", "try", "kind", "hand", "picture", "again", "change", "off", "play", "spell", "air", "away", "animal", "house", "point", "page", "letter", "mother", "answer", "found", "study", "still", "learn", "should", "world", "high", "every", "near", "add", "food", "between", "own", "below", "country", "plant", "last", "school", "father", "keep", "tree", "never", "start", "city", "earth", "eye", "light", "thought", "head", "under", "story", "saw", "left", "few", "while", "along", "might", "close", "something", "seem", "next", "hard", "open", "example", "begin", "life", "always", "those", "both", "paper", "together", "got", "group", "often", "run"]
 
 Encode = Callable[[str], list[int]]
 MIN_WORDS = 20

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 
@@ -64,7 +65,7 @@ def test_unknown_workload_is_refused():
 
 
 def _gaps(times):
-    return [b - a for a, b in zip(times, times[1:])]
+    return [b - a for a, b in itertools.pairwise(times)]
 
 
 def test_poisson_arrivals_have_exponential_gaps():
@@ -108,9 +109,9 @@ def test_trace_with_text_counts_tokens_and_reports_bad_rows(tmp_path):
 
 
 def _tokenizers():
-    from engine.models.loader import default_model_path  # noqa: PLC0415
-    from engine.tokenizer import Tokenizer  # noqa: PLC0415
-    from tests.tiny_models import make_tiny_tokenizer  # noqa: PLC0415
+    from engine.models.loader import default_model_path
+    from engine.tokenizer import Tokenizer
+    from tests.tiny_models import make_tiny_tokenizer
 
     yield "tiny-bpe", make_tiny_tokenizer().encode
     yield "smollm2", Tokenizer.load(default_model_path()).encode
