@@ -1,4 +1,4 @@
-"""``fastserve`` command line: serve | generate | profile | simulate | worker."""
+"""``fastserve`` command line: serve | generate | profile | bench | simulate | worker."""
 
 from __future__ import annotations
 
@@ -111,13 +111,20 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--api-key", default=d.api_key, help="require 'Authorization: Bearer KEY' (not on /health)")
     g.add_argument("--served-model-name", default=d.served_model_name)
     g.add_argument("--max-body-bytes", type=_size, default=d.max_body_bytes)
+    g.add_argument("--record-trace", default=None, metavar="FILE",
+                   help="append arrival time and lengths of every finished request to FILE "
+                        "(JSONL), replayable with `bench`/`simulate --workload trace:FILE`")
+    g.add_argument("--record-trace-prompts", action="store_true",
+                   help="also write each prompt's text into the trace")
 
 
 def _server_config(args: argparse.Namespace) -> ServerConfig:
     if not hasattr(args, "port"):
         return ServerConfig()
     return ServerConfig(host=args.host, port=args.port, zmq_address=args.zmq_address, api_key=args.api_key,
-                        served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes)
+                        served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes,
+                        record_trace=args.record_trace,
+                        record_trace_prompts=args.record_trace_prompts)
 
 
 async def _generate(args: argparse.Namespace) -> int:
@@ -297,10 +304,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_simulate_args(sm)
     sm.add_argument("--log-level", default="WARNING")
 
+    b = sub.add_parser("bench", help="load-test a running server; `bench report` plots results",
+                       add_help=False)
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+
     w = sub.add_parser("worker", help="run a worker process (started by the engine)", add_help=False)
     w.add_argument("rest", nargs=argparse.REMAINDER)
 
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser (and `bench report`); --help included
+        args = argparse.Namespace(command="bench", rest=argv[1:], log_level="WARNING")
+    else:
+        args = parser.parse_args(argv)
     if args.command == "worker":
         from engine.parallel.worker import main as worker_main
 
@@ -318,6 +333,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(_profile(args))
         if args.command == "simulate":
             return _simulate(args)
+        if args.command == "bench":
+            from engine.bench.cli import main as bench_main
+
+            return bench_main(args.rest)
         return _run(_generate(args))
     except (InvalidRequestError, ModelLoadError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -80,6 +80,10 @@ class ServerConfig:
     api_key: str | None = None
     served_model_name: str | None = None
     max_body_bytes: int = 4 * 1024**2
+    # JSONL file to append one row per finished request to (arrival, lengths), replayable
+    # by `fastserve bench`/`simulate --workload trace:FILE`; None: no trace.
+    record_trace: str | None = None
+    record_trace_prompts: bool = False  # also write each prompt's text into the trace
 
 
 @dataclass(frozen=True)

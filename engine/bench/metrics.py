@@ -220,3 +220,14 @@ def summarize(records: Sequence[RequestRecord], duration_s: float | None = None,
     out["median_jct_s"] = statistics.median(jct) if jct else 0.0
     out["p99_jct_s"] = percentile(jct, 99) if jct else 0.0
     return out
+
+
+def result_entry(records: Sequence[RequestRecord], rate: float, duration_s: float | None = None,
+                 slo: SLO | None = None, with_rows: bool = True) -> dict:
+    """One entry of a result file's ``results`` list: the summary at one request rate,
+    and (``with_rows``) the per-request rows under ``requests``."""
+    out = {"request_rate": rate if math.isfinite(rate) else None,
+           **summarize(records, duration_s, slo)}
+    if with_rows:
+        out["requests"] = [r.row() for r in records]
+    return out

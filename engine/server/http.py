@@ -319,15 +319,21 @@ async def serve(
             pass
     name = default_model_name(engine_config)
     metrics = ServerMetrics(name)
-    runner = zmq = None
+    runner = zmq = trace = None
+    served = engine
+    if sc.record_trace:
+        from engine.server.trace import TraceWriter, TracingEngine
+
+        trace = TraceWriter(sc.record_trace, sc.record_trace_prompts)
+        served = TracingEngine(engine, trace)
     try:
         runner, port = await start_http(
-            build_app(engine, sc, name, metrics=metrics), sc.host, sc.port
+            build_app(served, sc, name, metrics=metrics), sc.host, sc.port
         )
         address = resolve_zmq_address(sc.zmq_address, port)
         if address:
             zmq = ZmqFrontend(
-                engine, address, name, metrics=metrics, max_message_bytes=sc.max_body_bytes
+                served, address, name, metrics=metrics, max_message_bytes=sc.max_body_bytes
             )
             await zmq.start()
             address = zmq.address
@@ -346,6 +352,8 @@ async def serve(
             await runner.cleanup()
         if own_engine:
             await engine.shutdown()
+        if trace is not None:
+            trace.close()
 
 
 def run_server(engine_config: EngineConfig) -> int:
