@@ -98,7 +98,7 @@ def _get_json(url: str, api_key: str | None, body: dict | None = None) -> dict:
     req = urllib.request.Request(url, data=data, headers={
         "Content-Type": "application/json",
         **({"Authorization": f"Bearer {api_key}"} if api_key else {})})
-    with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310 - the user's own server
+    with urllib.request.urlopen(req, timeout=60) as resp:
         return json.loads(resp.read())
 
 

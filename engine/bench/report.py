@@ -29,7 +29,7 @@ def load_run(path: str) -> dict:
     with open(path, encoding="utf-8") as f:
         run = json.load(f)
     if not isinstance(run, dict) or not isinstance(run.get("results"), list):
-        raise ValueError(f"{path}: not a bench or simulate result (no 'results' list)")
+        raise ValueError(f"{path}: not a bench or simulate result (no 'results' list)")  # noqa: TRY004
     run.setdefault("label", os.path.splitext(os.path.basename(path))[0])
     return run
 
