@@ -20,7 +20,12 @@ from engine.memory.block_manager import BlockManager
 from engine.models.loader import ModelLoadError
 from engine.parallel.executor import WorkerError, WorkerExecutor
 from engine.parallel.protocol import PROTOCOL_VERSION
-from engine.policies.registry import create_scheduling_policy, create_swap_policy, wants_profile
+from engine.policies.registry import (
+    bind_memory,
+    create_scheduling_policy,
+    create_swap_policy,
+    wants_profile,
+)
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 from engine.tokenizer import Tokenizer
@@ -87,6 +92,7 @@ class Engine:
             max_len = min(max_len, config.model.max_model_len)
         eos = frozenset(info.eos_token_ids) | self.tokenizer.eos_token_ids
         blocks = BlockManager(ready["num_gpu_blocks"], ready["num_host_blocks"], config.cache.block_size)
+        bind_memory(policy, blocks)
         core = Scheduler(config.scheduler, policy, swap_policy, blocks)
         self._scheduler = SchedulerActor(core, self._executor, emit=self._emit, fail=self._fail)
         self._memory = MemoryManagerActor(blocks.num_gpu_blocks, blocks.num_host_blocks,

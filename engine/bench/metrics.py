@@ -75,6 +75,9 @@ class RequestRecord:
     scheduled_s: float | None = None
     error: str | None = None
     rejected: bool = False  # refused by admission (queue full), not failed mid-way
+    # Set when ``token_s`` holds only the first and last token times (large simulations):
+    # the real count. ITLs are then unknown.
+    num_tokens: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -82,7 +85,7 @@ class RequestRecord:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_s)
+        return len(self.token_s) if self.num_tokens is None else self.num_tokens
 
     @property
     def ttft_s(self) -> float | None:
@@ -95,7 +98,7 @@ class RequestRecord:
     @property
     def tpot_s(self) -> float | None:
         """Mean time per output token after the first; None for a single-token output."""
-        n = len(self.token_s)
+        n = self.num_output_tokens
         if n < 2 or self.finish_s is None:
             return None
         return (self.token_s[-1] - self.token_s[0]) / (n - 1)
@@ -103,8 +106,9 @@ class RequestRecord:
     @property
     def itl_s(self) -> list[float]:
         """Gaps between successive tokens (0 between tokens of one chunk)."""
-        t = self.token_s
-        return [b - a for a, b in itertools.pairwise(t)]
+        if self.num_tokens is not None and self.num_tokens != len(self.token_s):
+            return []
+        return [b - a for a, b in itertools.pairwise(self.token_s)]
 
     @property
     def queue_s(self) -> float | None:
