@@ -177,3 +177,19 @@ def test_oracle_is_a_lower_bound_on_mean_jct_in_a_small_overloaded_run():
         jct[name] = simulate(build_scheduler(cfg, 200, 400, 16, c.profile()), items, c).mean_jct
     # knowing every length, shortest-remaining-first beats both length-blind policies
     assert jct["oracle-srpt"] < min(jct["skip-join-mlfq"], jct["fcfs"])
+
+
+def test_simulate_replays_a_recorded_trace_at_its_own_times(tmp_path, capsys):
+    from engine.bench.workload import write_trace
+    from engine.cli import main
+
+    trace = tmp_path / "t.jsonl"
+    write_trace(str(trace), [WorkItem(20, 5, 0.0), WorkItem(30, 4, 0.5), WorkItem(10, 6, 2.0)])
+    out = tmp_path / "r.json"
+    assert main(["simulate", "--model-shape", "llama3-8b", "--gpu", "h100",
+                 "--workload", f"trace:{trace}", "--request-rate", "inf", "--num-prompts", "0",
+                 "--output", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"][0]["requests"]
+    assert [r["arrival_s"] for r in rows] == [0.0, 0.5, 2.0]
+    assert [r["output_tokens"] for r in rows] == [5, 4, 6]
+    capsys.readouterr()
