@@ -34,7 +34,14 @@ from typing_extensions import Self
 from engine.bench.metrics import result_entry, saturated_capacity
 from engine.bench.report import write_report
 from engine.bench.workload import WorkItem, build_workload
-from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig
+from engine.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    ServerConfig,
+)
 
 MAX_NUM_SEQS = 4
 NUM_GPU_BLOCKS = 96  # 1536 tokens of KV
@@ -60,6 +67,8 @@ def engine_config(policy: str, swap: str, profile_path: str | None) -> EngineCon
         scheduler=SchedulerConfig(policy=policy, swap_policy=swap, max_num_seqs=MAX_NUM_SEQS,
                                   profile_path=profile_path if policy != "orca-fcfs" else None),
         server=ServerConfig(host="127.0.0.1", port=0, zmq_address="off"),
+        # A busy machine can take minutes to load and profile; a slow start is not a failure.
+        parallel=ParallelConfig(startup_timeout_s=1800.0),
     )
 
 
@@ -113,7 +122,7 @@ async def _real(args: argparse.Namespace) -> None:
     profile_path = os.path.join(out, "profile.json")
     async with Served(engine_config("fcfs", "reactive", None)) as s:
         longest = max(it.prompt_len for it in lengths)
-        sizes = sorted({n for n in (1, 4, 16, 32, 64, 128) if n < longest} | {longest})
+        sizes = sorted({n for n in (1, 8, 32, 64) if n < longest} | {longest})
         profile = PrefillProfile.from_dict(await s.engine.profile(
             lengths=sizes, batch_sizes=sorted({1, max(1, MAX_NUM_SEQS // 2), MAX_NUM_SEQS})))
         profile.save(profile_path)
