@@ -159,7 +159,7 @@ async def run_load(
 
         if not zmq_address:
             raise ValueError("the zmq backend needs --zmq-address")
-        client = AsyncClient(zmq_address, timeout=600.0)
+        client = AsyncClient(zmq_address, timeout=600.0, api_key=api_key)
     else:
         raise ValueError(f"unknown backend {backend!r}: use http or zmq")
 
