@@ -110,3 +110,13 @@ def test_recorded_trace_replays(server):
     assert res["completed"] == 6
     replayed = [row["output_tokens"] for row in res["results"][0]["requests"]]
     assert replayed == [r["output_len"] for r in sorted(rows, key=lambda r: r["arrival_s"])[:6]]
+
+
+def test_max_concurrency_one_serves_requests_one_after_another(server):
+    res = _bench(server, server["tmp"] / "serial.json", *WORKLOAD, "--request-rate", "inf",
+                 "--max-concurrency", "1")
+    rows = res["results"][0]["requests"]
+    assert res["completed"] == 6 and res["request_rate"] is None
+    # all arrive at 0 and wait their turn at the gate: each finishes after the one before
+    ends = [row["e2el_s"] for row in rows]
+    assert ends == sorted(ends) and len(set(ends)) == 6
