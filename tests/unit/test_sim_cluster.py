@@ -193,3 +193,15 @@ def test_simulate_replays_a_recorded_trace_at_its_own_times(tmp_path, capsys):
     assert [r["arrival_s"] for r in rows] == [0.0, 0.5, 2.0]
     assert [r["output_tokens"] for r in rows] == [5, 4, 6]
     capsys.readouterr()
+
+
+def test_simulate_load_is_a_fraction_of_the_simulated_fcfs_capacity(capsys):
+    from engine.cli import main
+
+    assert main(["simulate", "--model-shape", "llama3-8b", "--gpu", "h100", "--workload",
+                 "alpaca", "--num-prompts", "60", "--load", "0.5", "--max-num-seqs", "8",
+                 "--scheduling-policy", "skip-join-mlfq", "--swap-policy", "proactive"]) == 0
+    first, row = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert first["rate_req_s"] == pytest.approx(0.5 * first["fcfs_capacity_req_s"], rel=1e-3)
+    assert row["request_rate"] == pytest.approx(first["rate_req_s"], rel=1e-3)
+    assert row["completed"] == 60
