@@ -91,6 +91,10 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024**2
     # SIGTERM/SIGINT: seconds in-flight requests may take to finish before they are aborted.
     shutdown_timeout_s: float = 10.0
+    # JSONL file to append one row per finished request to (arrival, lengths), replayable
+    # by `fastserve bench`/`simulate --workload trace:FILE`; None: no trace.
+    record_trace: str | None = None
+    record_trace_prompts: bool = False  # also write each prompt's text into the trace
 
 
 @dataclass(frozen=True)
