@@ -47,7 +47,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     d = EngineConfig()
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="HF directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default=d.model.dtype, choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--dtype", default=d.model.dtype, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights, activations and KV cache; auto: bf16 on CUDA and on CPUs with native "
+                        "bf16 (AVX-512 BF16, AMX), else float32")
     g.add_argument("--device", default=d.model.device, help="auto | cpu | cuda | cuda:N")
     g.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
     g = p.add_argument_group("KV cache")
@@ -72,7 +74,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=d.scheduler.max_num_seqs, help="batch-size cap")
     g.add_argument("--max-num-batched-tokens", type=int, default=d.scheduler.max_num_batched_tokens,
                    help="token budget per iteration")
-    g.add_argument("--torch-threads", type=int, default=None, help="torch threads in the worker")
+    g.add_argument("--torch-threads", type=int, default=None, help="intra-op threads in the worker (default: one per physical core)")
     p.add_argument("--log-level", default="WARNING")
 
 

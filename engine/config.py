@@ -15,7 +15,9 @@ class ModelConfig:
     """
 
     path: str | None = None
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 ("auto": fp32 on CPU, bf16 on CUDA)
+    # auto | float32 | bfloat16 | float16. "auto": bf16 on CUDA and on CPUs with native bf16
+    # (AVX-512 BF16 or AMX: measured faster there), fp32 on other CPUs. The KV cache uses it too.
+    dtype: str = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_model_len: int | None = None  # None: the model's own context length
     seed: int = 0  # seeds torch in the worker (used by random-init test models only)
@@ -65,7 +67,7 @@ class ParallelConfig:
     step_timeout_s: float = 120.0
     # Seconds a worker may take to start and load its model.
     startup_timeout_s: float = 300.0
-    torch_threads: int | None = None  # None: torch's default
+    torch_threads: int | None = None  # worker intra-op threads; None: one per physical core
 
 
 @dataclass(frozen=True)
