@@ -15,9 +15,11 @@ call the worker makes). Per batch size it reports:
   assembly and Python). The hooks cost a little themselves, so the breakdown comes from
   separate steps and its total is a bit above the clean median.
 
-The machine is shared: repeat a run and compare medians, not single numbers.
+The machine is shared: repeat a run and compare medians, not single numbers. Set
+``OMP_WAIT_POLICY`` as the worker does (``ParallelConfig.omp_wait_policy``, passive by
+default): it is read when torch loads, so it has to come from the environment here.
 
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/decode_step_cpu.py \
+    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=$PWD .venv/bin/python benchmarks/decode_step_cpu.py \
         [--dtype float32] [--threads 2] [--batches 1,8] [--steps 32] [--prompt-len 128] \
         [--out benchmarks/results/decode_step_cpu.md]
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import os
 import platform
 import statistics
 import time
@@ -200,7 +203,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, load_s: float) 
         (
             f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, "
             f"{_cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-            f"cpu capability {torch.backends.cpu.get_cpu_capability()}"
+            f"cpu capability {torch.backends.cpu.get_cpu_capability()}, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
         ),
         f"- command: `{args.command}`; model load {load_s:.1f} s",
         "",

@@ -75,6 +75,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=d.scheduler.max_num_batched_tokens,
                    help="token budget per iteration")
     g.add_argument("--torch-threads", type=int, default=None, help="intra-op threads in the worker (default: one per physical core)")
+    g.add_argument("--omp-wait-policy", choices=["passive", "active"], default=d.parallel.omp_wait_policy,
+                   help="worker OpenMP threads sleep (passive) or spin (active) between ops")
     p.add_argument("--log-level", default="WARNING")
 
 
@@ -98,7 +100,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             policy_options=tuple(args.policy_option),
             swap_policy_options=tuple(args.swap_policy_option),
         ),
-        parallel=ParallelConfig(torch_threads=args.torch_threads),
+        parallel=ParallelConfig(torch_threads=args.torch_threads, omp_wait_policy=args.omp_wait_policy),
         server=_server_config(args),
     )
 

@@ -47,6 +47,7 @@ class Worker:
         raise ValueError(f"unknown command kind {kind!r}")
 
     def init(self, msg: dict[str, Any]) -> dict[str, Any]:
+        set_omp_wait_policy(msg["parallel"].get("omp_wait_policy"))
         import torch
 
         from engine.memory.kv_cache import KVCachePool, block_bytes
@@ -95,6 +96,16 @@ class Worker:
             "block_bytes": per_block,
             "model": {k: (list(v) if isinstance(v, tuple) else v) for k, v in info.__dict__.items()},
         }
+
+
+def set_omp_wait_policy(policy: str | None) -> None:
+    """libgomp reads ``OMP_WAIT_POLICY`` once, when torch loads it: set it before that."""
+    if policy is None:
+        return
+    if "torch" in sys.modules and os.environ.get("OMP_WAIT_POLICY", "").lower() != policy:
+        log.warning("torch is already loaded: OpenMP wait policy %r not applied", policy)
+        return
+    os.environ["OMP_WAIT_POLICY"] = policy.upper()
 
 
 def resolve_device(name: str) -> Any:

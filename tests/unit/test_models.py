@@ -146,3 +146,17 @@ def test_bf16_decode_steps_stay_close_to_fp32(tmp_path):
         for tokens, logits in zip((a, b), got):
             want = reference_logits(reference, tokens)[-1]
             assert (logits[-1] - want).abs().max() < 0.05 * want.abs().max()
+
+
+def test_bundled_model_in_bf16_still_answers_paris():
+    """bf16 is what ``--dtype auto`` picks on a CPU with native bf16: the real model, greedy."""
+    from engine.models.loader import default_model_path
+    from engine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(default_model_path())
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}]
+    )
+    model, _ = load_model(None, torch.bfloat16, "cpu")
+    out = PagedDriver(model, num_blocks=16, block_size=16).greedy([prompt], max_new_tokens=8)[0]
+    assert "Paris" in tokenizer.decode(out)
