@@ -5,7 +5,9 @@ builds a ``ModelRunner`` over a KV pool, prefills ``--batches`` jobs of ``--prom
 random tokens, then times ``--steps`` greedy decode steps through ``ModelRunner.step`` (the
 call the worker makes). Per batch size it reports:
 
-- ms per step (median and p90 over the timed steps, after ``--warmup`` untimed ones);
+- ms per step (median and p90 over the timed steps, after ``--warmup`` untimed ones), wall
+  clock and process CPU time (all threads): on a shared machine the CPU time is the steadier
+  measure of the work a step does, the wall time what a user waits;
 - aten ops per step (torch.profiler): every aten event, and the top-level ones (those not
   called from inside another aten op: what Python dispatches);
 - a breakdown of one step: linear layers (forward hooks on every ``*Linear`` module), paged
@@ -74,12 +76,12 @@ class DecodeBench:
         return self.runner.step({"step": self._step, "free": free or [], "new": new or [],
                                  "swap_out": [], "swap_in": [], "seqs": seqs or []})
 
-    def decode(self) -> float:
-        """One decode step of every job; returns its wall time in seconds."""
-        t0 = time.perf_counter()
+    def decode(self) -> tuple[float, float]:
+        """One decode step of every job; returns its (wall, process CPU) time in seconds."""
+        t0, c0 = time.perf_counter(), time.process_time()
         self._call(seqs=[[j, self.pos, 1, [], False, True] for j in self.ids])
         self.pos += 1
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     def close(self) -> None:
         self._call(free=self.ids)
@@ -175,7 +177,8 @@ def measure(runner: ModelRunner, model: torch.nn.Module, batch: int, args: argpa
     bench = DecodeBench(runner, batch, args.prompt_len, total)
     for _ in range(args.warmup):
         bench.decode()
-    times = sorted(bench.decode() for _ in range(args.steps))
+    both = [bench.decode() for _ in range(args.steps)]
+    times, cpu = sorted(w for w, _ in both), sorted(c for _, c in both)
     ops, top_ops = count_ops(bench, args.profile_steps)
     parts = Breakdown(model, runner)
     try:
@@ -189,6 +192,7 @@ def measure(runner: ModelRunner, model: torch.nn.Module, batch: int, args: argpa
         "batch": batch,
         "median_ms": 1000 * median,
         "p90_ms": 1000 * times[int(0.9 * (len(times) - 1))],
+        "cpu_ms": 1000 * statistics.median(cpu),
         "tok_s": batch / median,
         "aten_ops": ops,
         "top_ops": top_ops,
@@ -208,11 +212,12 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, load_s: float) 
         ),
         f"- command: `{args.command}`; model load {load_s:.1f} s",
         "",
-        "| batch | median ms/step | p90 ms/step | tok/s | aten ops/step | top-level ops/step |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| batch | median ms/step | p90 ms/step | CPU ms/step | tok/s | aten ops | top-level ops |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(f"| {r['batch']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | "
+                     f"{r['cpu_ms']:.1f} | "
                      f"{r['tok_s']:.1f} | {r['aten_ops']:.0f} | {r['top_ops']:.0f} |")
     names = list(rows[0]["parts"])
     lines += ["", "Breakdown (ms per step, hooked steps):", "",
