@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -74,6 +75,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=d.scheduler.max_num_seqs, help="batch-size cap")
     g.add_argument("--max-num-batched-tokens", type=int, default=d.scheduler.max_num_batched_tokens,
                    help="token budget per iteration")
+    g.add_argument("--max-waiting", type=int, default=d.scheduler.max_waiting,
+                   help="waiting jobs beyond which new requests get 503 + Retry-After")
+    g.add_argument("--max-waiting-tokens", type=int, default=d.scheduler.max_waiting_tokens,
+                   help="prompt tokens of all waiting jobs beyond which new requests get 503")
     g.add_argument("--torch-threads", type=int, default=None, help="intra-op threads in the worker (default: one per physical core)")
     g.add_argument("--omp-wait-policy", choices=["passive", "active"], default=d.parallel.omp_wait_policy,
                    help="worker OpenMP threads sleep (passive) or spin (active) between ops")
@@ -95,6 +100,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             swap_policy=args.swap_policy,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
+            max_waiting=args.max_waiting,
+            max_waiting_tokens=args.max_waiting_tokens,
             profile_path=args.profile_path,
             eager_recompute=args.eager_recompute,
             policy_options=tuple(args.policy_option),
@@ -112,16 +119,30 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=int, default=d.port)
     g.add_argument("--zmq-address", default=d.zmq_address,
                    help="ZeroMQ frontend address (default: an ipc:// path; 'off' disables it)")
-    g.add_argument("--api-key", default=d.api_key, help="require 'Authorization: Bearer KEY' (not on /health)")
+    key = g.add_mutually_exclusive_group()
+    key.add_argument("--api-key", default=d.api_key,
+                     help="require 'Authorization: Bearer KEY' on HTTP and the key on ZeroMQ "
+                          "(every route but /health)")
+    key.add_argument("--api-key-file", default=None,
+                     help="read the API key from this file (keeps it out of the process list)")
     g.add_argument("--served-model-name", default=d.served_model_name)
     g.add_argument("--max-body-bytes", type=_size, default=d.max_body_bytes)
+    g.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout_s,
+                   help="on SIGTERM, seconds in-flight requests may take before they are aborted")
 
 
 def _server_config(args: argparse.Namespace) -> ServerConfig:
     if not hasattr(args, "port"):
         return ServerConfig()
-    return ServerConfig(host=args.host, port=args.port, zmq_address=args.zmq_address, api_key=args.api_key,
-                        served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes)
+    api_key = args.api_key
+    if args.api_key_file:
+        with open(args.api_key_file, encoding="utf-8") as f:
+            api_key = f.read().strip()
+        if not api_key:
+            raise SystemExit(f"--api-key-file {args.api_key_file}: the file is empty")
+    return ServerConfig(host=args.host, port=args.port, zmq_address=args.zmq_address, api_key=api_key,
+                        served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes,
+                        shutdown_timeout_s=args.shutdown_timeout)
 
 
 async def _generate(args: argparse.Namespace) -> int:
@@ -317,7 +338,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             from engine.server import run_server
 
-            return run_server(engine_config_from_args(args))
+            code = run_server(engine_config_from_args(args))
+            # Everything the server owned (workers, sockets, socket files) is released by
+            # now; skip the interpreter's teardown, which takes seconds with torch loaded,
+            # so SIGTERM's promise (exit within 5 s of the drain deadline) holds.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
         if args.command == "profile":
             return _run(_profile(args))
         if args.command == "simulate":
