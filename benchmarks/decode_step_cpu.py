@@ -14,8 +14,8 @@ call the worker makes). Per batch size it reports:
   attention (the whole ``paged_attention`` call: KV write, gather, SDPA), the per-forward
   plan (``AttentionPlan.build``) and rotary tables, the LM head (``compute_logits``), the
   sampler, and the rest (norms, activations, residuals, embedding, the runner's batch
-  assembly and Python). The hooks cost a little themselves, so the breakdown comes from
-  separate steps and its total is a bit above the clean median.
+  assembly and Python), in process CPU time. The hooks cost a little themselves, so the
+  breakdown comes from separate steps and its total is a bit above the clean median.
 
 The machine is shared: repeat a run and compare medians, not single numbers. Set
 ``OMP_WAIT_POLICY`` as the worker does (``ParallelConfig.omp_wait_policy``, passive by
@@ -88,7 +88,7 @@ class DecodeBench:
 
 
 class Breakdown:
-    """Wall time of named parts of a step, from wrappers and module hooks (synchronous CPU)."""
+    """CPU time of named parts of a step, from wrappers and module hooks (synchronous CPU)."""
 
     def __init__(self, model: torch.nn.Module, runner: ModelRunner) -> None:
         self.totals: dict[str, float] = defaultdict(float)
@@ -106,9 +106,9 @@ class Breakdown:
         for m in model.modules():
             if "Linear" in type(m).__name__:
                 pre = m.register_forward_pre_hook(
-                    lambda mod, _a: starts.__setitem__(id(mod), time.perf_counter()))
+                    lambda mod, _a: starts.__setitem__(id(mod), time.process_time()))
                 post = m.register_forward_hook(lambda mod, _a, _o: self._add(
-                    "linear layers", time.perf_counter() - starts[id(mod)]))
+                    "linear layers", time.process_time() - starts[id(mod)]))
                 self._undo += [pre.remove, post.remove]
 
     def _add(self, name: str, dt_s: float) -> None:
@@ -119,11 +119,11 @@ class Breakdown:
         original = getattr(owner, attr)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             try:
                 return original(*args, **kwargs)
             finally:
-                self._add(name, time.perf_counter() - t0)
+                self._add(name, time.process_time() - t0)
 
         if classmethod_:
             setattr(owner, attr, staticmethod(timed))
@@ -220,7 +220,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, load_s: float) 
                      f"{r['cpu_ms']:.1f} | "
                      f"{r['tok_s']:.1f} | {r['aten_ops']:.0f} | {r['top_ops']:.0f} |")
     names = list(rows[0]["parts"])
-    lines += ["", "Breakdown (ms per step, hooked steps):", "",
+    lines += ["", "Breakdown (process CPU ms per step, hooked steps):", "",
               "| part | " + " | ".join(f"batch {r['batch']}" for r in rows) + " |",
               "|---|" + "---:|" * len(rows)]
     for name in names:
