@@ -48,7 +48,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     d = EngineConfig()
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="HF directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default=d.model.dtype, choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--dtype", default=d.model.dtype, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights, activations and KV cache; auto: bf16 on CUDA and on CPUs with native "
+                        "bf16 (AVX-512 BF16, AMX), else float32")
     g.add_argument("--device", default=d.model.device, help="auto | cpu | cuda | cuda:N")
     g.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
     g = p.add_argument_group("KV cache")
@@ -77,7 +79,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="waiting jobs beyond which new requests get 503 + Retry-After")
     g.add_argument("--max-waiting-tokens", type=int, default=d.scheduler.max_waiting_tokens,
                    help="prompt tokens of all waiting jobs beyond which new requests get 503")
-    g.add_argument("--torch-threads", type=int, default=None, help="torch threads in the worker")
+    g.add_argument("--torch-threads", type=int, default=None, help="intra-op threads in the worker (default: one per physical core)")
+    g.add_argument("--omp-wait-policy", choices=["passive", "active"], default=d.parallel.omp_wait_policy,
+                   help="worker OpenMP threads sleep (passive) or spin (active) between ops")
     p.add_argument("--log-level", default="WARNING")
 
 
@@ -103,7 +107,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             policy_options=tuple(args.policy_option),
             swap_policy_options=tuple(args.swap_policy_option),
         ),
-        parallel=ParallelConfig(torch_threads=args.torch_threads),
+        parallel=ParallelConfig(torch_threads=args.torch_threads, omp_wait_policy=args.omp_wait_policy),
         server=_server_config(args),
     )
 
