@@ -71,12 +71,14 @@ class Worker:
         raise ValueError(f"unknown command kind {kind!r}")
 
     def init(self, msg: dict[str, Any]) -> dict[str, Any]:
+        set_omp_wait_policy(msg["parallel"].get("omp_wait_policy"))
         import torch
 
         from engine.memory.kv_cache import block_bytes
         from engine.models.base import PipelineStage
         from engine.models.linear import SINGLE_DEVICE, TPInfo
         from engine.models.loader import load_hf_config, load_model, resolve_model_path
+        from engine.parallel.cpu import physical_cores
         from engine.parallel.distributed import Distributed, RankLayout
 
         if msg.get("version") != PROTOCOL_VERSION:
@@ -85,9 +87,9 @@ class Worker:
         self._cache_cfg = ccfg
         layout = RankLayout(self.rank, int(pcfg.get("tensor_parallel_size", 1)),
                             int(pcfg.get("pipeline_parallel_size", 1)))
-        threads = pcfg.get("torch_threads")
-        if threads:
-            torch.set_num_threads(int(threads))
+        # Intra-op threads: one per physical core unless told otherwise (the executor gives
+        # each of several local ranks its share).
+        torch.set_num_threads(int(pcfg.get("torch_threads") or physical_cores()))
         torch.manual_seed(int(mcfg.get("seed", 0)))
         device = resolve_device(mcfg.get("device", "auto"), layout)
         dtype = resolve_dtype(mcfg.get("dtype", "auto"), device)
@@ -157,6 +159,16 @@ class Worker:
         return {"kind": "resized", "rank": self.rank, "num_gpu_blocks": n_gpu, "num_host_blocks": n_host}
 
 
+def set_omp_wait_policy(policy: str | None) -> None:
+    """libgomp reads ``OMP_WAIT_POLICY`` once, when torch loads it: set it before that."""
+    if policy is None:
+        return
+    if "torch" in sys.modules and os.environ.get("OMP_WAIT_POLICY", "").lower() != policy:
+        log.warning("torch is already loaded: OpenMP wait policy %r not applied", policy)
+        return
+    os.environ["OMP_WAIT_POLICY"] = policy.upper()
+
+
 def resolve_device(name: str, layout: Any = None) -> Any:
     import torch
 
@@ -172,7 +184,9 @@ def resolve_dtype(name: str, device: Any) -> Any:
     import torch
 
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        from engine.parallel.cpu import auto_dtype
+
+        return auto_dtype(device)
     if name not in _DTYPES:
         raise ValueError(f"unknown dtype {name!r}; use one of {sorted(set(_DTYPES.values()))}")
     return getattr(torch, _DTYPES[name])
