@@ -682,6 +682,9 @@ async def main(argv: Sequence[str] | None = None) -> int:
                 async with running(server, Path(logs)) as base:
                     results[server.name] = await measure(
                         base, server.name, args, prompts, burst, problems)
+                if args.json:  # keep what is measured so far, should the next server fail
+                    dump = {"meta": meta, "problems": problems, **results}
+                    Path(args.json).write_text(json.dumps(dump, indent=1) + "\n")
             except Exception:
                 log = Path(logs) / f"{server.name}.log"
                 if log.exists():
@@ -693,8 +696,6 @@ async def main(argv: Sequence[str] | None = None) -> int:
         Path(args.out).write_text(text)
         print(f"wrote {args.out}")
     if args.json:
-        dump = {"meta": meta, "problems": problems, **results}
-        Path(args.json).write_text(json.dumps(dump, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 1 if problems else 0
 
