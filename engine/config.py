@@ -15,7 +15,9 @@ class ModelConfig:
     """
 
     path: str | None = None
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 ("auto": fp32 on CPU, bf16 on CUDA)
+    # auto | float32 | bfloat16 | float16. "auto": bf16 on CUDA and on CPUs with native bf16
+    # (AVX-512 BF16 or AMX: measured faster there), fp32 on other CPUs. The KV cache uses it too.
+    dtype: str = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_model_len: int | None = None  # None: the model's own context length
     seed: int = 0  # seeds torch in the worker (used by random-init test models only)
@@ -44,7 +46,10 @@ class SchedulerConfig:
     swap_policy: str = "reactive"  # name in the fastserve.swap_policies entry-point group
     max_num_seqs: int = 64  # batch-size cap per iteration
     max_num_batched_tokens: int = 2048  # token budget per iteration (prefill + decode tokens)
-    max_waiting: int = 4096  # admission cap; more waiting jobs are refused
+    max_waiting: int = 4096  # admission cap; more waiting jobs are refused (503, Retry-After)
+    # Admission cap on the prompt tokens of all waiting jobs together: bounds the memory a
+    # flood of long prompts can pin before any of them runs. None: no cap.
+    max_waiting_tokens: int | None = 1 << 20
     policy_options: tuple[tuple[str, object], ...] = ()  # extra knobs for the policy plugin
     swap_policy_options: tuple[tuple[str, object], ...] = ()  # extra knobs for the swap plugin
     # A victim the host pool cannot take: False spares it while anything else can run (the
@@ -54,6 +59,10 @@ class SchedulerConfig:
     # Stored cost profile (`fastserve profile --out`) for policies that use one (skip-join);
     # None: such a policy has the worker profile the model at start-up.
     profile_path: str | None = None
+    # Service charged to each job per iteration, in seconds, instead of the step's measured
+    # duration; None: measured. Set, quanta count iterations, so demotions do not depend on
+    # how fast (or how loaded) the machine is: reproducible experiments and tests.
+    fixed_step_time_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,20 @@ class ParallelConfig:
     step_timeout_s: float = 120.0
     # Seconds a worker may take to start and load its model.
     startup_timeout_s: float = 300.0
-    torch_threads: int | None = None  # None: torch's default
+    torch_threads: int | None = None  # worker intra-op threads; None: one per physical core
+    # How the worker's OpenMP threads wait between parallel regions: "passive" sleeps at once,
+    # "active" spins first (libgomp's default). When anything else wants the same cores (the
+    # engine process planning the next step, other programs), a spinning thread holds a core
+    # its descheduled partner needs and each op waits a time slice: measured on a busy 2-core
+    # machine, a bf16 decode step of SmolLM2-135M with 2 threads took 3-7 s spinning and
+    # 60-175 ms passive (1 thread: 0.5-1 s). None: leave the environment alone.
+    omp_wait_policy: str | None = "passive"
+    # Self-recovery: after the worker group fails (a worker died or missed the step
+    # deadline) the engine restarts it after this many seconds, doubling on each failure
+    # in a row up to the maximum; a group that served restart_reset_s resets the backoff.
+    restart_backoff_s: float = 1.0
+    restart_backoff_max_s: float = 30.0
+    restart_reset_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -73,9 +95,15 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     zmq_address: str | None = None
-    api_key: str | None = None
+    api_key: str | None = None  # required by every route but /health, HTTP and ZeroMQ alike
     served_model_name: str | None = None
     max_body_bytes: int = 4 * 1024**2
+    # SIGTERM/SIGINT: seconds in-flight requests may take to finish before they are aborted.
+    shutdown_timeout_s: float = 10.0
+    # JSONL file to append one row per finished request to (arrival, lengths), replayable
+    # by `fastserve bench`/`simulate --workload trace:FILE`; None: no trace.
+    record_trace: str | None = None
+    record_trace_prompts: bool = False  # also write each prompt's text into the trace
 
 
 @dataclass(frozen=True)

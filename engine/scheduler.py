@@ -11,8 +11,8 @@ does not fit the host pool is spared (the job that wanted its room waits) unless
 at all could run; only then is its KV dropped for recompute, since that throws away all
 the compute it had (``SchedulerConfig.eager_recompute`` drops it at once instead).
 ``update`` applies the worker's sampled tokens, charges the iteration's measured duration
-to every job in it, and finishes jobs that hit a stop condition. Blocks are the block
-manager's; the scheduler only asks.
+(or ``SchedulerConfig.fixed_step_time_s``) to every job in it, and finishes jobs that hit a
+stop condition. Blocks are the block manager's; the scheduler only asks.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from engine.config import SchedulerConfig
 from engine.memory.block_manager import BlockManager, Residency
 from engine.memory.swap import EvictMode, SwapPolicy
 from engine.policies.base import SchedulingPolicy
+from engine.policies.mlfq import check_number
 from engine.request import FinishReason, Job, JobState
 
 
@@ -75,6 +76,9 @@ class Scheduler:
         swap_policy: SwapPolicy,
         blocks: BlockManager,
     ) -> None:
+        fixed = config.fixed_step_time_s
+        if fixed is not None:
+            check_number("fixed_step_time_s", fixed)
         self.config = config
         self.policy = policy
         self.swap_policy = swap_policy
@@ -97,9 +101,23 @@ class Scheduler:
                 f"prompt of {job.num_prompt_tokens} tokens does not fit the KV cache "
                 f"({self.blocks.num_gpu_blocks} blocks of {self.blocks.block_size} tokens)"
             )
-        waiting = sum(1 for j in self.jobs.values() if j.state is JobState.WAITING)
-        if waiting >= self.config.max_waiting:
-            raise QueueFullError(f"{waiting} jobs waiting (max_waiting={self.config.max_waiting})")
+        waiting = [j for j in self.jobs.values() if j.state is JobState.WAITING]
+        if len(waiting) >= self.config.max_waiting:
+            raise QueueFullError(
+                f"{len(waiting)} jobs waiting (max_waiting={self.config.max_waiting})"
+            )
+        cap = self.config.max_waiting_tokens
+        if cap is not None and job.num_prompt_tokens > cap:
+            raise AdmissionError(
+                f"prompt of {job.num_prompt_tokens} tokens exceeds max_waiting_tokens={cap}"
+            )
+        if cap is not None:
+            queued = sum(j.num_prompt_tokens for j in waiting)
+            if queued + job.num_prompt_tokens > cap:
+                raise QueueFullError(
+                    f"{queued} prompt tokens waiting, {job.num_prompt_tokens} more would pass "
+                    f"max_waiting_tokens={cap}"
+                )
         job.state = JobState.WAITING
         self.jobs[job.job_id] = job
         self.policy.admit(job, now)
@@ -160,6 +178,8 @@ class Scheduler:
 
     def update(self, plan: StepPlan, sampled: dict[str, int], step_time_s: float, now: float) -> list[Job]:
         """Apply a step's results. Returns the jobs that got a token or finished."""
+        if self.config.fixed_step_time_s is not None:
+            step_time_s = self.config.fixed_step_time_s
         touched: list[Job] = []
         for seq in plan.seqs:
             job = seq.job
