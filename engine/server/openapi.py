@@ -132,6 +132,12 @@ _USAGE = {
     "properties": {k: {"type": "integer", "minimum": 0}
                    for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
 }
+# One server-sent event: ``data:`` is a JSON chunk, an error object, or ``[DONE]``.
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+}
 _FINISH = _nullable({"enum": ["stop", "length", "abort"]})
 
 
@@ -236,7 +242,7 @@ def openapi_document(model_name: str, max_model_len: int, version: str) -> dict:
                            "ending in ``data: [DONE]``",
             "content": {
                 "application/json": {"schema": {}},
-                "text/event-stream": {"schema": {"type": "string"}},
+                "text/event-stream": {"schema": _SSE_EVENT},
             },
         },
         **_errors(400, 401, 404, 413, 415, 503),
@@ -258,12 +264,12 @@ def openapi_document(model_name: str, max_model_len: int, version: str) -> dict:
     completions = dict(generation)
     completions["200"] = {**generation["200"], "content": {
         "application/json": {"schema": _completion_response(chat=False)},
-        "text/event-stream": {"schema": {"type": "string"}},
+        "text/event-stream": {"schema": _SSE_EVENT},
     }}
     chat = dict(generation)
     chat["200"] = {**generation["200"], "content": {
         "application/json": {"schema": _completion_response(chat=True)},
-        "text/event-stream": {"schema": {"type": "string"}},
+        "text/event-stream": {"schema": _SSE_EVENT},
     }}
     return {
         "openapi": "3.1.0",
