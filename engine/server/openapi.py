@@ -66,6 +66,14 @@ _MESSAGE = {
 _MESSAGES = {"type": "array", "minItems": 1, "items": _MESSAGE}
 
 
+# OpenAPI 3.1 has a text/event-stream ``schema`` describe each event (3.2 moved that to
+# ``itemSchema``): an event with a ``data`` line, a JSON chunk or the final ``[DONE]``.
+_SSE_EVENT = {
+    "type": "object",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+    "required": ["data"],
+}
+
 def _ranges(max_model_len: int) -> dict[str, dict]:
     """Field schemas beyond their JSON type (SamplingParams.validate, route handlers)."""
     return {
