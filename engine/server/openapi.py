@@ -74,6 +74,7 @@ _SSE_EVENT = {
     "required": ["data"],
 }
 
+
 def _ranges(max_model_len: int) -> dict[str, dict]:
     """Field schemas beyond their JSON type (SamplingParams.validate, route handlers)."""
     return {
@@ -139,12 +140,6 @@ _USAGE = {
     "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
     "properties": {k: {"type": "integer", "minimum": 0}
                    for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
-}
-# One server-sent event: ``data:`` is a JSON chunk, an error object, or ``[DONE]``.
-_SSE_EVENT = {
-    "type": "object",
-    "required": ["data"],
-    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
 }
 _FINISH = _nullable({"enum": ["stop", "length", "abort"]})
 
