@@ -347,7 +347,7 @@ async def serve(
             pass
     name = default_model_name(engine_config)
     metrics = ServerMetrics(name)
-    runner = zmq = app = None
+    runner = zmq = app = trace = None
     try:
         if own_engine:  # after the handlers: a SIGTERM while loading still shuts down cleanly
             from engine.api import Engine
@@ -355,13 +355,19 @@ async def serve(
             engine = await Engine.create(engine_config)
             if stop.is_set():
                 return
-        app = build_app(engine, sc, name, metrics=metrics)
+        served = engine
+        if sc.record_trace:  # `serve --record-trace`: every request, HTTP or ZeroMQ, is seen
+            from engine.server.trace import TraceWriter, TracingEngine
+
+            trace = TraceWriter(sc.record_trace, sc.record_trace_prompts)
+            served = TracingEngine(engine, trace)
+        app = build_app(served, sc, name, metrics=metrics)
         frontends.append(app[ROUTES_KEY])
         runner, port = await start_http(app, sc.host, sc.port)
         address = resolve_zmq_address(sc.zmq_address, port)
         if address:
             zmq = ZmqFrontend(
-                engine,
+                served,
                 address,
                 name,
                 metrics=metrics,
@@ -391,6 +397,8 @@ async def serve(
             await runner.cleanup()
         if own_engine and engine is not None:
             await engine.shutdown()
+        if trace is not None:
+            trace.close()
         log.warning("server stopped")
 
 
