@@ -327,7 +327,13 @@ async def serve(
     hurry = asyncio.Event()  # a second signal: abort in-flight requests now
     loop = asyncio.get_running_loop()
 
+    frontends: list[Any] = []  # the HTTP routes and the ZeroMQ frontend, once they exist
+
     def on_signal() -> None:
+        # Admission closes here, in the signal's own callback: a request arriving a few
+        # loop iterations later (before the drain starts) must already get its 503.
+        for f in frontends:
+            f.admitting = False
         if stop.is_set():
             hurry.set()
         stop.set()
@@ -356,6 +362,7 @@ async def serve(
             trace = TraceWriter(sc.record_trace, sc.record_trace_prompts)
             served = TracingEngine(engine, trace)
         app = build_app(served, sc, name, metrics=metrics)
+        frontends.append(app[ROUTES_KEY])
         runner, port = await start_http(app, sc.host, sc.port)
         address = resolve_zmq_address(sc.zmq_address, port)
         if address:
@@ -368,6 +375,7 @@ async def serve(
                 api_key=sc.api_key,
             )
             await zmq.start()
+            frontends.append(zmq)
             address = zmq.address
         url = f"http://{sc.host}:{port}"
         exposed = [a for a in (sc.host, address or "") if a and not _is_loopback(a)]
