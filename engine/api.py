@@ -118,7 +118,8 @@ class Engine:
         config = self.config
         policy = create_scheduling_policy(config.scheduler.policy, dict(config.scheduler.policy_options))
         swap_policy = create_swap_policy(config.scheduler.swap_policy, dict(config.scheduler.swap_policy_options))
-        executor = WorkerExecutor(config.parallel.step_timeout_s, config.parallel.startup_timeout_s)
+        executor = WorkerExecutor(config.parallel.step_timeout_s, config.parallel.startup_timeout_s,
+                                  config.parallel)
         try:
             ready = await executor.start(self._init)
             if wants_profile(policy):
@@ -132,7 +133,9 @@ class Engine:
             raise
         blocks = BlockManager(ready["num_gpu_blocks"], ready["num_host_blocks"], config.cache.block_size)
         bind_memory(policy, blocks)
-        core = Scheduler(config.scheduler, policy, swap_policy, blocks)
+        # One batch in flight per pipeline stage.
+        depth = config.parallel.max_batches_in_flight or config.parallel.pipeline_parallel_size
+        core = Scheduler(config.scheduler, policy, swap_policy, blocks, pipeline_depth=depth)
         scheduler = SchedulerActor(core, executor, emit=self._emit, fail=self._fail)
         memory = MemoryManagerActor(blocks.num_gpu_blocks, blocks.num_host_blocks, ready["block_bytes"], scheduler)
         scheduler.memory = memory

@@ -44,6 +44,13 @@ def _option(text: str) -> tuple[str, object]:
         return key.strip(), value
 
 
+def _ranks(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(r) for r in text.split(",") if r.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ranks, got {text!r}") from None
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     d = EngineConfig()
     g = p.add_argument_group("model")
@@ -53,6 +60,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "bf16 (AVX-512 BF16, AMX), else float32")
     g.add_argument("--device", default=d.model.device, help="auto | cpu | cuda | cuda:N")
     g.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
+    g.add_argument("--quantization", default=d.model.quantization, choices=["auto", "none", "int8", "int4"],
+                   help="weights of linear layers: auto keeps a GGUF's own precision packed; none "
+                   "dequantizes; int8/int4 quantize at load (default %(default)s)")
     g = p.add_argument_group("KV cache")
     g.add_argument("--block-size", type=int, default=d.cache.block_size, help="tokens per KV block")
     g.add_argument("--kv-cache-memory", type=_size, default=d.cache.kv_cache_memory,
@@ -79,15 +89,31 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="waiting jobs beyond which new requests get 503 + Retry-After")
     g.add_argument("--max-waiting-tokens", type=int, default=d.scheduler.max_waiting_tokens,
                    help="prompt tokens of all waiting jobs beyond which new requests get 503")
-    g.add_argument("--torch-threads", type=int, default=None, help="intra-op threads in the worker (default: one per physical core)")
+    g = p.add_argument_group("parallelism (see docs/distributed.md)")
+    g.add_argument("--torch-threads", type=int, default=None,
+                   help="torch threads per worker rank (default: one per physical core; several local "
+                        "ranks: an equal share)")
     g.add_argument("--omp-wait-policy", choices=["passive", "active"], default=d.parallel.omp_wait_policy,
                    help="worker OpenMP threads sleep (passive) or spin (active) between ops")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.parallel.tensor_parallel_size,
+                   help="ranks per pipeline stage, each holding a slice of every layer")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=d.parallel.pipeline_parallel_size,
+                   help="pipeline stages, each holding a contiguous range of layers")
+    g.add_argument("--engine-address", default=None,
+                   help="control socket to bind, e.g. tcp://0.0.0.0:5555, for workers on other hosts "
+                        "(default: a local ipc:// path)")
+    g.add_argument("--remote-ranks", default="", type=_ranks,
+                   help="comma-separated ranks started elsewhere with `fastserve worker` (e.g. 2,3)")
+    g.add_argument("--dist-host", default=d.parallel.dist_host,
+                   help="address of rank 0's torch.distributed store, reachable from every rank")
+    g.add_argument("--dist-port", type=int, default=d.parallel.dist_port, help="its port (0: a free one)")
     p.add_argument("--log-level", default="WARNING")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=ModelConfig(path=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len),
+        model=ModelConfig(path=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                          quantization=args.quantization),
         cache=CacheConfig(
             block_size=args.block_size,
             kv_cache_memory=args.kv_cache_memory,
@@ -107,7 +133,16 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             policy_options=tuple(args.policy_option),
             swap_policy_options=tuple(args.swap_policy_option),
         ),
-        parallel=ParallelConfig(torch_threads=args.torch_threads, omp_wait_policy=args.omp_wait_policy),
+        parallel=ParallelConfig(
+            torch_threads=args.torch_threads,
+            omp_wait_policy=args.omp_wait_policy,
+            tensor_parallel_size=args.tensor_parallel_size,
+            pipeline_parallel_size=args.pipeline_parallel_size,
+            engine_address=args.engine_address,
+            remote_ranks=args.remote_ranks,
+            dist_host=args.dist_host,
+            dist_port=args.dist_port,
+        ),
         server=_server_config(args),
     )
 
@@ -198,6 +233,12 @@ async def _profile(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if args_in[:1] == ["worker"]:
+        # The worker parses its own flags (argparse's REMAINDER would not pass on leading ones).
+        from engine.parallel.worker import main as worker_main
+
+        return worker_main(args_in[1:])
     parser = argparse.ArgumentParser(prog="fastserve", description="FastServe LLM inference server.")
     sub = parser.add_subparsers(dest="command", required=True)
 

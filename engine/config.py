@@ -20,6 +20,9 @@ class ModelConfig:
     dtype: str = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_model_len: int | None = None  # None: the model's own context length
+    # How linear layers hold weights: auto (a GGUF keeps its own precision in the nearest
+    # packed format; floats for safetensors) | none (dequantize to dtype) | int8 | int4.
+    quantization: str = "auto"
     seed: int = 0  # seeds torch in the worker (used by random-init test models only)
 
 
@@ -67,14 +70,36 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Worker processes. One worker per engine for now: tensor and pipeline parallelism
-    are not implemented, so there is no knob for them yet."""
+    """Worker processes: ``tensor_parallel_size`` x ``pipeline_parallel_size`` ranks.
 
+    Rank ``r`` is TP rank ``r % tp`` of pipeline stage ``r // tp``; the last stage's TP rank 0
+    (the driver) samples and answers steps. See docs/distributed.md.
+    """
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     # Seconds a worker may take to answer a step before it is declared dead.
     step_timeout_s: float = 120.0
     # Seconds a worker may take to start and load its model.
     startup_timeout_s: float = 300.0
-    torch_threads: int | None = None  # worker intra-op threads; None: one per physical core
+    # Torch threads per rank; None: one per physical core (several local ranks: an equal share).
+    torch_threads: int | None = None
+    # Address the engine's control socket binds. None: an ipc:// path (local ranks only);
+    # "tcp://HOST:PORT" lets `fastserve worker --engine ...` on other hosts join.
+    engine_address: str | None = None
+    # torch.distributed rendezvous (rank 0 hosts the TCPStore there; 0: a free port).
+    dist_host: str = "127.0.0.1"
+    dist_port: int = 0
+    # Ranks the engine does not start itself (started with `fastserve worker` elsewhere).
+    remote_ranks: tuple[int, ...] = ()
+    # "auto": NCCL on CUDA, gloo on CPU.
+    dist_backend: str = "auto"
+    # Seconds between the engine's pings to remote ranks when it sends nothing else; a remote
+    # worker exits after its --idle-exit without any message (its engine is gone).
+    heartbeat_s: float = 5.0
+    # Batches the scheduler keeps in flight; None: one per pipeline stage (1 shows the bubble
+    # of a pipeline without streaming, as benchmarks/parallel_cpu.py does).
+    max_batches_in_flight: int | None = None
     # How the worker's OpenMP threads wait between parallel regions: "passive" sleeps at once,
     # "active" spins first (libgomp's default). When anything else wants the same cores (the
     # engine process planning the next step, other programs), a spinning thread holds a core
@@ -88,6 +113,17 @@ class ParallelConfig:
     restart_backoff_s: float = 1.0
     restart_backoff_max_s: float = 30.0
     restart_reset_s: float = 60.0
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
+            raise ValueError("tensor_parallel_size and pipeline_parallel_size must be >= 1")
+        bad = [r for r in self.remote_ranks if not 0 <= r < self.world_size]
+        if bad:
+            raise ValueError(f"remote ranks {bad} outside 0..{self.world_size - 1}")
 
 
 @dataclass(frozen=True)

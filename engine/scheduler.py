@@ -13,11 +13,21 @@ the compute it had (``SchedulerConfig.eager_recompute`` drops it at once instead
 ``update`` applies the worker's sampled tokens, charges the iteration's measured duration
 (or ``SchedulerConfig.fixed_step_time_s``) to every job in it, and finishes jobs that hit a
 stop condition. Blocks are the block manager's; the scheduler only asks.
+
+Pipeline parallelism keeps up to ``pipeline_depth`` batches in flight: ``schedule`` may be
+called again before the last plan's ``update``. A job whose batch is in flight is never
+scheduled, evicted or swapped until its result returns (its token count and last token are
+not known until then); results must be applied in the order the plans were made, and the
+demotion, promotion and stop checks happen then, when the batch leaves the last stage.
+Blocks freed by an abort while a batch is in flight may be reused at once: every rank runs
+plans in order, so the batch that still writes them is done before the next one reads.
+With depth 1 ``schedule`` and ``update`` simply alternate.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from dataclasses import dataclass, field
 
 from engine.config import SchedulerConfig
@@ -75,11 +85,17 @@ class Scheduler:
         policy: SchedulingPolicy,
         swap_policy: SwapPolicy,
         blocks: BlockManager,
+        pipeline_depth: int = 1,
     ) -> None:
+        if pipeline_depth < 1:
+            raise ValueError("pipeline_depth must be >= 1")
         fixed = config.fixed_step_time_s
         if fixed is not None:
             check_number("fixed_step_time_s", fixed)
         self.config = config
+        self.pipeline_depth = pipeline_depth
+        self._in_flight: dict[str, int] = {}  # job id -> step id of its batch in the pipeline
+        self._plans_in_flight: deque[int] = deque()  # step ids of batches in flight, oldest first
         self.policy = policy
         self.swap_policy = swap_policy
         self.blocks = blocks
@@ -132,8 +148,22 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.jobs) or bool(self._to_free)
 
+    @property
+    def num_in_flight(self) -> int:
+        """Batches planned whose results have not been applied yet."""
+        return len(self._plans_in_flight)
+
+    def can_schedule(self) -> bool:
+        """Whether another batch may enter the pipeline now."""
+        return len(self._plans_in_flight) < self.pipeline_depth
+
+    def is_in_flight(self, job_id: str) -> bool:
+        return job_id in self._in_flight
+
     # -- one iteration ----------------------------------------------------------------------
     def schedule(self, now: float) -> StepPlan:
+        if not self.can_schedule():
+            raise RuntimeError(f"{self.pipeline_depth} batches already in flight")
         plan = StepPlan(step_id=next(self._step_ids), free=self._to_free)
         self._to_free = []
         order = list(self.policy.order(now))
@@ -146,12 +176,18 @@ class Scheduler:
             self._fill_batch(order, in_batch, plan, now, allow_recompute=True)
         self._apply_proactive(order, in_batch, plan, now)
         self.blocks.end_step()
+        if plan.seqs:
+            self._plans_in_flight.append(plan.step_id)
+            for seq in plan.seqs:
+                self._in_flight[seq.job.job_id] = plan.step_id
         return plan
 
     def _fill_batch(
         self, order: list[Job], in_batch: set[str], plan: StepPlan, now: float, allow_recompute: bool,
     ) -> None:
         budget = self.config.max_num_batched_tokens - plan.num_tokens
+        # The most urgent job not in flight (with depth 1 nothing is in flight: order[0]).
+        head = next((i for i, j in enumerate(order) if j.job_id not in self._in_flight), -1)
         for pos, job in enumerate(order):
             if len(plan.seqs) >= self.config.max_num_seqs or budget <= 0:
                 break
@@ -159,11 +195,13 @@ class Scheduler:
                 continue  # evicted for a higher-priority job this step: running it now undoes that
             if job.job_id in in_batch or job.is_finished:
                 continue  # a second pass: placed, or stopped for good, by the first
+            if job.job_id in self._in_flight:
+                continue  # an earlier batch of it is still in the pipeline
             n = min(job.num_pending_tokens, budget)
             if not self._make_resident(
                 job, job.num_computed_tokens + n, order, pos, in_batch, plan, now, allow_recompute
             ):
-                if pos == 0 and not self._fits_alone(job, n):
+                if pos == head and not self._fits_alone(job, n):
                     # Even an empty pool cannot hold it: stop it rather than deadlock.
                     self._finish(job, FinishReason.LENGTH, now)
                 continue
@@ -177,7 +215,14 @@ class Scheduler:
                 plan.new_jobs.append(job)
 
     def update(self, plan: StepPlan, sampled: dict[str, int], step_time_s: float, now: float) -> list[Job]:
-        """Apply a step's results. Returns the jobs that got a token or finished."""
+        """Apply a step's results (the oldest batch in flight). Returns the jobs that got a
+        token or finished."""
+        if plan.seqs:
+            if not self._plans_in_flight or self._plans_in_flight[0] != plan.step_id:
+                raise RuntimeError(f"results of step {plan.step_id} applied out of order")
+            self._plans_in_flight.popleft()
+            for seq in plan.seqs:
+                self._in_flight.pop(seq.job.job_id, None)
         if self.config.fixed_step_time_s is not None:
             step_time_s = self.config.fixed_step_time_s
         touched: list[Job] = []
@@ -251,6 +296,8 @@ class Scheduler:
                 break
             if victim.job_id in in_batch or self.blocks.residency(victim.job_id) is not Residency.GPU:
                 continue
+            if victim.job_id in self._in_flight:
+                continue  # its batch is still computing with these blocks
             held = self.blocks.num_blocks_held(victim.job_id)
             mode = self.swap_policy.evict(victim, self.blocks)
             if mode == "swap":
@@ -300,7 +347,7 @@ class Scheduler:
         proposal = self.swap_policy.plan(self.blocks, order, batch)
         swapped_out_now: set[str] = set()
         for job in proposal.swap_out:
-            if job.job_id in in_batch or job.is_finished:
+            if job.job_id in in_batch or job.is_finished or job.job_id in self._in_flight:
                 continue
             if self.blocks.residency(job.job_id) is Residency.GPU and self.blocks.can_swap_out(job.job_id):
                 plan.offload.extend(self._swap_out(job, now))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -180,10 +182,17 @@ def _llama3_rope_factors(config: PretrainedConfig) -> np.ndarray:
     return np.array(factors, dtype=np.float32)
 
 
-def write_tiny_gguf(model: PreTrainedModel, path: str | os.PathLike) -> str:
+def write_tiny_gguf(
+    model: PreTrainedModel,
+    path: str | os.PathLike,
+    encode: Callable[[str, np.ndarray], tuple[np.ndarray, Any] | None] | None = None,
+) -> str:
     """Write a Llama or Qwen2 transformers model as an fp32 GGUF file, the way llama.cpp's
     converter does (q/k rows permuted for llama, Llama 3 rope scaling as ``rope_freqs``).
-    Only the token list of the tokenizer is stored."""
+    Only the token list of the tokenizer is stored.
+
+    ``encode(gguf_name, fp32 array)`` may return ``(raw uint8 blocks, GGML type)`` to store
+    a tensor quantized instead (``None``: keep it fp32)."""
     import gguf
 
     config = model.config
@@ -213,10 +222,15 @@ def write_tiny_gguf(model: PreTrainedModel, path: str | os.PathLike) -> str:
         elif arch == "llama" and ".k_proj." in name:
             w = _gguf_permute(w, kv_heads)
         if name in _GGUF_NAMES:
-            writer.add_tensor(_GGUF_NAMES[name], w)
-            continue
-        _, _, layer, *part, suffix = name.split(".")
-        writer.add_tensor(f"blk.{layer}.{_GGUF_LAYER_PARTS['.'.join(part)]}.{suffix}", w)
+            gguf_name = _GGUF_NAMES[name]
+        else:
+            _, _, layer, *part, suffix = name.split(".")
+            gguf_name = f"blk.{layer}.{_GGUF_LAYER_PARTS['.'.join(part)]}.{suffix}"
+        encoded = encode(gguf_name, w) if encode is not None else None
+        if encoded is None:
+            writer.add_tensor(gguf_name, w)
+        else:
+            writer.add_tensor(gguf_name, encoded[0], raw_dtype=encoded[1])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -1,7 +1,9 @@
 """SchedulerActor: runs the iteration loop plan -> execute -> update around the core.
 
 While the worker computes step N, the actor's mailbox keeps filling (new jobs, aborts,
-stop-string finishes); they are applied before step N+1 is planned.
+stop-string finishes); they are applied before step N+1 is planned. With P pipeline stages
+the actor plans and sends up to P disjoint batches before it waits for the oldest result,
+so no stage idles while another works; results are applied in the order they were sent.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +20,7 @@ from engine.actors.base import Actor
 from engine.parallel.executor import WorkerDiedError, WorkerError, WorkerExecutor
 from engine.parallel.protocol import plan_to_message
 from engine.request import FinishReason, Job
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, StepPlan
 
 log = logging.getLogger("fastserve.scheduler")
 
@@ -58,13 +61,15 @@ class SchedulerActor(Actor):
         self.error: Exception | None = None
         self._failed = asyncio.Event()
         self.num_steps = 0
+        # Batches sent and not yet applied, oldest first: (plan, answer, time sent).
+        self._in_flight: deque[tuple[StepPlan, Awaitable[dict], float]] = deque()
 
     async def run(self) -> None:
         busy = False
         while True:
             # After a worker failure nothing can run: wait for messages (which are refused)
             # instead of spinning on jobs that can never be stepped.
-            if not self.core.has_work() or self.error is not None:
+            if (not self.core.has_work() and not self._in_flight) or self.error is not None:
                 if busy and self.memory is not None:
                     blocks = self.core.blocks
                     self.memory.tell("idle", blocks.num_free_gpu_blocks, blocks.num_free_host_blocks)
@@ -73,9 +78,13 @@ class SchedulerActor(Actor):
                 await self.dispatch(msg, fut)
             for msg, fut in self.drain_nowait():
                 await self.dispatch(msg, fut)
-            if self.core.has_work() and self.error is None:
+            if (self.core.has_work() or self._in_flight) and self.error is None:
                 busy = True
-                await self._step()
+                try:
+                    await self._step()
+                except Exception as e:  # a bug: fail every request now rather than hang them
+                    log.exception("scheduler step failed")
+                    self._die(e)
 
     # -- messages ---------------------------------------------------------------------------
     def on_add(self, job: Job) -> None:
@@ -106,14 +115,29 @@ class SchedulerActor(Actor):
     # -- the step ---------------------------------------------------------------------------
     async def _step(self) -> None:
         core = self.core
-        plan = core.schedule(self.clock())
-        if plan.is_empty():
-            self._emit_finished(set())
-            if core.jobs:  # nothing fits right now: let arrivals and aborts in
-                await asyncio.sleep(0.001)
-            return
+        # Fill the pipeline: each batch planned now holds jobs no batch in flight holds.
+        while core.can_schedule() and len(self._in_flight) < core.pipeline_depth and self.error is None:
+            plan = core.schedule(self.clock())
+            if plan.is_empty():
+                self._emit_finished(set())
+                if not self._in_flight and core.jobs:  # nothing fits right now: let arrivals and aborts in
+                    await asyncio.sleep(0.001)
+                break
+            try:
+                answer = await self.executor.submit(
+                    "step", **_fields(plan_to_message(plan, 0, with_feed=self.executor.world_size > 1)))
+            except (WorkerDiedError, WorkerError) as e:
+                self._die(e)
+                return
+            self._in_flight.append((plan, answer, self.clock()))
+        if self._in_flight:
+            await self._complete_oldest()
+
+    async def _complete_oldest(self) -> None:
+        core = self.core
+        plan, answer, sent = self._in_flight.popleft()
         try:
-            reply = await self.executor.call("step", **_fields(plan_to_message(plan, 0)))
+            reply = await answer
         except (WorkerDiedError, WorkerError) as e:
             self._die(e)
             return
@@ -122,7 +146,10 @@ class SchedulerActor(Actor):
         logprobs = reply.get("logprobs") or [None] * len(tokens)
         sampled = dict(zip(reply["ids"], tokens))
         lp_by_id = dict(zip(reply["ids"], logprobs))
-        touched = core.update(plan, sampled, float(reply["elapsed"]), now)
+        # Service: the worker's step time; with several batches in flight, the time this
+        # batch spent in the pipeline (queued behind another stage included).
+        service = float(reply["elapsed"]) if core.pipeline_depth == 1 else now - sent
+        touched = core.update(plan, sampled, service, now)
         self.num_steps += 1
         if touched:
             self.emit([self._event(j, j.output_ids[-1], lp_by_id.get(j.job_id)) for j in touched])
@@ -176,6 +203,12 @@ class SchedulerActor(Actor):
         if self.core.jobs:
             log.log(level, "worker group failed; failing %d jobs: %s", len(self.core.jobs), error)
         self.error = error
+        for _plan, answer, _sent in self._in_flight:  # their results will never be applied
+            if isinstance(answer, asyncio.Future | asyncio.Task):
+                answer.cancel()
+            elif hasattr(answer, "close"):
+                answer.close()
+        self._in_flight.clear()
         self._failed.set()
         ids = list(self.core.jobs)
         now = self.clock()

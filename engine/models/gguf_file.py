@@ -1,4 +1,4 @@
-"""A minimal GGUF (v2/v3) reader: metadata, tensor directory, dequantized tensors.
+"""A minimal GGUF (v2/v3) reader: metadata, tensor directory, raw blocks, dequantized tensors.
 
 ``gguf.GGUFReader`` turns every string of the embedded tokenizer into numpy views; for
 SmolLM2's ~100k tokens and merges that takes ~3 s before a single weight is read. This
@@ -76,11 +76,15 @@ class GGUFFile:
 
     def read(self, info: GGUFTensorInfo) -> np.ndarray:
         """The tensor dequantized to a fresh, writable fp32 array."""
+        # F32/F16 come back as views of the read-only map; copy so torch may own them.
+        return np.array(dequantize(self.read_raw(info), info.qtype), dtype=np.float32)
+
+    def read_raw(self, info: GGUFTensorInfo) -> np.ndarray:
+        """The tensor's stored bytes, ``uint8 [*shape[:-1], blocks_per_row * type_size]``: a
+        read-only view of the map (``engine.models.gguf_blocks`` decodes the blocks)."""
         raw = np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=info.offset)
         block, type_size = GGML_QUANT_SIZES[info.qtype]
-        raw = raw.reshape(*info.shape[:-1], info.shape[-1] // block * type_size)
-        # F32/F16 come back as views of the read-only map; copy so torch may own them.
-        return np.array(dequantize(raw, info.qtype), dtype=np.float32)
+        return raw.reshape(*info.shape[:-1], info.shape[-1] // block * type_size)
 
     # ----------------------------------------------------------------------- parsing
 

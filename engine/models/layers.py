@@ -8,7 +8,6 @@ and then attends over every sequence's whole context, read back through its bloc
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.models.base import AttentionMetadata, KVCache
+from engine.models.linear import (
+    SINGLE_DEVICE,
+    LinearMethodFor,
+    MergedColumnParallelLinear,
+    RowParallelLinear,
+    TPInfo,
+    no_quant,
+)
 
 
 class RMSNorm(nn.Module):
@@ -122,13 +129,30 @@ def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) 
 
 
 class SwiGLUMLP(nn.Module):
-    """Llama's gated MLP with gate and up fused into one matmul (fewer kernel launches)."""
+    """Llama's gated MLP with gate and up fused into one matmul (fewer kernel launches).
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool) -> None:
+    Under tensor parallelism each rank holds its own gate and up rows (merged column
+    parallel) and its slice of down's columns (row parallel, one all-reduce per MLP).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        bias: bool,
+        tp: TPInfo = SINGLE_DEVICE,
+        quant: LinearMethodFor | None = None,
+        prefix: str = "",
+    ) -> None:
         super().__init__()
-        self.intermediate_size = intermediate_size
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        method = quant or no_quant
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden_size, [intermediate_size] * 2, bias, tp, method(f"{prefix}gate_up_proj")
+        )
+        self.intermediate_size = self.gate_up_proj.local_sizes[0]  # this rank's
+        self.down_proj = RowParallelLinear(
+            intermediate_size, hidden_size, bias, tp, method(f"{prefix}down_proj")
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -307,41 +331,3 @@ def _decode(
     return out.reshape(b, num_heads, head_dim)
 
 
-# --------------------------------------------------------------------------- weight loading
-
-# Maps a checkpoint tensor name to (parameter name, row slice of it or None for all of it), or
-# None for tensors to skip on purpose (a tied head, rotary buffers).
-WeightTarget = tuple[str, slice | None]
-
-
-def load_named_weights(
-    module: nn.Module,
-    weights: Iterable[tuple[str, torch.Tensor]],
-    target: Callable[[str], WeightTarget | None],
-) -> None:
-    """Copy checkpoint tensors into ``module``; every parameter must be filled exactly.
-
-    Raises ``ValueError`` naming unknown tensors, shape mismatches and unfilled parameters,
-    so a naming mistake fails at load time instead of producing garbage text.
-    """
-    params = dict(module.named_parameters())
-    filled = dict.fromkeys(params, 0)
-    with torch.no_grad():
-        for name, tensor in weights:
-            where = target(name)
-            if where is None:
-                continue
-            param_name, rows = where
-            if param_name not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
-            dst = params[param_name].data if rows is None else params[param_name].data[rows]
-            if dst.shape != tensor.shape:
-                raise ValueError(
-                    f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                    f"expected {tuple(dst.shape)}"
-                )
-            dst.copy_(tensor)
-            filled[param_name] += dst.numel()
-    missing = [n for n, p in params.items() if filled[n] != p.numel()]
-    if missing:
-        raise ValueError(f"checkpoint lacks weights for {', '.join(missing[:5])}")

@@ -12,20 +12,29 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from engine.models.base import AttentionMetadata, KVCache
+from engine.models.base import AttentionMetadata, KVCache, MissingLayer, PipelineStage, layer_of
 from engine.models.layers import (
     AttentionPlan,
     RMSNorm,
     RotaryEmbedding,
     SwiGLUMLP,
-    WeightTarget,
     apply_rotary_,
-    load_named_weights,
     paged_attention,
     rope_inv_freq,
+)
+from engine.models.linear import (
+    SINGLE_DEVICE,
+    LinearMethodFor,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    TPInfo,
+    VocabParallelEmbedding,
+    WeightTarget,
+    load_named_weights,
+    no_quant,
 )
 
 
@@ -84,20 +93,29 @@ def rope_settings(cfg: dict) -> tuple[float, dict | None]:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, args: LlamaArgs) -> None:
+    def __init__(self, args: LlamaArgs, tp: TPInfo, quant: LinearMethodFor, prefix: str) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (
+        # q, k and v in one matmul: one kernel instead of three per layer.
+        self.qkv_proj = QKVParallelLinear(
+            args.hidden_size,
+            args.head_dim,
             args.num_heads,
             args.num_kv_heads,
-            args.head_dim,
+            args.qkv_bias,
+            tp,
+            quant(f"{prefix}qkv_proj"),
         )
-        self.q_size = args.num_heads * args.head_dim
-        self.kv_size = args.num_kv_heads * args.head_dim
-        # q, k and v in one matmul: one kernel instead of three per layer.
-        self.qkv_proj = nn.Linear(
-            args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias
+        # This rank's heads (all of them on one device).
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.head_dim = args.head_dim
+        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        self.o_proj = RowParallelLinear(
+            args.num_heads * args.head_dim,
+            args.hidden_size,
+            args.o_bias,
+            tp,
+            quant(f"{prefix}o_proj"),
         )
-        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=args.o_bias)
         self.scale = args.head_dim**-0.5
 
     def forward(
@@ -120,10 +138,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, args: LlamaArgs) -> None:
+    def __init__(self, args: LlamaArgs, tp: TPInfo, quant: LinearMethodFor, prefix: str) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(args)
-        self.mlp = SwiGLUMLP(args.hidden_size, args.intermediate_size, args.mlp_bias)
+        self.self_attn = LlamaAttention(args, tp, quant, f"{prefix}self_attn.")
+        self.mlp = SwiGLUMLP(
+            args.hidden_size, args.intermediate_size, args.mlp_bias, tp, quant, f"{prefix}mlp."
+        )
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -140,30 +160,54 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaBackbone(nn.Module):
-    def __init__(self, args: LlamaArgs) -> None:
+    def __init__(self, args: LlamaArgs, tp: TPInfo, quant: LinearMethodFor, stage: PipelineStage) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(args) for _ in range(args.num_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        # A tied head reads the embedding matrix, so the last stage holds it too.
+        wants_embedding = stage.is_first or (stage.is_last and args.tie_word_embeddings)
+        self.embed_tokens = (
+            VocabParallelEmbedding(args.vocab_size, args.hidden_size, tp) if wants_embedding else None
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(args, tp, quant, f"model.layers.{i}.") if stage.owns_layer(i) else MissingLayer()
+            for i in range(args.num_layers)
+        )
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps) if stage.is_last else None
 
 
 class LlamaForCausalLM(nn.Module):
     """Implements ``engine.models.base.CausalLM``; parameter names follow the HF checkpoint
     except for the fused ``qkv_proj`` and ``gate_up_proj``."""
 
-    def __init__(self, config: dict) -> None:
+    def __init__(
+        self,
+        config: dict,
+        tp: TPInfo = SINGLE_DEVICE,
+        quant: LinearMethodFor | None = None,
+        stage: PipelineStage | None = None,
+    ) -> None:
         super().__init__()
         args = LlamaArgs.from_hf(config)
         self.args = args
-        self.num_layers, self.num_kv_heads = args.num_layers, args.num_kv_heads
+        quant = quant or no_quant
+        self.stage = stage or PipelineStage.whole(args.num_layers)
+        self.model = LlamaBackbone(args, tp, quant, self.stage)
+        self.num_layers = args.num_layers
+        # The KV heads this rank caches (all of them on one device).
+        first = self.model.layers[self.stage.start_layer] if self.stage.num_layers else None
+        self.num_kv_heads = first.self_attn.num_kv_heads if first is not None else args.num_kv_heads
         self.head_dim, self.vocab_size = args.head_dim, args.vocab_size
-        self.model = LlamaBackbone(args)
         # A tied head reads the embedding matrix at call time, so no second parameter has to
         # be kept tied through device moves.
         self.lm_head = (
-            None
-            if args.tie_word_embeddings
-            else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            ParallelLMHead(
+                args.vocab_size,
+                args.hidden_size,
+                tp,
+                quant("lm_head"),
+                tied=self.model.embed_tokens if args.tie_word_embeddings else None,
+            )
+            if self.stage.is_last
+            else None
         )
         self.rotary = RotaryEmbedding(
             rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling)
@@ -175,36 +219,51 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[KVCache],
         attn: AttentionMetadata,
+        hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids) if self.stage.is_first else hidden
         plan = AttentionPlan.build(attn, x.device)
         cos, sin = self.rotary(positions, x.dtype)
-        for layer, cache in zip(self.model.layers, kv_caches):
+        layers = self.model.layers[self.stage.start_layer : self.stage.end_layer]
+        for layer, cache in zip(layers, kv_caches, strict=True):
             x = layer(x, cos, sin, cache, plan)
-        return self.model.norm(x)
+        return self.model.norm(x) if self.stage.is_last else x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, head).float()
+        return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_named_weights(self, weights, self._target)
 
+    def owns(self, name: str) -> bool:
+        """Whether this pipeline stage keeps checkpoint tensor ``name`` (the loader skips
+        reading the rest)."""
+        layer = layer_of(name)
+        if layer is not None:
+            return self.stage.owns_layer(layer)
+        if name.startswith("model.embed_tokens."):
+            return self.model.embed_tokens is not None
+        if name.startswith(("model.norm.", "lm_head.")):
+            return self.stage.is_last
+        return True
+
     def _target(self, name: str) -> WeightTarget | None:
-        if "rotary_emb." in name or (name == "lm_head.weight" and self.lm_head is None):
+        if "rotary_emb." in name or (name == "lm_head.weight" and self.args.tie_word_embeddings):
             return None
-        attn = self.model.layers[0].self_attn
-        q, kv = attn.q_size, attn.kv_size
-        inter = self.args.intermediate_size
-        fused = {
-            "q_proj": ("qkv_proj", slice(0, q)),
-            "k_proj": ("qkv_proj", slice(q, q + kv)),
-            "v_proj": ("qkv_proj", slice(q + kv, q + 2 * kv)),
-            "gate_proj": ("gate_up_proj", slice(0, inter)),
-            "up_proj": ("gate_up_proj", slice(inter, 2 * inter)),
-        }
+        if not self.owns(name):
+            return None
         parts = name.split(".")
-        if len(parts) >= 2 and parts[-2] in fused:
-            new, rows = fused[parts[-2]]
-            return ".".join([*parts[:-2], new, parts[-1]]), rows
+        if len(parts) >= 2 and parts[-2] in _FUSED:
+            fused, shard = _FUSED[parts[-2]]
+            return ".".join([*parts[:-2], fused, parts[-1]]), shard
         return name, None
+
+
+# Checkpoint projection -> (our fused layer, its shard id).
+_FUSED = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}

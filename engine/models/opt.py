@@ -11,8 +11,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.base import AttentionMetadata, KVCache
-from engine.models.layers import AttentionPlan, WeightTarget, load_named_weights, paged_attention
+from engine.models.base import AttentionMetadata, KVCache, MissingLayer, PipelineStage, layer_of
+from engine.models.layers import AttentionPlan, paged_attention
+from engine.models.linear import (
+    SINGLE_DEVICE,
+    ColumnParallelLinear,
+    LinearMethodFor,
+    ParallelLMHead,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+    TPInfo,
+    VocabParallelEmbedding,
+    WeightTarget,
+    load_named_weights,
+    no_quant,
+)
 
 # OPT's position table has two extra leading rows (a fairseq padding convention).
 POSITION_OFFSET = 2
@@ -59,12 +73,15 @@ class OPTArgs:
 
 
 class OPTAttention(nn.Module):
-    def __init__(self, args: OPTArgs) -> None:
+    def __init__(self, args: OPTArgs, tp: TPInfo, quant: LinearMethodFor, prefix: str) -> None:
         super().__init__()
-        self.num_heads = args.num_heads
         self.head_dim = args.hidden_size // args.num_heads
-        self.qkv_proj = nn.Linear(args.hidden_size, 3 * args.hidden_size, bias=args.bias)
-        self.out_proj = nn.Linear(args.hidden_size, args.hidden_size, bias=args.bias)
+        heads, hidden = args.num_heads, args.hidden_size
+        self.qkv_proj = QKVParallelLinear(
+            hidden, self.head_dim, heads, heads, args.bias, tp, quant(f"{prefix}qkv_proj")
+        )
+        self.num_heads = self.qkv_proj.num_heads  # this rank's
+        self.out_proj = RowParallelLinear(hidden, hidden, args.bias, tp, quant(f"{prefix}out_proj"))
         self.scale = self.head_dim**-0.5
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache, plan: AttentionPlan) -> torch.Tensor:
@@ -75,15 +92,19 @@ class OPTAttention(nn.Module):
 
 
 class OPTDecoderLayer(nn.Module):
-    def __init__(self, args: OPTArgs) -> None:
+    def __init__(self, args: OPTArgs, tp: TPInfo, quant: LinearMethodFor, prefix: str) -> None:
         super().__init__()
         self.pre_norm = args.do_layer_norm_before
         self.activation = _ACTIVATIONS[args.activation]
-        self.self_attn = OPTAttention(args)
+        self.self_attn = OPTAttention(args, tp, quant, f"{prefix}self_attn.")
         norm = (args.hidden_size,)
         self.self_attn_layer_norm = nn.LayerNorm(norm, elementwise_affine=args.elementwise_affine)
-        self.fc1 = nn.Linear(args.hidden_size, args.ffn_dim, bias=args.bias)
-        self.fc2 = nn.Linear(args.ffn_dim, args.hidden_size, bias=args.bias)
+        self.fc1 = ColumnParallelLinear(
+            args.hidden_size, args.ffn_dim, args.bias, tp, quant(f"{prefix}fc1")
+        )
+        self.fc2 = RowParallelLinear(
+            args.ffn_dim, args.hidden_size, args.bias, tp, quant(f"{prefix}fc2")
+        )
         self.final_layer_norm = nn.LayerNorm(norm, elementwise_affine=args.elementwise_affine)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache, plan: AttentionPlan) -> torch.Tensor:
@@ -97,17 +118,34 @@ class OPTDecoderLayer(nn.Module):
 
 
 class OPTDecoder(nn.Module):
-    def __init__(self, args: OPTArgs) -> None:
+    def __init__(self, args: OPTArgs, tp: TPInfo, quant: LinearMethodFor, stage: PipelineStage) -> None:
         super().__init__()
         hidden, proj = args.hidden_size, args.word_embed_proj_dim
-        self.embed_tokens = nn.Embedding(args.vocab_size, proj)
-        self.embed_positions = nn.Embedding(args.max_position_embeddings + POSITION_OFFSET, hidden)
-        self.project_in = nn.Linear(proj, hidden, bias=False) if proj != hidden else None
-        self.project_out = nn.Linear(hidden, proj, bias=False) if proj != hidden else None
-        self.layers = nn.ModuleList(OPTDecoderLayer(args) for _ in range(args.num_layers))
+        first, last = stage.is_first, stage.is_last
+        # The head is tied to the token embedding: the last stage holds it too.
+        self.embed_tokens = VocabParallelEmbedding(args.vocab_size, proj, tp) if first or last else None
+        self.embed_positions = (
+            nn.Embedding(args.max_position_embeddings + POSITION_OFFSET, hidden) if first else None
+        )
+        # Small square-ish projections, used once per step: replicated, not split.
+        self.project_in = (
+            ReplicatedLinear(proj, hidden, False, tp, quant("model.decoder.project_in"))
+            if proj != hidden and first
+            else None
+        )
+        self.project_out = (
+            ReplicatedLinear(hidden, proj, False, tp, quant("model.decoder.project_out"))
+            if proj != hidden and last
+            else None
+        )
+        self.layers = nn.ModuleList(
+            OPTDecoderLayer(args, tp, quant, f"model.decoder.layers.{i}.") if stage.owns_layer(i)
+            else MissingLayer()
+            for i in range(args.num_layers)
+        )
         self.final_layer_norm = (
             nn.LayerNorm((hidden,), elementwise_affine=args.elementwise_affine)
-            if args.final_layer_norm
+            if args.final_layer_norm and last
             else None
         )
 
@@ -115,23 +153,36 @@ class OPTDecoder(nn.Module):
 class OPTModel(nn.Module):
     """Only a holder, so parameter names carry HF's ``model.decoder.`` prefix."""
 
-    def __init__(self, args: OPTArgs) -> None:
+    def __init__(self, args: OPTArgs, tp: TPInfo, quant: LinearMethodFor, stage: PipelineStage) -> None:
         super().__init__()
-        self.decoder = OPTDecoder(args)
+        self.decoder = OPTDecoder(args, tp, quant, stage)
 
 
 class OPTForCausalLM(nn.Module):
     """Implements ``engine.models.base.CausalLM``; parameter names follow the HF checkpoint
     except for the fused ``qkv_proj``."""
 
-    def __init__(self, config: dict) -> None:
+    def __init__(
+        self,
+        config: dict,
+        tp: TPInfo = SINGLE_DEVICE,
+        quant: LinearMethodFor | None = None,
+        stage: PipelineStage | None = None,
+    ) -> None:
         super().__init__()
         args = OPTArgs.from_hf(config)
         self.args = args
-        self.num_layers, self.num_kv_heads = args.num_layers, args.num_heads
+        self.stage = stage or PipelineStage.whole(args.num_layers)
+        self.model = OPTModel(args, tp, quant or no_quant, self.stage)
+        self.num_layers = args.num_layers
+        self.num_kv_heads = args.num_heads // tp.size  # this rank's (all heads are KV heads)
         self.head_dim = args.hidden_size // args.num_heads
         self.vocab_size = args.vocab_size
-        self.model = OPTModel(args)
+        self.lm_head = (
+            ParallelLMHead(args.vocab_size, args.word_embed_proj_dim, tp, tied=self.model.decoder.embed_tokens)
+            if self.stage.is_last
+            else None
+        )
 
     def forward(
         self,
@@ -139,34 +190,53 @@ class OPTForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[KVCache],
         attn: AttentionMetadata,
+        hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        dec = self.model.decoder
-        x = dec.embed_tokens(input_ids)
-        if dec.project_in is not None:
-            x = dec.project_in(x)
-        x = x + dec.embed_positions(positions + POSITION_OFFSET)
+        dec, stage = self.model.decoder, self.stage
+        if stage.is_first:
+            x = dec.embed_tokens(input_ids)
+            if dec.project_in is not None:
+                x = dec.project_in(x)
+            x = x + dec.embed_positions(positions + POSITION_OFFSET)
+        else:
+            x = hidden
         plan = AttentionPlan.build(attn, x.device)
-        for layer, cache in zip(dec.layers, kv_caches):
+        for layer, cache in zip(dec.layers[stage.start_layer : stage.end_layer], kv_caches, strict=True):
             x = layer(x, cache, plan)
+        if not stage.is_last:
+            return x
         if dec.final_layer_norm is not None:
             x = dec.final_layer_norm(x)
         return x if dec.project_out is None else dec.project_out(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.model.decoder.embed_tokens.weight).float()
+        return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_named_weights(self, weights, self._target)
+
+    def owns(self, name: str) -> bool:
+        """Whether this pipeline stage keeps checkpoint tensor ``name``."""
+        layer = layer_of(name)
+        if layer is not None:
+            return self.stage.owns_layer(layer)
+        leaf = name.removeprefix("model.").removeprefix("decoder.")
+        if leaf.startswith("embed_tokens."):
+            return self.stage.is_first or self.stage.is_last
+        if leaf.startswith(("embed_positions.", "project_in.")):
+            return self.stage.is_first
+        if leaf.startswith(("final_layer_norm.", "project_out.")):
+            return self.stage.is_last
+        return True
 
     def _target(self, name: str) -> WeightTarget | None:
         if name == "lm_head.weight":  # always tied to embed_tokens
             return None
         if name.startswith("decoder."):  # early OPT checkpoints have no "model." prefix
             name = "model." + name
+        if not self.owns(name):
+            return None
         parts = name.split(".")
         if len(parts) >= 2 and parts[-2] in ("q_proj", "k_proj", "v_proj"):
-            size = self.args.hidden_size
-            index = ("q_proj", "k_proj", "v_proj").index(parts[-2])
-            rows = slice(index * size, (index + 1) * size)
-            return ".".join([*parts[:-2], "qkv_proj", parts[-1]]), rows
+            return ".".join([*parts[:-2], "qkv_proj", parts[-1]]), parts[-2][0]
         return name, None

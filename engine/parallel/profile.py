@@ -62,7 +62,9 @@ def profile_runner(
             [{"id": j, "prompt": [1] * context, "params": params()} for j in ids])
         best = float("inf")
         for r in range(repeats + 1):  # the first decode warms up
-            t = run([[j, context + r, 1, [], False, True] for j in ids], [])
+            # The fed token travels in the plan: under pipeline parallelism only the last
+            # stage sampled it.
+            t = run([[j, context + r, 1, [], False, True, [1]] for j in ids], [])
             if not r:
                 continue
             best = min(best, t)

@@ -6,9 +6,11 @@ or CPU ``torch.Tensor``) anywhere in the body is replaced by the ext type below,
 ``(dtype, shape, frame index)``; its bytes travel untouched in their own frame and are read
 back without a copy. Nothing is ever pickled, so a hostile peer can at worst send a bad map.
 
-Kinds, engine -> worker: ``init``, ``step``, ``profile``, ``health``, ``shutdown``.
-Worker -> engine: ``ready`` (answer to init), ``step_done``, ``profiled``, ``healthy``,
-``bye`` and ``error``. Every reply carries the ``call`` id of the command it answers.
+Kinds, engine -> worker: ``init``, ``resize_cache``, ``step``, ``profile``, ``health``,
+``shutdown``. Worker -> engine: ``hello`` (first message of a rank, before any command),
+``ready`` (answer to init), ``resized``, ``step_done``, ``profiled``, ``healthy``, ``bye``
+and ``error``. Every reply carries the ``call`` id of the command it answers and the
+``rank`` that answers; steps and profiles are answered by the driver rank only.
 """
 
 from __future__ import annotations
@@ -87,9 +89,17 @@ def _torch() -> Any:
     return sys.modules.get("torch")  # only if already imported: the engine process may not need it
 
 
-def plan_to_message(plan: Any, call: int) -> dict[str, Any]:
+def driver_rank(tp_size: int, pp_size: int) -> int:
+    """The rank that samples and answers steps: the last pipeline stage's TP rank 0."""
+    return (pp_size - 1) * tp_size
+
+
+def plan_to_message(plan: Any, call: int, with_feed: bool = False) -> dict[str, Any]:
     """Encode a :class:`engine.scheduler.StepPlan`; the worker keeps per-job state, so only
-    what changed travels: prompts and sampling params of new jobs, block-table deltas."""
+    what changed travels: prompts and sampling params of new jobs, block-table deltas.
+
+    ``with_feed`` (several ranks) adds to each sequence the output tokens it feeds: only the
+    driver samples, and every other rank learns the tokens from the plan."""
     return {
         "kind": "step",
         "call": call,
@@ -101,6 +111,7 @@ def plan_to_message(plan: Any, call: int) -> dict[str, Any]:
         ],
         "seqs": [
             [s.job.job_id, s.start, s.num_tokens, s.new_blocks, s.reset_table, s.sample]
+            + ([_fed_outputs(s)] if with_feed else [])
             for s in plan.seqs
         ],
         "swap_out": plan.swap_out,
@@ -109,3 +120,12 @@ def plan_to_message(plan: Any, call: int) -> dict[str, Any]:
         "prefetch": plan.prefetch,
         "free": plan.free,
     }
+
+
+def _fed_outputs(seq: Any) -> list[int]:
+    """Output tokens among the positions ``seq`` feeds (prompt tokens every rank has)."""
+    prompt = seq.job.num_prompt_tokens
+    end = seq.start + seq.num_tokens - prompt
+    if end <= 0:
+        return []
+    return [int(t) for t in seq.job.output_ids[max(seq.start - prompt, 0) : end]]

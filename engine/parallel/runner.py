@@ -2,7 +2,9 @@
 
 The runner keeps each job's token history and block table, so a plan carries only what
 changed. A decode step of a job is just ``(id, start, 1)``: the token it feeds is the one
-this runner sampled for it last step.
+this runner sampled for it last step. Under pipeline or tensor parallelism only the driver
+rank samples, so a plan also carries the output tokens each sequence feeds (``feed``), and
+``dist`` routes the forward through this rank's stage (see ``engine.parallel.distributed``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from engine.memory.kv_cache import AsyncBlockCopier, KVCachePool, copy_blocks
 from engine.models.base import AttentionMetadata
+from engine.parallel.distributed import Distributed, stage_forward
 from engine.sampling import Sampler
 
 
@@ -42,6 +45,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.jobs: dict[str, _JobState] = {}
         self.copier = AsyncBlockCopier(device)
+        self.dist: Distributed | None = None  # set by a worker that is one rank of several
 
     def step(self, msg: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -93,12 +97,18 @@ class ModelRunner:
     @torch.inference_mode()
     def _forward(self, seqs: list) -> tuple[list[str], list[int], list[Any]]:
         inputs = self._assemble(seqs)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.gpu_pool.caches, inputs.attn)
-        if not inputs.sample_ids:
+        if self.dist is None:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.gpu_pool.caches, inputs.attn)
+        else:  # this rank's stage: receive, run its layers, hand on (None unless last)
+            hidden = stage_forward(self.dist, self.model, inputs.input_ids, inputs.positions,
+                                   self.gpu_pool.caches, inputs.attn)
+        if not inputs.sample_ids or hidden is None:
             return [], [], []
         if inputs.sample_rows is not None:
             hidden = hidden[inputs.sample_rows]
         logits = self.model.compute_logits(hidden)  # float32 by the model contract
+        if self.dist is not None and not self.dist.layout.is_driver:
+            return [], [], []  # computed the logits for the TP collective; the driver samples
         result = self.sampler.sample(logits, inputs.sample_ids)
         for jid, tok in zip(inputs.sample_ids, result.token_ids):
             self.jobs[jid].tokens.append(tok)
@@ -125,13 +135,15 @@ class ModelRunner:
         tokens: list[int] = []
         sample_rows: list[int] = []
         sample_ids: list[str] = []
-        for i, (jid, start, n, blocks, reset, sample) in enumerate(seqs):
+        for i, (jid, start, n, blocks, reset, sample, *feed) in enumerate(seqs):
             job = self.jobs[jid]
             if reset:
                 job.table = list(blocks)
             elif blocks:
                 job.table.extend(blocks)
             end = start + n
+            if feed and len(feed[0]):  # output tokens another rank sampled
+                job.tokens[end - len(feed[0]) : end] = [int(t) for t in feed[0]]
             if end > len(job.tokens):
                 raise RuntimeError(f"job {jid}: plan feeds up to {end}, worker has {len(job.tokens)} tokens")
             tokens += job.tokens[start:end]

@@ -1,8 +1,8 @@
 """Worker process main: one per device. Connects to the engine, runs what it is told.
 
-Started as ``python -m engine.parallel.worker --cmd ADDR --result ADDR`` (or
-``fastserve worker``). The engine binds both sockets; the worker connects, so the same
-command works on another node with ``tcp://`` addresses. A worker whose engine goes away
+Started as ``python -m engine.parallel.worker --engine ADDR --rank R`` (or
+``fastserve worker``). The engine binds its control socket; the worker connects, so the same
+command works on another node with a ``tcp://`` address. A worker whose engine goes away
 (parent gone, or no command for ``--idle-exit`` seconds when remote) exits by itself.
 """
 
@@ -27,22 +27,46 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf1
 
 
 class Worker:
-    def __init__(self) -> None:
+    def __init__(self, rank: int = 0) -> None:
+        self.rank = rank
         self.runner: Any = None
+        self.dist: Any = None  # engine.parallel.distributed.Distributed once initialised
+        self.moved_blocks = 0  # KV blocks this rank copied for swap plans (all kinds)
+        self.step_s = 0.0  # time spent running steps (benchmarks: per-stage busy time)
+        self.num_steps = 0
+
+    @property
+    def replies_to_steps(self) -> bool:
+        """Only the driver (last stage, TP rank 0) answers steps and profiles."""
+        return self.dist is None or self.dist.layout.is_driver
 
     def handle(self, msg: dict[str, Any]) -> dict[str, Any] | None:
         kind = msg["kind"]
         if kind == "step":
-            return self.runner.step(msg)
+            self.moved_blocks += sum(len(msg.get(k) or ()) for k in ("swap_out", "swap_in", "offload", "prefetch"))
+            t0 = time.perf_counter()
+            reply = self.runner.step(msg)
+            self.step_s += time.perf_counter() - t0
+            self.num_steps += 1
+            return reply if self.replies_to_steps else None
         if kind == "init":
             return self.init(msg)
+        if kind == "ping":  # the engine's heartbeat to remote ranks: nothing to answer
+            return None
+        if kind == "resize_cache":
+            return self.allocate(int(msg["num_gpu_blocks"]), int(msg["num_host_blocks"]))
         if kind == "health":
-            return {"kind": "healthy", "pid": os.getpid()}
+            return {"kind": "healthy", "pid": os.getpid(), "rank": self.rank, "moved_blocks": self.moved_blocks,
+                    "step_s": self.step_s, "num_steps": self.num_steps,
+                    "wait_s": self.dist.wait_s if self.dist is not None else 0.0}
         if kind == "profile":
             from engine.parallel.profile import profile_runner
 
-            return {"kind": "profiled", **profile_runner(self.runner, **msg.get("args", {}))}
+            result = {"kind": "profiled", **profile_runner(self.runner, **msg.get("args", {}))}
+            return result if self.replies_to_steps else None
         if kind == "shutdown":
+            if self.dist is not None:
+                self.dist.close()
             return {"kind": "bye"}
         raise ValueError(f"unknown command kind {kind!r}")
 
@@ -50,23 +74,45 @@ class Worker:
         set_omp_wait_policy(msg["parallel"].get("omp_wait_policy"))
         import torch
 
-        from engine.memory.kv_cache import KVCachePool, block_bytes
-        from engine.models.loader import load_model
+        from engine.memory.kv_cache import block_bytes
+        from engine.models.base import PipelineStage
+        from engine.models.linear import SINGLE_DEVICE, TPInfo
+        from engine.models.loader import load_hf_config, load_model, resolve_model_path
         from engine.parallel.cpu import physical_cores
-        from engine.parallel.runner import ModelRunner
+        from engine.parallel.distributed import Distributed, RankLayout
 
         if msg.get("version") != PROTOCOL_VERSION:
             raise ValueError(f"protocol version {msg.get('version')} != {PROTOCOL_VERSION}")
         mcfg, ccfg, pcfg = msg["model"], msg["cache"], msg["parallel"]
-        # Intra-op threads: one per physical core unless told otherwise.
+        self._cache_cfg = ccfg
+        layout = RankLayout(self.rank, int(pcfg.get("tensor_parallel_size", 1)),
+                            int(pcfg.get("pipeline_parallel_size", 1)))
+        # Intra-op threads: one per physical core unless told otherwise (the executor gives
+        # each of several local ranks its share).
         torch.set_num_threads(int(pcfg.get("torch_threads") or physical_cores()))
         torch.manual_seed(int(mcfg.get("seed", 0)))
-        device = resolve_device(mcfg.get("device", "auto"))
+        device = resolve_device(mcfg.get("device", "auto"), layout)
         dtype = resolve_dtype(mcfg.get("dtype", "auto"), device)
-        model, info = load_model(mcfg.get("path"), dtype, device)
+        stage = None
+        if layout.pp_size > 1:
+            num_layers = int(load_hf_config(resolve_model_path(mcfg.get("path")))["num_hidden_layers"])
+            stage = PipelineStage.split(num_layers, layout.pp_size, layout.stage)
+        if layout.world_size > 1:
+            dist_cfg = msg["dist"]
+            self.dist = Distributed(layout, device, pcfg.get("dist_backend", "auto"), dist_cfg["host"],
+                                    int(dist_cfg["port"]), float(pcfg.get("step_timeout_s", 120.0)))
+            self.dist.dtype = dtype
+        tp = SINGLE_DEVICE
+        if layout.tp_size > 1:
+            tp = TPInfo(layout.tp_rank, layout.tp_size, self.dist.tp_group)
+        model, info = load_model(mcfg.get("path"), dtype, device, tp,
+                                 quantization=mcfg.get("quantization", "auto"), stage=stage)
         model.eval()
+        self._model, self._device, self._dtype = model, device, dtype
         bs = int(ccfg["block_size"])
-        per_block = block_bytes(info.num_layers, bs, info.num_kv_heads, info.head_dim, dtype)
+        # This rank's share of a block: its stage's layers, its KV heads.
+        self._geometry = (model.stage.num_layers, bs, model.num_kv_heads, info.head_dim)
+        per_block = block_bytes(*self._geometry, dtype)
         if ccfg.get("num_gpu_blocks_override"):
             n_gpu = int(ccfg["num_gpu_blocks_override"])
         elif device.type == "cuda":
@@ -78,17 +124,11 @@ class Worker:
         n_host = int(n_host) if n_host is not None else int(ccfg["host_kv_cache_memory"]) // per_block
         if n_gpu <= 0:
             raise ValueError(f"KV budget too small for one block of {per_block} bytes")
-        geometry = (info.num_layers, bs, info.num_kv_heads, info.head_dim, dtype)
-        gpu_pool = KVCachePool(info.num_layers, n_gpu, bs, info.num_kv_heads, info.head_dim, dtype, device)
-        host_pool = None
-        if n_host > 0:
-            host_pool = KVCachePool(
-                *geometry[:1], n_host, *geometry[1:], torch.device("cpu"), pin_memory=device.type == "cuda"
-            )
-        self.runner = ModelRunner(model, gpu_pool, host_pool, bs, device)
+        self.allocate(n_gpu, n_host)
         return {
             "kind": "ready",
             "pid": os.getpid(),
+            "rank": self.rank,
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),
             "num_gpu_blocks": n_gpu,
@@ -96,6 +136,27 @@ class Worker:
             "block_bytes": per_block,
             "model": {k: (list(v) if isinstance(v, tuple) else v) for k, v in info.__dict__.items()},
         }
+
+    def allocate(self, n_gpu: int, n_host: int) -> dict[str, Any]:
+        """(Re)build this rank's KV pools: the engine sizes every rank to the smallest."""
+        import torch
+
+        from engine.memory.kv_cache import KVCachePool
+        from engine.parallel.runner import ModelRunner
+
+        if self.runner is not None and self.runner.jobs:
+            raise RuntimeError("cannot resize the KV cache while jobs hold blocks")
+        self.runner = None  # drop the old pools before allocating new ones
+        layers, bs, heads, head_dim = self._geometry
+        device, dtype = self._device, self._dtype
+        gpu_pool = KVCachePool(layers, n_gpu, bs, heads, head_dim, dtype, device)
+        host_pool = None
+        if n_host > 0:
+            host_pool = KVCachePool(layers, n_host, bs, heads, head_dim, dtype, torch.device("cpu"),
+                                    pin_memory=device.type == "cuda")
+        self.runner = ModelRunner(self._model, gpu_pool, host_pool, bs, device)
+        self.runner.dist = self.dist
+        return {"kind": "resized", "rank": self.rank, "num_gpu_blocks": n_gpu, "num_host_blocks": n_host}
 
 
 def set_omp_wait_policy(policy: str | None) -> None:
@@ -108,12 +169,15 @@ def set_omp_wait_policy(policy: str | None) -> None:
     os.environ["OMP_WAIT_POLICY"] = policy.upper()
 
 
-def resolve_device(name: str) -> Any:
+def resolve_device(name: str, layout: Any = None) -> Any:
     import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None and layout is not None and layout.world_size > 1:
+        device = torch.device("cuda", layout.rank % torch.cuda.device_count())  # one GPU per rank
+    return device
 
 
 def resolve_dtype(name: str, device: Any) -> Any:
@@ -128,19 +192,24 @@ def resolve_dtype(name: str, device: Any) -> Any:
     return getattr(torch, _DTYPES[name])
 
 
-def serve(cmd_addr: str, result_addr: str, parent_pid: int | None, idle_exit_s: float | None) -> int:
+def serve(engine_addr: str, rank: int, parent_pid: int | None, idle_exit_s: float | None) -> int:
+    """Connect to the engine's control socket as ``rank`` and run commands until shutdown.
+
+    Every rank receives every command, in order, on its own connection (the engine's ROUTER
+    addresses each rank by its routing id), so the delta-encoded plans stay consistent.
+    """
     ctx = zmq.Context()
-    cmd = ctx.socket(zmq.PULL)
-    cmd.setsockopt(zmq.LINGER, 0)
-    cmd.connect(cmd_addr)
-    out = ctx.socket(zmq.PUSH)
-    out.setsockopt(zmq.LINGER, 2000)
-    out.connect(result_addr)
-    worker = Worker()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.setsockopt(zmq.IDENTITY, rank_identity(rank))
+    sock.connect(engine_addr)
+    # The engine learns the connection from this first message; it sends nothing before.
+    sock.send_multipart(encode({"kind": "hello", "rank": rank, "pid": os.getpid()}), copy=False)
+    worker = Worker(rank)
     last_msg = time.monotonic()
     try:
         while True:
-            if not cmd.poll(1000):
+            if not sock.poll(1000):
                 if parent_pid is not None and os.getppid() != parent_pid:
                     log.warning("engine process is gone; worker exits")
                     return 1
@@ -151,34 +220,43 @@ def serve(cmd_addr: str, result_addr: str, parent_pid: int | None, idle_exit_s: 
             last_msg = time.monotonic()
             call = None
             try:
-                msg = decode(cmd.recv_multipart(copy=False))
+                msg = decode(sock.recv_multipart(copy=False))
                 call = msg.get("call")
                 reply = worker.handle(msg)
             except Exception as e:  # noqa: BLE001 -- reported to the engine, which fails the owning requests
-                log.error("command failed: %s", traceback.format_exc())
+                log.error("rank %d: command failed: %s", rank, traceback.format_exc())
                 reply = {"kind": "error", "type": type(e).__name__, "message": str(e)}
             if reply is not None:
                 reply["call"] = call
-                out.send_multipart(encode(reply), copy=False)
+                reply["rank"] = rank
+                sock.send_multipart(encode(reply), copy=False)
                 if reply["kind"] == "bye":
                     return 0
     finally:
-        cmd.close()
-        out.close()
+        sock.close()
         ctx.term()
+
+
+def rank_identity(rank: int) -> bytes:
+    """The ZeroMQ routing id a rank connects with."""
+    return f"rank-{rank}".encode()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fastserve worker", description="Run one FastServe worker process.")
-    p.add_argument("--cmd", required=True, help="engine's command address (engine binds, worker connects)")
-    p.add_argument("--result", required=True, help="engine's result address")
+    p.add_argument("--engine", required=True,
+                   help="the engine's control address (engine binds, workers connect), e.g. tcp://HOST:PORT")
+    p.add_argument("--rank", type=int, default=0, help="this worker's rank (stage * tp + tp rank)")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is no longer our parent")
-    p.add_argument("--idle-exit", type=float, default=None, help="exit after this many seconds without a command")
+    p.add_argument("--idle-exit", type=float, default=None,
+                   help="exit after this many seconds without a message from the engine (default: 60 "
+                        "without --parent-pid; the engine pings remote ranks every few seconds)")
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
-    return serve(args.cmd, args.result, args.parent_pid, args.idle_exit)
+                        format=f"%(asctime)s worker[rank {args.rank} pid %(process)d] %(levelname)s %(message)s")
+    idle_exit = args.idle_exit if args.idle_exit is not None or args.parent_pid else 60.0
+    return serve(args.engine, args.rank, args.parent_pid, idle_exit)
 
 
 if __name__ == "__main__":

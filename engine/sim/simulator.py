@@ -12,12 +12,19 @@ fit the KV cache) is counted as rejected, as a server answers it with an error; 
 goes on. The cost model is either measured (:class:`engine.sim.cost.CostModel`, from a
 profile) or analytic (:class:`engine.sim.analytic.AnalyticCost`, from a GPU and a model
 shape); the simulator only calls ``step(plan)``.
+With a scheduler of pipeline depth P (pipeline parallelism over P stages), a step's cost is
+split evenly over P stages and up to P batches are in flight: a batch enters stage ``s``
+when both it has left stage ``s - 1`` and the stage has finished the batch before it. The
+loop plans while the pipeline has room, then waits for the oldest batch to leave the last
+stage and applies its result, charging each job the time its batch spent in the pipeline.
+With P = 1 this is the plain plan -> cost -> update loop.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -34,7 +41,7 @@ from engine.policies.registry import (
 )
 from engine.request import Job
 from engine.sampling import SamplingParams
-from engine.scheduler import AdmissionError, QueueFullError, Scheduler
+from engine.scheduler import AdmissionError, QueueFullError, Scheduler, StepPlan
 from engine.sim.cost import CostModel
 
 TOKEN = 1  # every prompt token and every sampled token; never EOS (EOS is ignored anyway)
@@ -129,37 +136,51 @@ def simulate(
     nxt = 0
     now = 0.0
     steps = forwards = 0
-    busy = 0.0
+    busy = busy_until = 0.0
     moved = {"swap_out": 0, "swap_in": 0, "offload": 0, "prefetch": 0}
     preempted_before = scheduler.num_preemptions
     step_cost = cost.step
-    while nxt < len(pending) or scheduler.has_work():
+    depth = scheduler.pipeline_depth
+    stage_free = [0.0] * depth  # when each pipeline stage finishes its current batch
+    # (plan, sent, leaves the last stage, whole-model cost)
+    in_flight: deque[tuple[StepPlan, float, float, float]] = deque()
+    while nxt < len(pending) or scheduler.has_work() or in_flight:
         while nxt < len(pending) and pending[nxt].arrival_time <= now:
             try:
                 scheduler.add(pending[nxt], now)
             except (QueueFullError, AdmissionError):
                 rejected.append(index[pending[nxt].job_id])
             nxt += 1
-        if not scheduler.has_work():
+        if not scheduler.has_work() and not in_flight:
             if nxt < len(pending):
                 now = pending[nxt].arrival_time  # idle until the next arrival
             continue
-        plan = scheduler.schedule(now)
-        if plan.is_empty():
-            if scheduler.jobs and nxt == len(pending):
-                raise SimulationStalled(f"{len(scheduler.jobs)} jobs left and none can run")
-            if nxt < len(pending):
-                now = max(now, pending[nxt].arrival_time)
-            continue
-        for key in moved:
-            moved[key] += len(getattr(plan, key))
-        took = step_cost(plan).seconds
-        forwards += bool(plan.seqs)
-        now += took
-        busy += took
-        steps += 1
+        plan = scheduler.schedule(now) if scheduler.can_schedule() and len(in_flight) < depth else None
+        if plan is not None and plan.is_empty():
+            plan = None
+            if not in_flight:
+                if scheduler.jobs and nxt == len(pending):
+                    raise SimulationStalled(f"{len(scheduler.jobs)} jobs left and none can run")
+                if nxt < len(pending):
+                    now = max(now, pending[nxt].arrival_time)
+                continue
+        if plan is not None:
+            for key in moved:
+                moved[key] += len(getattr(plan, key))
+            took = step_cost(plan).seconds
+            t = now
+            for stage in range(depth):
+                t = stage_free[stage] = max(t, stage_free[stage]) + took / depth
+            in_flight.append((plan, now, t if depth > 1 else now + took, took))
+            forwards += bool(plan.seqs)
+            steps += 1
+            if len(in_flight) < depth and scheduler.can_schedule():
+                continue  # fill the pipeline before waiting for a result
+        plan, sent, done, took = in_flight.popleft()
+        busy += done - max(now, busy_until)
+        busy_until = now = max(now, done)
         sampled = {s.job.job_id: TOKEN for s in plan.seqs if s.sample}
-        scheduler.update(plan, sampled, took, now)
+        scheduler.update(plan, sampled, done - sent if depth > 1 else took, now)
         for job_id in sampled:
             ts = times[index[job_id]]
             if record_tokens or len(ts) < 2:
@@ -232,6 +253,7 @@ def build_scheduler(
     num_host_blocks: int,
     block_size: int,
     profile: PrefillProfile,
+    pipeline_depth: int = 1,
 ) -> Scheduler:
     """A fresh scheduler core as the engine builds one: policies from the registry by name
     with ``config``'s options, and ``profile`` for a policy that wants one and was given
@@ -242,4 +264,4 @@ def build_scheduler(
         policy.set_profile(profile)
     blocks = BlockManager(num_gpu_blocks, num_host_blocks, block_size)
     bind_memory(policy, blocks)
-    return Scheduler(config, policy, swap, blocks)
+    return Scheduler(config, policy, swap, blocks, pipeline_depth=pipeline_depth)

@@ -24,8 +24,9 @@ def make_job(jid: str, prompt_len: int, max_tokens: int, arrival: float = 0.0, *
 
 
 def make_scheduler(policy: SchedulingPolicy, swap: SwapPolicy, gpu_blocks: int = 64, host_blocks: int = 64,
-                   block_size: int = 4, **cfg) -> Scheduler:
-    return Scheduler(SchedulerConfig(**cfg), policy, swap, BlockManager(gpu_blocks, host_blocks, block_size))
+                   block_size: int = 4, pipeline_depth: int = 1, **cfg) -> Scheduler:
+    return Scheduler(SchedulerConfig(**cfg), policy, swap, BlockManager(gpu_blocks, host_blocks, block_size),
+                     pipeline_depth=pipeline_depth)
 
 
 def fake_tokens(plan: StepPlan) -> dict[str, int]:

@@ -203,3 +203,34 @@ def test_job_that_outgrows_the_whole_pool_finishes_with_length():
     assert a.finish_reason is FinishReason.LENGTH and a.state is JobState.FINISHED
     # 8 tokens (4 prompt + 4 output) fill both blocks; feeding the 8th samples a 5th.
     assert len(a.output_ids) == 5
+
+
+def test_pipeline_keeps_disjoint_batches_in_flight_and_applies_results_in_order():
+    s = make_scheduler(FCFSPolicy(), RecomputePolicy(), max_num_seqs=2, pipeline_depth=2)
+    for i in range(4):
+        s.add(make_job(str(i), 4, 3), 0.0)
+    first = s.schedule(0.0)
+    second = s.schedule(0.0)  # planned before the first batch's result is back
+    assert [x.job.job_id for x in first.seqs] == ["0", "1"]
+    assert [x.job.job_id for x in second.seqs] == ["2", "3"]
+    assert not s.can_schedule()
+    with pytest.raises(RuntimeError):
+        s.schedule(0.0)
+    with pytest.raises(RuntimeError, match="out of order"):
+        s.update(second, {"2": 5, "3": 5}, 0.02, 0.02)
+    s.update(first, {"0": 5, "1": 5}, 0.02, 0.02)
+    third = s.schedule(0.02)  # 2 and 3 are still in flight: only 0 and 1 may run
+    assert [x.job.job_id for x in third.seqs] == ["0", "1"]
+    assert [x.start for x in third.seqs] == [4, 4]
+
+
+def test_a_job_in_flight_is_never_evicted_for_a_more_urgent_one():
+    # Room for one job only; the urgent arrival must wait for the in-flight batch's result.
+    s = make_scheduler(PriorityPolicy(), RecomputePolicy(), gpu_blocks=2, block_size=4, pipeline_depth=2)
+    s.add(make_job("low", 6, 4, priority=5), 0.0)
+    flying = s.schedule(0.0)
+    s.add(make_job("urgent", 6, 4, priority=-5), 0.0)
+    plan = s.schedule(0.0)
+    assert not plan.seqs and s.blocks.residency("low").value == "gpu" and s.is_in_flight("low")
+    s.update(flying, {"low": 7}, 0.01, 0.01)
+    assert [x.job.job_id for x in s.schedule(0.01).seqs] == ["urgent"]  # now low may be evicted

@@ -29,7 +29,7 @@ MLFQ = {"base_quantum_s": 0.1, "quantum_ratio": 2.0, "num_queues": 6, "starvatio
 
 
 def scheduler(policy: str = "fcfs", swap: str = "reactive", *, seqs: int = 4,
-              gpu: int = 32, host: int = 128) -> Scheduler:
+              gpu: int = 32, host: int = 128, depth: int = 1) -> Scheduler:
     opts = {} if policy in ("fcfs", "priority") else dict(MLFQ)
     if policy == "skip-join-mlfq":
         opts["profile"] = PROFILE
@@ -38,6 +38,7 @@ def scheduler(policy: str = "fcfs", swap: str = "reactive", *, seqs: int = 4,
         create_scheduling_policy(policy, opts),
         create_swap_policy(swap, {}),
         BlockManager(gpu, host, 16),
+        pipeline_depth=depth,
     )
 
 
@@ -256,3 +257,28 @@ def test_step_overhead_is_added_to_every_step_and_calibrates_to_a_measured_makes
         calibrate_overhead(scheduler(), items, CostModel(PROFILE), 10.0)
     with pytest.raises(ValueError, match="step_overhead_s"):
         CostModel(PROFILE, step_overhead_s=-0.001)
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+@pytest.mark.parametrize("policy,swap", [
+    ("fcfs", "reactive"), ("skip-join-mlfq", "proactive"), ("skip-join-mlfq", "recompute"),
+])
+def test_a_pipeline_of_depth_p_finishes_every_job_exactly_and_returns_every_block(policy, swap, depth):
+    items = workload()
+    s = scheduler(policy, swap, depth=depth)
+    res = simulate(s, items, CostModel(PROFILE, swap_s_per_block=0.001), check_every=1)
+    assert [len(j.output_ids) for j in res.jobs] == [it.output_len for it in items]
+    assert s.num_in_flight == 0 and not s.jobs
+    assert s.blocks.num_free_gpu_blocks == 32 and s.blocks.num_free_host_blocks == 128
+
+
+def test_batches_in_flight_overlap_pipeline_stages():
+    # Eight equal jobs at once, four per batch: with two stages and two batches in flight
+    # each stage works on one batch while the other stage works on the other.
+    items = [WorkItem(16, 40, 0.0) for _ in range(8)]
+    cost = CostModel(PROFILE)
+    one = simulate(scheduler(seqs=4, gpu=64), items, cost)
+    two = simulate(scheduler(seqs=4, gpu=64, depth=2), items, cost)
+    assert two.output_tokens == one.output_tokens
+    assert two.makespan < 0.75 * one.makespan
+    assert two.busy_s <= two.makespan + 1e-9
