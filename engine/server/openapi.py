@@ -66,6 +66,14 @@ _MESSAGE = {
 _MESSAGES = {"type": "array", "minItems": 1, "items": _MESSAGE}
 
 
+# OpenAPI 3.1 has a text/event-stream ``schema`` describe each event (3.2 moved that to
+# ``itemSchema``): an event with a ``data`` line, a JSON chunk or the final ``[DONE]``.
+_SSE_EVENT = {
+    "type": "object",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+    "required": ["data"],
+}
+
 def _ranges(max_model_len: int) -> dict[str, dict]:
     """Field schemas beyond their JSON type (SamplingParams.validate, route handlers)."""
     return {
@@ -236,7 +244,7 @@ def openapi_document(model_name: str, max_model_len: int, version: str) -> dict:
                            "ending in ``data: [DONE]``",
             "content": {
                 "application/json": {"schema": {}},
-                "text/event-stream": {"schema": {"type": "string"}},
+                "text/event-stream": {"schema": _SSE_EVENT},
             },
         },
         **_errors(400, 401, 404, 413, 415, 503),
@@ -258,12 +266,12 @@ def openapi_document(model_name: str, max_model_len: int, version: str) -> dict:
     completions = dict(generation)
     completions["200"] = {**generation["200"], "content": {
         "application/json": {"schema": _completion_response(chat=False)},
-        "text/event-stream": {"schema": {"type": "string"}},
+        "text/event-stream": {"schema": _SSE_EVENT},
     }}
     chat = dict(generation)
     chat["200"] = {**generation["200"], "content": {
         "application/json": {"schema": _completion_response(chat=True)},
-        "text/event-stream": {"schema": {"type": "string"}},
+        "text/event-stream": {"schema": _SSE_EVENT},
     }}
     return {
         "openapi": "3.1.0",

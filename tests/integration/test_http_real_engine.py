@@ -378,7 +378,8 @@ async def test_each_invalid_request_gets_its_4xx_and_the_server_keeps_serving(se
             for _ in range(MAX_BODY // 1024 + 4):
                 yield b" " * 1024
 
-        async with s.post(server.base + "/v1/completions", data=chunked_oversized()) as r:
+        async with s.post(server.base + "/v1/completions", data=chunked_oversized(),
+                          headers={"Content-Type": "application/json"}) as r:
             assert r.status == 413 and (await r.json())["error"]["code"] == "request_too_large"
         await still_serving()
         async with s.get(server.base + "/v1/completions") as r:
