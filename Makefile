@@ -44,6 +44,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/offline_cpu.py
 	$(BIN)/python benchmarks/policies_cpu.py
 	$(BIN)/python benchmarks/host_full_cpu.py
+	$(BIN)/python benchmarks/paper_sim.py --real
 
 lint: $(BIN)/.installed
 	$(BIN)/pip install -q "ruff==$(RUFF_VERSION)" && $(BIN)/ruff check engine tests benchmarks plugins

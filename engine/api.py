@@ -21,7 +21,12 @@ from engine.memory.block_manager import BlockManager
 from engine.models.loader import ModelLoadError
 from engine.parallel.executor import WorkerError, WorkerExecutor
 from engine.parallel.protocol import PROTOCOL_VERSION
-from engine.policies.registry import create_scheduling_policy, create_swap_policy, wants_profile
+from engine.policies.registry import (
+    bind_memory,
+    create_scheduling_policy,
+    create_swap_policy,
+    wants_profile,
+)
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 from engine.tokenizer import Tokenizer
@@ -126,6 +131,7 @@ class Engine:
                 raise ModelLoadError(e.detail) from None
             raise
         blocks = BlockManager(ready["num_gpu_blocks"], ready["num_host_blocks"], config.cache.block_size)
+        bind_memory(policy, blocks)
         core = Scheduler(config.scheduler, policy, swap_policy, blocks)
         scheduler = SchedulerActor(core, executor, emit=self._emit, fail=self._fail)
         memory = MemoryManagerActor(blocks.num_gpu_blocks, blocks.num_host_blocks, ready["block_bytes"], scheduler)

@@ -1,4 +1,4 @@
-"""``fastserve`` command line: serve | generate | profile | simulate | worker."""
+"""``fastserve`` command line: serve | generate | profile | bench | simulate | worker."""
 
 from __future__ import annotations
 
@@ -48,7 +48,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     d = EngineConfig()
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="HF directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default=d.model.dtype, choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--dtype", default=d.model.dtype, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights, activations and KV cache; auto: bf16 on CUDA and on CPUs with native "
+                        "bf16 (AVX-512 BF16, AMX), else float32")
     g.add_argument("--device", default=d.model.device, help="auto | cpu | cuda | cuda:N")
     g.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
     g.add_argument("--quantization", default=d.model.quantization, choices=["auto", "none", "int8", "int4"],
@@ -80,7 +82,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="waiting jobs beyond which new requests get 503 + Retry-After")
     g.add_argument("--max-waiting-tokens", type=int, default=d.scheduler.max_waiting_tokens,
                    help="prompt tokens of all waiting jobs beyond which new requests get 503")
-    g.add_argument("--torch-threads", type=int, default=None, help="torch threads in the worker")
+    g.add_argument("--torch-threads", type=int, default=None, help="intra-op threads in the worker (default: one per physical core)")
+    g.add_argument("--omp-wait-policy", choices=["passive", "active"], default=d.parallel.omp_wait_policy,
+                   help="worker OpenMP threads sleep (passive) or spin (active) between ops")
     p.add_argument("--log-level", default="WARNING")
 
 
@@ -107,7 +111,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             policy_options=tuple(args.policy_option),
             swap_policy_options=tuple(args.swap_policy_option),
         ),
-        parallel=ParallelConfig(torch_threads=args.torch_threads),
+        parallel=ParallelConfig(torch_threads=args.torch_threads, omp_wait_policy=args.omp_wait_policy),
         server=_server_config(args),
     )
 
@@ -129,6 +133,11 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-body-bytes", type=_size, default=d.max_body_bytes)
     g.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout_s,
                    help="on SIGTERM, seconds in-flight requests may take before they are aborted")
+    g.add_argument("--record-trace", default=None, metavar="FILE",
+                   help="append arrival time and lengths of every finished request to FILE "
+                        "(JSONL), replayable with `bench`/`simulate --workload trace:FILE`")
+    g.add_argument("--record-trace-prompts", action="store_true",
+                   help="also write each prompt's text into the trace")
 
 
 def _server_config(args: argparse.Namespace) -> ServerConfig:
@@ -142,7 +151,9 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
             raise SystemExit(f"--api-key-file {args.api_key_file}: the file is empty")
     return ServerConfig(host=args.host, port=args.port, zmq_address=args.zmq_address, api_key=api_key,
                         served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes,
-                        shutdown_timeout_s=args.shutdown_timeout)
+                        shutdown_timeout_s=args.shutdown_timeout,
+                        record_trace=args.record_trace,
+                        record_trace_prompts=args.record_trace_prompts)
 
 
 async def _generate(args: argparse.Namespace) -> int:
@@ -190,106 +201,6 @@ async def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _simulate(args: argparse.Namespace) -> int:
-    from engine.bench.workload import heavy_tailed, with_rate
-    from engine.policies.profile import PrefillProfile
-    from engine.sim import CostModel, simulate
-    from engine.sim.simulator import build_scheduler
-
-    profile = PrefillProfile.load(args.profile_path)
-    cost = CostModel(profile, args.swap_ms_per_block / 1e3, overlap=not args.serial_copies,
-                     step_overhead_s=args.step_overhead_ms / 1e3)
-    host_blocks = 4 * args.num_gpu_blocks if args.num_host_blocks is None else args.num_host_blocks
-    max_job = min(args.max_model_len, args.num_gpu_blocks * args.block_size)
-    items, gaps = heavy_tailed(args.requests, seed=args.seed, prompt_median=args.prompt_median,
-                               prompt_p99=args.prompt_max, output_median=args.output_median,
-                               output_p99=args.output_max, max_job_tokens=max_job)
-
-    policies = args.scheduling_policy.split(",")
-    # KEY=VALUE goes to every policy but fcfs (which has no knobs); NAME.KEY=VALUE to NAME.
-    scoped = [(*key.rpartition(".")[::2], value) for key, value in args.policy_option]
-    for scope, knob, _ in scoped:
-        if scope and scope not in policies:
-            raise ValueError(f"--policy-option {scope}.{knob}: {scope!r} is not one of the "
-                             f"policies compared ({args.scheduling_policy})")
-
-    def options_for(policy: str) -> tuple:
-        return tuple((knob, value) for scope, knob, value in scoped
-                     if scope == policy or (not scope and policy != "fcfs"))
-
-    def core(policy: str, swap: str):
-        cfg = SchedulerConfig(
-            policy=policy, swap_policy=swap, max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            eager_recompute=args.eager_recompute,
-            policy_options=options_for(policy),
-            swap_policy_options=tuple(args.swap_policy_option))
-        return build_scheduler(cfg, args.num_gpu_blocks, host_blocks, args.block_size, profile)
-
-    # Every pair is built before anything runs, so a bad name or knob fails at once.
-    pairs = [(pol, swap) for pol in policies for swap in args.swap_policy.split(",")]
-    cores = [core(pol, swap) for pol, swap in pairs]
-    rate = args.rate
-    if rate is None:  # a fraction of what fcfs sustains with every job queued at t=0
-        capacity = simulate(core("fcfs", SchedulerConfig().swap_policy), items,
-                            cost).saturated_capacity
-        rate = args.load * capacity
-        print(json.dumps({"fcfs_capacity_req_s": round(capacity, 4), "rate_req_s": round(rate, 4)}))
-    timed = with_rate(items, gaps, rate)
-    oracle = (lambda it: it.output_len) if args.oracle_priority else None
-    for (policy, swap), sched in zip(pairs, cores, strict=True):
-        r = simulate(sched, timed, cost, priority=oracle)
-        print(json.dumps({
-            "scheduling_policy": policy, "swap_policy": swap,
-            "mean_jct_s": round(r.mean_jct, 4), "p99_jct_s": round(r.p99_jct, 4),
-            "mean_ttft_s": round(r.mean_ttft, 4), "output_tok_s": round(r.throughput, 2),
-            "makespan_s": round(r.makespan, 3), "steps": r.steps,
-            "preemptions": r.preemptions, "swap_out_blocks": r.swap_out_blocks,
-            "swap_in_blocks": r.swap_in_blocks, "proactive_blocks": r.proactive_blocks,
-            "recomputes": r.recomputes}))
-    return 0
-
-
-def add_simulate_args(p: argparse.ArgumentParser) -> None:
-    d = SchedulerConfig()
-    p.add_argument("--profile", required=True, dest="profile_path",
-                   help="cost profile from `fastserve profile --out` (prefill and decode points)")
-    g = p.add_argument_group("workload (log-normal lengths, Poisson arrivals)")
-    g.add_argument("--requests", type=int, default=200)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--prompt-median", type=int, default=64)
-    g.add_argument("--prompt-max", type=int, default=1024, help="p99 and clip of prompt length")
-    g.add_argument("--output-median", type=int, default=16)
-    g.add_argument("--output-max", type=int, default=512, help="p99 and clip of output length")
-    g.add_argument("--max-model-len", type=int, default=2048, help="prompt + output cap")
-    rate = g.add_mutually_exclusive_group()
-    rate.add_argument("--rate", type=float, default=None, help="arrivals per second")
-    rate.add_argument("--load", type=float, default=0.9,
-                      help="arrivals as a fraction of simulated fcfs capacity (default %(default)s)")
-    g = p.add_argument_group("engine")
-    g.add_argument("--scheduling-policy", default=d.policy, help="name, or a comma list to compare")
-    g.add_argument("--swap-policy", default=d.swap_policy, help="name, or a comma list to compare")
-    g.add_argument("--policy-option", action="append", default=[], metavar="[NAME.]KEY=VALUE",
-                   type=_option, help="a knob for every listed policy but fcfs, or with NAME. "
-                   "for that one only (e.g. skip-join-mlfq.base_quantum_s=0.05)")
-    g.add_argument("--swap-policy-option", action="append", default=[], metavar="KEY=VALUE",
-                   type=_option)
-    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
-    g.add_argument("--eager-recompute", action="store_true", help=EAGER_RECOMPUTE_HELP)
-    g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
-    g.add_argument("--num-gpu-blocks", type=int, default=128)
-    g.add_argument("--num-host-blocks", type=int, default=None, help="default 4x --num-gpu-blocks")
-    g.add_argument("--block-size", type=int, default=CacheConfig().block_size)
-    g.add_argument("--swap-ms-per-block", type=float, default=0.0, help="copy cost of one block")
-    g.add_argument("--step-overhead-ms", type=float, default=0.0,
-                   help="added to every step for what the profile does not see (scheduling, IPC)")
-    g.add_argument("--oracle-priority", action="store_true",
-                   help="give each job its output length as priority: the `priority` policy "
-                        "becomes oracle shortest-job-first (a bound, not a deployable policy)")
-    g.add_argument("--serial-copies", action="store_true",
-                   help="proactive copies add to the step instead of overlapping it (CPU)")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastserve", description="FastServe LLM inference server.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -316,16 +227,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     pr.add_argument("--out", default=None, help="write the profile here (default: print it)")
     add_engine_args(pr)
 
-    sm = sub.add_parser("simulate", help="run policies on a synthetic workload on a virtual clock",
-                        description="Drive the real scheduler core with a cost model from a profile: "
-                                    "one JSON line per policy pair (no model, no worker).")
-    add_simulate_args(sm)
-    sm.add_argument("--log-level", default="WARNING")
+    sm = sub.add_parser("simulate", help="run policies on a workload on a virtual clock",
+                        add_help=False)
+    sm.add_argument("rest", nargs=argparse.REMAINDER)
+
+    b = sub.add_parser("bench", help="load-test a running server; `bench report` plots results",
+                       add_help=False)
+    b.add_argument("rest", nargs=argparse.REMAINDER)
 
     w = sub.add_parser("worker", help="run a worker process (started by the engine)", add_help=False)
     w.add_argument("rest", nargs=argparse.REMAINDER)
 
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["bench"], ["simulate"]):  # their own parsers (engine/bench, engine/sim)
+        args = argparse.Namespace(command=argv[0], rest=argv[1:], log_level="WARNING")
+    else:
+        args = parser.parse_args(argv)
     if args.command == "worker":
         from engine.parallel.worker import main as worker_main
 
@@ -349,7 +266,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "profile":
             return _run(_profile(args))
         if args.command == "simulate":
-            return _simulate(args)
+            from engine.sim.cli import main as simulate_main
+
+            return simulate_main(args.rest)
+        if args.command == "bench":
+            from engine.bench.cli import main as bench_main
+
+            return bench_main(args.rest)
         return _run(_generate(args))
     except (InvalidRequestError, ModelLoadError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -15,7 +15,9 @@ class ModelConfig:
     """
 
     path: str | None = None
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 ("auto": fp32 on CPU, bf16 on CUDA)
+    # auto | float32 | bfloat16 | float16. "auto": bf16 on CUDA and on CPUs with native bf16
+    # (AVX-512 BF16 or AMX: measured faster there), fp32 on other CPUs. The KV cache uses it too.
+    dtype: str = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_model_len: int | None = None  # None: the model's own context length
     # How linear layers hold weights: auto (a GGUF keeps its own precision in the nearest
@@ -75,7 +77,14 @@ class ParallelConfig:
     step_timeout_s: float = 120.0
     # Seconds a worker may take to start and load its model.
     startup_timeout_s: float = 300.0
-    torch_threads: int | None = None  # None: torch's default
+    torch_threads: int | None = None  # worker intra-op threads; None: one per physical core
+    # How the worker's OpenMP threads wait between parallel regions: "passive" sleeps at once,
+    # "active" spins first (libgomp's default). When anything else wants the same cores (the
+    # engine process planning the next step, other programs), a spinning thread holds a core
+    # its descheduled partner needs and each op waits a time slice: measured on a busy 2-core
+    # machine, a bf16 decode step of SmolLM2-135M with 2 threads took 3-7 s spinning and
+    # 60-175 ms passive (1 thread: 0.5-1 s). None: leave the environment alone.
+    omp_wait_policy: str | None = "passive"
     # Self-recovery: after the worker group fails (a worker died or missed the step
     # deadline) the engine restarts it after this many seconds, doubling on each failure
     # in a row up to the maximum; a group that served restart_reset_s resets the backoff.
@@ -94,6 +103,10 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024**2
     # SIGTERM/SIGINT: seconds in-flight requests may take to finish before they are aborted.
     shutdown_timeout_s: float = 10.0
+    # JSONL file to append one row per finished request to (arrival, lengths), replayable
+    # by `fastserve bench`/`simulate --workload trace:FILE`; None: no trace.
+    record_trace: str | None = None
+    record_trace_prompts: bool = False  # also write each prompt's text into the trace
 
 
 @dataclass(frozen=True)

@@ -242,11 +242,16 @@ class PagedDriver:
     """Feeds a model through a paged KV cache the way the worker does, for tests.
 
     Stands in for the block manager: each sequence gets blocks from a shuffled free list, so
-    block tables are non-contiguous and out of order.
+    block tables are non-contiguous and out of order (``shuffle=False``: in order).
     """
 
     def __init__(
-        self, model: torch.nn.Module, num_blocks: int = 64, block_size: int = 4, seed: int = 0
+        self,
+        model: torch.nn.Module,
+        num_blocks: int = 64,
+        block_size: int = 4,
+        seed: int = 0,
+        shuffle: bool = True,
     ) -> None:
         from engine.memory.kv_cache import KVCachePool
 
@@ -262,7 +267,13 @@ class PagedDriver:
             "cpu",
         )
         generator = torch.Generator().manual_seed(seed)
-        self.free = torch.randperm(num_blocks, generator=generator).tolist()
+        # Popped from the end: unshuffled, a lone sequence gets ascending, consecutive blocks
+        # (as from the block manager's free stack).
+        self.free = (
+            torch.randperm(num_blocks, generator=generator).tolist()
+            if shuffle
+            else list(range(num_blocks - 1, -1, -1))
+        )
         self.tables: dict[int, list[int]] = {}
         self.lengths: dict[int, int] = {}
 

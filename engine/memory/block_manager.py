@@ -10,6 +10,12 @@ then the forward pass (which waits for both). So a GPU block vacated by a swap-o
 handed out again in the same plan, but a host block vacated by a swap-in may not: a
 swap-out of the same plan could overwrite it before it is read. Those host blocks are
 *deferred* and return to the free list at ``end_step()``, once the plan is built.
+
+Reservations (Orca-style admission, see ``engine/policies/orca.py``): ``reserve(job,
+tokens)`` makes the job's first allocation take room for ``tokens`` at once, so it never
+needs another block; reservations are granted in the order they were made, so a job
+whose turn has not come cannot allocate at all (strict first-come admission: a small job
+never slips past a large one waiting for room). Without reservations nothing changes.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ class BlockManager:
         self._host_deferred: list[int] = []
         self._gpu_tables: dict[str, list[int]] = {}
         self._host_tables: dict[str, list[int]] = {}
+        # job -> tokens to hold from its first allocation; insertion order = turn order.
+        self._reserved: dict[str, int] = {}
 
     # -- queries ---------------------------------------------------------------------------
     def blocks_for(self, num_tokens: int) -> int:
@@ -76,7 +84,18 @@ class BlockManager:
         have = len(self._gpu_tables.get(job_id, ()))
         if job_id in self._host_tables:
             have = 0
+        reserved = self._reserved.get(job_id)
+        if reserved is not None:
+            if next(iter(self._reserved)) != job_id:
+                return self.num_gpu_blocks + 1  # not its turn: no room is enough
+            num_tokens = max(num_tokens, reserved)
         return max(0, self.blocks_for(num_tokens) - have)
+
+    def reserve(self, job_id: str, num_tokens: int) -> None:
+        """Queue a reservation: the job's first allocation will hold ``num_tokens``."""
+        if job_id in self._gpu_tables or job_id in self._host_tables:
+            raise OutOfBlocksError(f"job {job_id} already holds blocks")
+        self._reserved[job_id] = min(num_tokens, self.num_gpu_blocks * self.block_size)
 
     def can_allocate(self, job_id: str, num_tokens: int) -> bool:
         return self.extra_blocks_needed(job_id, num_tokens) <= len(self._gpu_free)
@@ -90,10 +109,12 @@ class BlockManager:
             raise OutOfBlocksError(f"job {job_id} needs {need} blocks, {len(self._gpu_free)} free")
         new = [self._gpu_free.pop() for _ in range(need)]
         self._gpu_tables.setdefault(job_id, []).extend(new)
+        self._reserved.pop(job_id, None)
         return new
 
     def free(self, job_id: str) -> None:
         """Release every block the job holds, in both pools, at once."""
+        self._reserved.pop(job_id, None)
         self._gpu_free.extend(reversed(self._gpu_tables.pop(job_id, [])))
         self._host_free.extend(reversed(self._host_tables.pop(job_id, [])))
 

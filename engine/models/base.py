@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 
@@ -27,6 +28,9 @@ class AttentionMetadata:
     # [num_new_tokens] int64: block_id * block_size + offset, where each new token's K/V goes.
     slot_mapping: torch.Tensor
     block_size: int
+    # The same tables on the host, when the caller has them (the runner builds them there):
+    # lets the plan inspect a table without copying it back from the device. Optional.
+    host_block_tables: np.ndarray | None = None
 
     @property
     def num_seqs(self) -> int:

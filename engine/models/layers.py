@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,8 +33,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and scale in the input dtype, as Llama's reference does: bf16
-        # variance would lose too much precision, and the order decides the rounding.
+        if x.dtype == torch.float32:  # one fused op; the same result as the order below
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Half precision: normalise in fp32 and scale in the input dtype, as Llama's reference
+        # does. The fused kernel on bf16 input is not good enough: SmolLM2-135M in bf16
+        # answered the Paris prompt with nonsense through it (measured), and right this way.
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
@@ -95,19 +99,30 @@ class RotaryEmbedding:
         self._on_device: dict[torch.device, torch.Tensor] = {}
 
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """(cos, signed sin), each [n, 1, head_dim], for :func:`apply_rotary_`.
+
+        The sin table's first half is negated, so that rotating is ``x * cos + roll(x) * sin``
+        (one roll instead of HF's slice-negate-concatenate).
+        """
         inv_freq = self._on_device.get(positions.device)
         if inv_freq is None:
             inv_freq = self._on_device[positions.device] = self._inv_freq.to(positions.device)
         freqs = positions.float()[:, None] * inv_freq[None, :]
         angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [n, 1, head_dim]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        sin = torch.cat((-freqs, freqs), dim=-1).sin()[:, None, :]
+        return angles.cos().to(dtype), sin.to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate [n, heads, head_dim] in the half-split (GPT-NeoX / HF Llama) layout."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate [n, heads, head_dim] in place, half-split (GPT-NeoX / HF Llama) layout.
+
+    ``x`` may be a view into a larger tensor (the fused q/k/v output, so that q and k turn
+    in one pass and the rotated k lands where the cache write reads it). HF's
+    ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = cat(-x2, x1)`` is
+    ``x * cos + roll(x, half) * signed_sin``.
+    """
+    rolled = x.roll(x.shape[-1] // 2, dims=-1)
+    return x.mul_(cos).addcmul_(rolled, signed_sin)
 
 
 # --------------------------------------------------------------------------- MLP
@@ -164,21 +179,30 @@ class _Prefill:
 class AttentionPlan:
     """Indexing for one step, shared by every layer; build it once per forward.
 
-    Decode sequences (one new token) are attended together in one batched call over their
-    block tables padded to the longest context; the rest loop per sequence.
+    Decode sequences (one new token) are attended together in one batched call. Their K/V
+    is read with one gather of their blocks (K and V together), trimmed to the longest
+    context; a lone decode sequence whose blocks are consecutive in the pool (the usual
+    case at batch size one: the block manager hands out ascending ids) is read as a view,
+    without any copy. Prefills loop per sequence.
     """
 
     slot_mapping: torch.Tensor
     prefills: list[_Prefill]
     decode_rows: torch.Tensor | None  # flat token index of each decode sequence; None: all
-    decode_blocks: torch.Tensor | None  # [num_decode, max_blocks] block ids
-    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_blocks * block_size] bool
+    # Gathered: [num_decode * max_blocks] block ids. None when ``decode_span`` applies.
+    decode_blocks: torch.Tensor | None
+    decode_span: tuple[int, int] | None  # (first block, number of blocks): read as a view
+    decode_keys: int  # keys per decode sequence: the longest decode context
+    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, decode_keys] bool; None: no padding
     num_decode: int
 
     @classmethod
     def build(cls, attn: AttentionMetadata, device: torch.device) -> AttentionPlan:
         bs = attn.block_size
         tables = attn.block_tables.to(device)
+        host_tables = attn.host_block_tables
+        if host_tables is None and tables.device.type == "cpu":
+            host_tables = tables.numpy()
         prefills: list[_Prefill] = []
         decode_seqs: list[int] = []
         decode_rows: list[int] = []
@@ -190,17 +214,26 @@ class AttentionPlan:
             else:
                 prefills.append(_prefill(start, q_len, ctx_len, tables[i], bs, device))
             start += q_len
-        plan = cls(attn.slot_mapping.to(device), prefills, None, None, None, len(decode_seqs))
-        if decode_seqs:
-            ctx_lens = [attn.context_lens[i] for i in decode_seqs]
-            max_blocks = -(-max(ctx_lens) // bs)
-            everyone = len(decode_seqs) == attn.num_seqs
+        plan = cls(attn.slot_mapping.to(device), prefills, None, None, None, 0, None,
+                   len(decode_seqs))
+        if not decode_seqs:
+            return plan
+        ctx_lens = [attn.context_lens[i] for i in decode_seqs]
+        keys = plan.decode_keys = max(ctx_lens)
+        num_blocks = -(-keys // bs)
+        everyone = len(decode_seqs) == attn.num_seqs
+        if not everyone:
+            plan.decode_rows = torch.tensor(decode_rows, device=device)
+        if len(decode_seqs) == 1 and host_tables is not None:
+            row = host_tables[decode_seqs[0], :num_blocks]
+            if num_blocks == 1 or bool((np.diff(row) == 1).all()):
+                plan.decode_span = (int(row[0]), num_blocks)
+        if plan.decode_span is None:
             chosen = tables if everyone else tables[decode_seqs]
-            plan.decode_blocks = chosen[:, :max_blocks].contiguous()
-            plan.decode_rows = None if everyone else torch.tensor(decode_rows, device=device)
-            key_pos = torch.arange(max_blocks * bs, device=device)
-            ctx = torch.tensor(ctx_lens, device=device)
-            plan.decode_mask = (key_pos[None, :] < ctx[:, None])[:, None, None, :]
+            plan.decode_blocks = chosen[:, :num_blocks].reshape(-1)
+        if min(ctx_lens) < keys:  # padded keys exist: mask them
+            pad = np.arange(keys)[None, :] >= np.asarray(ctx_lens)[:, None]
+            plan.decode_mask = torch.from_numpy(~pad[:, None, None, :]).to(device)
         return plan
 
 
@@ -217,32 +250,36 @@ def _prefill(
 
 def paged_attention(
     q: torch.Tensor,  # [n, num_heads, head_dim], rotary already applied
-    k: torch.Tensor,  # [n, num_kv_heads, head_dim]
-    v: torch.Tensor,  # [n, num_kv_heads, head_dim]
+    kv: torch.Tensor,  # [2, n, num_kv_heads, head_dim]: K then V (a strided view is fine)
     kv_cache: KVCache,
     plan: AttentionPlan,
     scale: float,
 ) -> torch.Tensor:  # [n, num_heads, head_dim]
-    """Write the new K/V into ``kv_cache`` at the plan's slots, then attend causally."""
-    n, num_kv, head_dim = q.shape[0], k.shape[1], k.shape[2]
-    k_cache, v_cache = kv_cache[0], kv_cache[1]  # [num_blocks, block_size, num_kv, head_dim]
-    k_cache.view(-1, num_kv, head_dim).index_copy_(0, plan.slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, num_kv, head_dim).index_copy_(0, plan.slot_mapping, v.to(v_cache.dtype))
+    """Write the new K/V into ``kv_cache`` at the plan's slots, then attend causally.
+
+    K and V travel as one tensor so that writing them, and reading them back, is one op
+    each rather than two: a model whose fused projection puts k next to v passes a view.
+    """
+    n, num_kv, head_dim = q.shape[0], kv.shape[2], kv.shape[3]
+    if kv.dtype != kv_cache.dtype:
+        kv = kv.to(kv_cache.dtype)
+    # [2, num_blocks, block_size, kv, d] viewed as [2, slots, kv, d].
+    kv_cache.view(2, -1, num_kv, head_dim).index_copy_(1, plan.slot_mapping, kv)
 
     if plan.num_decode == n:  # pure decode step, the common case: no scatter needed
-        return _decode(q, k_cache, v_cache, plan, scale)
+        return _decode(q, kv_cache, plan, scale)
     out = torch.empty_like(q)
     for p in plan.prefills:
         if p.blocks is None:
-            keys, values = k[p.start : p.end], v[p.start : p.end]
+            keys, values = kv[0, p.start : p.end], kv[1, p.start : p.end]
         else:
             # index_select: several times faster than advanced indexing on CPU.
-            keys = k_cache.index_select(0, p.blocks).flatten(0, 1)[: p.context_len]
-            values = v_cache.index_select(0, p.blocks).flatten(0, 1)[: p.context_len]
+            both = kv_cache.index_select(1, p.blocks).flatten(1, 2)[:, : p.context_len]
+            keys, values = both[0], both[1]
         out[p.start : p.end] = _attend_one(q[p.start : p.end], keys, values, p.mask, scale)
     if plan.num_decode:
         assert plan.decode_rows is not None
-        out[plan.decode_rows] = _decode(q[plan.decode_rows], k_cache, v_cache, plan, scale)
+        out[plan.decode_rows] = _decode(q[plan.decode_rows], kv_cache, plan, scale)
     return out
 
 
@@ -265,18 +302,26 @@ def _attend_one(
 
 def _decode(
     q: torch.Tensor,  # [num_decode, num_heads, head_dim]
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    kv_cache: torch.Tensor,
     plan: AttentionPlan,
     scale: float,
 ) -> torch.Tensor:
     b, num_heads, head_dim = q.shape
-    num_kv = k_cache.shape[2]
-    # [b, max_blocks, block_size, kv, d] -> [b, kv, keys, d]. Slots past a context are masked;
-    # the pool zero-fills its memory so they hold finite values (0 * NaN would leak through).
-    assert plan.decode_blocks is not None
-    keys = _gather(k_cache, plan.decode_blocks)
-    values = _gather(v_cache, plan.decode_blocks)
+    num_kv = kv_cache.shape[3]
+    if plan.decode_span is not None:
+        first, count = plan.decode_span
+        kv = kv_cache[:, first : first + count]  # a view: no copy
+    else:
+        assert plan.decode_blocks is not None
+        # Padded slots (past a context, within its last block or a shorter table) are
+        # masked; the pool zero-fills its memory so they hold finite values (0 * NaN would
+        # leak through the mask).
+        kv = kv_cache.index_select(1, plan.decode_blocks)
+    # [2, b * blocks, block_size, kv, d] -> [2, b, keys, kv, d] -> K, V as [b, kv, keys, d].
+    kv = kv.reshape(2, b, -1, num_kv, head_dim)
+    if kv.shape[2] != plan.decode_keys:
+        kv = kv[:, :, : plan.decode_keys]
+    keys, values = kv[0].transpose(1, 2), kv[1].transpose(1, 2)
     # One query token per sequence, so the query heads sharing a KV head can stand in for the
     # query-length axis: GQA without repeating K/V.
     grouped = q.reshape(b, num_kv, num_heads // num_kv, head_dim)
@@ -284,10 +329,3 @@ def _decode(
         grouped, keys, values, attn_mask=plan.decode_mask, scale=scale
     )
     return out.reshape(b, num_heads, head_dim)
-
-
-def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """[b, max_blocks] block ids -> [b, kv_heads, max_blocks * block_size, head_dim]."""
-    b, n = blocks.shape
-    rows = cache.index_select(0, blocks.reshape(-1))
-    return rows.view(b, n * cache.shape[1], *cache.shape[2:]).transpose(1, 2)

@@ -20,7 +20,7 @@ from engine.models.layers import (
     RMSNorm,
     RotaryEmbedding,
     SwiGLUMLP,
-    apply_rotary,
+    apply_rotary_,
     paged_attention,
     rope_inv_freq,
 )
@@ -127,11 +127,13 @@ class LlamaAttention(nn.Module):
         plan: AttentionPlan,
     ) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(n, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(n, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(n, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv_cache, plan, self.scale)
+        qkv = self.qkv_proj(x)
+        # q and k rotate together, in place, so k ends up next to v for the cache write.
+        qk = qkv[:, : self.q_size + self.kv_size].view(n, -1, self.head_dim)
+        apply_rotary_(qk, cos, sin)
+        q = qk[:, : self.num_heads]
+        kv = qkv[:, self.q_size :].view(n, 2, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        out = paged_attention(q, kv, kv_cache, plan, self.scale)
         return self.o_proj(out.reshape(n, self.q_size))
 
 

@@ -86,8 +86,8 @@ class OPTAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache, plan: AttentionPlan) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
-        out = paged_attention(q, k, v, kv_cache, plan, self.scale)
+        qkv = self.qkv_proj(x).view(n, 3, self.num_heads, self.head_dim)
+        out = paged_attention(qkv[:, 0], qkv[:, 1:].transpose(0, 1), kv_cache, plan, self.scale)
         return self.out_proj(out.reshape(n, -1))
 
 

@@ -92,62 +92,85 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _forward(self, seqs: list) -> tuple[list[str], list[int], list[Any]]:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_lens: list[int] = []
-        context_lens: list[int] = []
-        tables: list[list[int]] = []
-        sample_rows: list[int] = []
-        sample_ids: list[str] = []
-        bs = self.block_size
-        for jid, start, n, blocks, reset, sample in seqs:
-            job = self.jobs[jid]
-            if reset:
-                job.table = list(blocks)
-            else:
-                job.table.extend(blocks)
-            end = start + n
-            if end > len(job.tokens):
-                raise RuntimeError(f"job {jid}: plan feeds up to {end}, worker has {len(job.tokens)} tokens")
-            input_ids.extend(job.tokens[start:end])
-            positions.extend(range(start, end))
-            table = job.table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            query_lens.append(n)
-            context_lens.append(end)
-            tables.append(table)
-            if sample:
-                sample_rows.append(len(input_ids) - 1)
-                sample_ids.append(jid)
-        width = max(len(t) for t in tables)
-        table_arr = np.zeros((len(tables), width), dtype=np.int64)
-        for i, t in enumerate(tables):
-            table_arr[i, : len(t)] = t
-        dev = self.device
-        attn = AttentionMetadata(
-            query_lens=query_lens,
-            context_lens=context_lens,
-            block_tables=torch.from_numpy(table_arr).to(dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_size=bs,
-        )
-        hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            torch.tensor(positions, dtype=torch.int64, device=dev),
-            self.gpu_pool.caches,
-            attn,
-        )
-        if not sample_ids:
+        inputs = self._assemble(seqs)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.gpu_pool.caches, inputs.attn)
+        if not inputs.sample_ids:
             return [], [], []
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
-        result = self.sampler.sample(logits.float(), sample_ids)
-        for jid, tok in zip(sample_ids, result.token_ids):
-            self.jobs[jid].tokens.append(int(tok))
+        if inputs.sample_rows is not None:
+            hidden = hidden[inputs.sample_rows]
+        logits = self.model.compute_logits(hidden)  # float32 by the model contract
+        result = self.sampler.sample(logits, inputs.sample_ids)
+        for jid, tok in zip(inputs.sample_ids, result.token_ids):
+            self.jobs[jid].tokens.append(tok)
         logprobs: list[Any] = []
         if result.logprobs is not None:
             logprobs = [
                 None if lp is None else [lp, [list(p) for p in (top or [])]]
-                for lp, top in zip(result.logprobs, result.top_logprobs or [None] * len(sample_ids))
+                for lp, top in zip(result.logprobs, result.top_logprobs or [None] * len(inputs.sample_ids))
             ]
-        return sample_ids, list(result.token_ids), logprobs
+        return inputs.sample_ids, result.token_ids, logprobs
+
+    def _assemble(self, seqs: list) -> _StepInputs:
+        """The step's indexing, built with numpy and moved to the device as one tensor.
+
+        Python touches each sequence once (its table and token slice); positions, slots and
+        the padded block table are vector ops, and the device gets a single int64 buffer
+        whose slices are the step's tensors.
+        """
+        bs = self.block_size
+        num = len(seqs)
+        starts = np.empty(num, dtype=np.int64)
+        query_lens = np.empty(num, dtype=np.int64)
+        tables: list[list[int]] = []
+        tokens: list[int] = []
+        sample_rows: list[int] = []
+        sample_ids: list[str] = []
+        for i, (jid, start, n, blocks, reset, sample) in enumerate(seqs):
+            job = self.jobs[jid]
+            if reset:
+                job.table = list(blocks)
+            elif blocks:
+                job.table.extend(blocks)
+            end = start + n
+            if end > len(job.tokens):
+                raise RuntimeError(f"job {jid}: plan feeds up to {end}, worker has {len(job.tokens)} tokens")
+            tokens += job.tokens[start:end]
+            starts[i], query_lens[i] = start, n
+            tables.append(job.table)
+            if sample:
+                sample_rows.append(len(tokens) - 1)
+                sample_ids.append(jid)
+        total = len(tokens)
+        width = max(len(t) for t in tables)
+        table_arr = np.zeros((num, width), dtype=np.int64)
+        for i, t in enumerate(tables):
+            table_arr[i, : len(t)] = t
+        # Token j of sequence i sits at position starts[i] + j.
+        seq_of = np.repeat(np.arange(num), query_lens)
+        positions = np.arange(total) + np.repeat(starts - (np.cumsum(query_lens) - query_lens), query_lens)
+        slots = table_arr[seq_of, positions // bs] * bs + positions % bs
+        all_sampled = len(sample_rows) == total  # a pure decode step: no row selection
+        parts = [np.asarray(tokens, dtype=np.int64), positions, slots, table_arr.ravel()]
+        if not all_sampled:
+            parts.append(np.asarray(sample_rows, dtype=np.int64))
+        packed = torch.from_numpy(np.concatenate(parts)).to(self.device)
+        input_ids, positions_t, slots_t, tables_t, rows_t = packed.split(
+            [total, total, total, table_arr.size, 0 if all_sampled else len(sample_rows)])
+        attn = AttentionMetadata(
+            query_lens=query_lens.tolist(),
+            context_lens=(starts + query_lens).tolist(),
+            block_tables=tables_t.view(num, width),
+            slot_mapping=slots_t,
+            block_size=bs,
+            host_block_tables=table_arr,
+        )
+        return _StepInputs(input_ids, positions_t, attn, None if all_sampled else rows_t, sample_ids)
+
+
+@dataclass
+class _StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    attn: AttentionMetadata
+    sample_rows: torch.Tensor | None  # rows of the hidden states to sample; None: every row
+    sample_ids: list[str]

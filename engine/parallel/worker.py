@@ -47,17 +47,19 @@ class Worker:
         raise ValueError(f"unknown command kind {kind!r}")
 
     def init(self, msg: dict[str, Any]) -> dict[str, Any]:
+        set_omp_wait_policy(msg["parallel"].get("omp_wait_policy"))
         import torch
 
         from engine.memory.kv_cache import KVCachePool, block_bytes
         from engine.models.loader import load_model
+        from engine.parallel.cpu import physical_cores
         from engine.parallel.runner import ModelRunner
 
         if msg.get("version") != PROTOCOL_VERSION:
             raise ValueError(f"protocol version {msg.get('version')} != {PROTOCOL_VERSION}")
         mcfg, ccfg, pcfg = msg["model"], msg["cache"], msg["parallel"]
-        if pcfg.get("torch_threads"):
-            torch.set_num_threads(int(pcfg["torch_threads"]))
+        # Intra-op threads: one per physical core unless told otherwise.
+        torch.set_num_threads(int(pcfg.get("torch_threads") or physical_cores()))
         torch.manual_seed(int(mcfg.get("seed", 0)))
         device = resolve_device(mcfg.get("device", "auto"))
         dtype = resolve_dtype(mcfg.get("dtype", "auto"), device)
@@ -98,6 +100,16 @@ class Worker:
         }
 
 
+def set_omp_wait_policy(policy: str | None) -> None:
+    """libgomp reads ``OMP_WAIT_POLICY`` once, when torch loads it: set it before that."""
+    if policy is None:
+        return
+    if "torch" in sys.modules and os.environ.get("OMP_WAIT_POLICY", "").lower() != policy:
+        log.warning("torch is already loaded: OpenMP wait policy %r not applied", policy)
+        return
+    os.environ["OMP_WAIT_POLICY"] = policy.upper()
+
+
 def resolve_device(name: str) -> Any:
     import torch
 
@@ -110,7 +122,9 @@ def resolve_dtype(name: str, device: Any) -> Any:
     import torch
 
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        from engine.parallel.cpu import auto_dtype
+
+        return auto_dtype(device)
     if name not in _DTYPES:
         raise ValueError(f"unknown dtype {name!r}; use one of {sorted(set(_DTYPES.values()))}")
     return getattr(torch, _DTYPES[name])

@@ -46,3 +46,11 @@ def wants_profile(policy: Any) -> bool:
     """Whether ``policy`` takes a cost profile (``set_profile``) and was given none in its
     options: the engine then hands it the stored or freshly measured one (skip-join)."""
     return hasattr(policy, "set_profile") and getattr(policy, "profile", None) is None
+
+
+def bind_memory(policy: Any, blocks: Any) -> None:
+    """Hand ``blocks`` (the block manager) to a policy that asks for it (``bind_memory``:
+    Orca-style reservation); other policies never see the pools."""
+    bind = getattr(policy, "bind_memory", None)
+    if bind is not None:
+        bind(blocks)

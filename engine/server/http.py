@@ -327,7 +327,13 @@ async def serve(
     hurry = asyncio.Event()  # a second signal: abort in-flight requests now
     loop = asyncio.get_running_loop()
 
+    frontends: list[Any] = []  # the HTTP routes and the ZeroMQ frontend, once they exist
+
     def on_signal() -> None:
+        # Admission closes here, in the signal's own callback: a request arriving a few
+        # loop iterations later (before the drain starts) must already get its 503.
+        for f in frontends:
+            f.admitting = False
         if stop.is_set():
             hurry.set()
         stop.set()
@@ -341,7 +347,7 @@ async def serve(
             pass
     name = default_model_name(engine_config)
     metrics = ServerMetrics(name)
-    runner = zmq = app = None
+    runner = zmq = app = trace = None
     try:
         if own_engine:  # after the handlers: a SIGTERM while loading still shuts down cleanly
             from engine.api import Engine
@@ -349,12 +355,19 @@ async def serve(
             engine = await Engine.create(engine_config)
             if stop.is_set():
                 return
-        app = build_app(engine, sc, name, metrics=metrics)
+        served = engine
+        if sc.record_trace:  # `serve --record-trace`: every request, HTTP or ZeroMQ, is seen
+            from engine.server.trace import TraceWriter, TracingEngine
+
+            trace = TraceWriter(sc.record_trace, sc.record_trace_prompts)
+            served = TracingEngine(engine, trace)
+        app = build_app(served, sc, name, metrics=metrics)
+        frontends.append(app[ROUTES_KEY])
         runner, port = await start_http(app, sc.host, sc.port)
         address = resolve_zmq_address(sc.zmq_address, port)
         if address:
             zmq = ZmqFrontend(
-                engine,
+                served,
                 address,
                 name,
                 metrics=metrics,
@@ -362,6 +375,7 @@ async def serve(
                 api_key=sc.api_key,
             )
             await zmq.start()
+            frontends.append(zmq)
             address = zmq.address
         url = f"http://{sc.host}:{port}"
         exposed = [a for a in (sc.host, address or "") if a and not _is_loopback(a)]
@@ -383,6 +397,8 @@ async def serve(
             await runner.cleanup()
         if own_engine and engine is not None:
             await engine.shutdown()
+        if trace is not None:
+            trace.close()
         log.warning("server stopped")
 
 

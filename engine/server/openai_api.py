@@ -308,7 +308,7 @@ def parse_messages(value: list) -> list[dict]:
         if not isinstance(m, dict):
             raise bad(where, "must be an object")
         role = m.get("role")
-        if role not in _MESSAGE_KEYS:
+        if not isinstance(role, str) or role not in _MESSAGE_KEYS:  # a list is not hashable
             raise bad(f"{where}.role", f"must be one of {sorted(_MESSAGE_KEYS)}, got {role!r}")
         for key in m:
             if key not in ("role", "content") and key not in _MESSAGE_KEYS[role]:

@@ -74,6 +74,7 @@ _SSE_EVENT = {
     "required": ["data"],
 }
 
+
 def _ranges(max_model_len: int) -> dict[str, dict]:
     """Field schemas beyond their JSON type (SamplingParams.validate, route handlers)."""
     return {

@@ -6,6 +6,12 @@ as they do in the engine), the core plans the step, the cost model says how long
 the clock advances by that much and ``update`` charges it to every job in the batch. The
 "model" samples a fixed non-EOS token and jobs run with ``ignore_eos``, so every job
 produces exactly its output length. Everything is deterministic.
+
+A job the scheduler refuses on arrival (the waiting queue is full, or its prompt can never
+fit the KV cache) is counted as rejected, as a server answers it with an error; the run
+goes on. The cost model is either measured (:class:`engine.sim.cost.CostModel`, from a
+profile) or analytic (:class:`engine.sim.analytic.AnalyticCost`, from a GPU and a model
+shape); the simulator only calls ``step(plan)``.
 """
 
 from __future__ import annotations
@@ -15,15 +21,20 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from engine.bench.metrics import nearest_rank, saturated_capacity
+from engine.bench.metrics import RequestRecord, nearest_rank, saturated_capacity
 from engine.bench.workload import WorkItem
 from engine.config import SchedulerConfig
 from engine.memory.block_manager import BlockManager
 from engine.policies.profile import PrefillProfile
-from engine.policies.registry import create_scheduling_policy, create_swap_policy, wants_profile
+from engine.policies.registry import (
+    bind_memory,
+    create_scheduling_policy,
+    create_swap_policy,
+    wants_profile,
+)
 from engine.request import Job
 from engine.sampling import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import AdmissionError, QueueFullError, Scheduler
 from engine.sim.cost import CostModel
 
 TOKEN = 1  # every prompt token and every sampled token; never EOS (EOS is ignored anyway)
@@ -31,7 +42,7 @@ TOKEN = 1  # every prompt token and every sampled token; never EOS (EOS is ignor
 
 @dataclass
 class SimResult:
-    jct: list[float]  # per item, in workload order: finish - arrival
+    jct: list[float]  # per admitted item, in workload order: finish - arrival
     ttft: list[float]  # first token - arrival
     makespan: float  # first arrival (t=0) to last finish
     output_tokens: int
@@ -44,7 +55,10 @@ class SimResult:
     recomputes: int = 0
     busy_s: float = 0.0  # time spent in steps (makespan minus idle gaps)
     jobs: list[Job] = field(default_factory=list, repr=False)
-    token_times: list[list[float]] = field(default_factory=list, repr=False)  # per item
+    # per admitted item; with record_tokens=False only [first, last] token times
+    token_times: list[list[float]] = field(default_factory=list, repr=False)
+    rejected: list[int] = field(default_factory=list)  # indices of items refused on arrival
+    records: list[RequestRecord] = field(default_factory=list, repr=False)  # per item
 
     @property
     def saturated_capacity(self) -> float:
@@ -78,9 +92,11 @@ def simulate(
     items: Sequence[WorkItem],
     cost: CostModel,
     *,
-    max_steps: int = 1_000_000,
+    max_steps: int = 100_000_000,
     check_every: int = 0,
     priority: Callable[[WorkItem], int] | None = None,
+    max_model_len: int | None = None,
+    record_tokens: bool = True,
 ) -> SimResult:
     """Run ``items`` through ``scheduler`` (fresh, empty) and return per-job metrics.
 
@@ -88,9 +104,13 @@ def simulate(
     ``priority`` gives each job its request priority (``SamplingParams.priority``, used by
     the ``priority`` policy); ``lambda it: it.output_len`` makes that policy an oracle
     shortest-job-first, a bound no policy that does not know output lengths can beat much.
+    ``max_model_len`` is each job's context length (what ``orca-fcfs`` reserves).
+    ``record_tokens=False`` keeps only each job's first and last token time (large runs:
+    every token time of 100,000 jobs would take gigabytes).
     """
     if scheduler.jobs:
         raise ValueError("simulate needs an empty scheduler")
+    ctx = {"max_model_len": max_model_len} if max_model_len else {}
     jobs = [
         Job(
             job_id=f"sim-{i}",
@@ -98,10 +118,13 @@ def simulate(
             params=SamplingParams(max_tokens=it.output_len, temperature=0.0, ignore_eos=True,
                                   priority=priority(it) if priority else 0),
             arrival_time=it.arrival_s,
+            **ctx,
         )
         for i, it in enumerate(items)
     ]
-    times: dict[str, list[float]] = {j.job_id: [] for j in jobs}
+    index = {j.job_id: i for i, j in enumerate(jobs)}
+    times: list[list[float]] = [[] for _ in jobs]
+    rejected: list[int] = []
     pending = sorted(jobs, key=lambda j: j.arrival_time)
     nxt = 0
     now = 0.0
@@ -109,12 +132,17 @@ def simulate(
     busy = 0.0
     moved = {"swap_out": 0, "swap_in": 0, "offload": 0, "prefetch": 0}
     preempted_before = scheduler.num_preemptions
+    step_cost = cost.step
     while nxt < len(pending) or scheduler.has_work():
         while nxt < len(pending) and pending[nxt].arrival_time <= now:
-            scheduler.add(pending[nxt], now)
+            try:
+                scheduler.add(pending[nxt], now)
+            except (QueueFullError, AdmissionError):
+                rejected.append(index[pending[nxt].job_id])
             nxt += 1
         if not scheduler.has_work():
-            now = pending[nxt].arrival_time  # idle until the next arrival
+            if nxt < len(pending):
+                now = pending[nxt].arrival_time  # idle until the next arrival
             continue
         plan = scheduler.schedule(now)
         if plan.is_empty():
@@ -125,7 +153,7 @@ def simulate(
             continue
         for key in moved:
             moved[key] += len(getattr(plan, key))
-        took = cost.step(plan).seconds
+        took = step_cost(plan).seconds
         forwards += bool(plan.seqs)
         now += took
         busy += took
@@ -133,30 +161,50 @@ def simulate(
         sampled = {s.job.job_id: TOKEN for s in plan.seqs if s.sample}
         scheduler.update(plan, sampled, took, now)
         for job_id in sampled:
-            times[job_id].append(now)
+            ts = times[index[job_id]]
+            if record_tokens or len(ts) < 2:
+                ts.append(now)
+            else:
+                ts[1] = now
         scheduler.drain_finished()
         if check_every and steps % check_every == 0:
             scheduler.check_integrity()
         if steps > max_steps:
             raise SimulationStalled(f"more than {max_steps} steps")
-    unfinished = [j.job_id for j in jobs if j.stats.finish_time is None]
+    refused = set(rejected)
+    unfinished = [j.job_id for i, j in enumerate(jobs) if i not in refused and j.stats.finish_time is None]
     if unfinished:
         raise SimulationStalled(f"jobs never finished: {unfinished[:5]}")
+    done = [j for i, j in enumerate(jobs) if i not in refused]
+    records = []
+    for i, (it, j) in enumerate(zip(items, jobs, strict=True)):
+        rec = RequestRecord(it.prompt_len, it.output_len, it.arrival_s)
+        if i in refused:
+            rec.rejected, rec.error = True, "refused on arrival (queue full or prompt too long)"
+        else:
+            rec.token_s = times[i]
+            rec.finish_s = j.stats.finish_time
+            rec.scheduled_s = j.stats.first_scheduled_time
+            if not record_tokens:
+                rec.num_tokens = len(j.output_ids)
+        records.append(rec)
     return SimResult(
-        jct=[j.stats.finish_time - j.arrival_time for j in jobs],
-        ttft=[j.stats.first_token_time - j.arrival_time for j in jobs],
-        makespan=max(j.stats.finish_time for j in jobs),
-        output_tokens=sum(len(j.output_ids) for j in jobs),
+        jct=[j.stats.finish_time - j.arrival_time for j in done],
+        ttft=[j.stats.first_token_time - j.arrival_time for j in done],
+        makespan=max((j.stats.finish_time for j in done), default=0.0),
+        output_tokens=sum(len(j.output_ids) for j in done),
         steps=steps,
         preemptions=scheduler.num_preemptions - preempted_before,
         forward_steps=forwards,
         swap_out_blocks=moved["swap_out"] + moved["offload"],
         swap_in_blocks=moved["swap_in"] + moved["prefetch"],
         proactive_blocks=moved["offload"] + moved["prefetch"],
-        recomputes=sum(j.stats.recomputes for j in jobs),
+        recomputes=sum(j.stats.recomputes for j in done),
         busy_s=busy,
         jobs=jobs,
-        token_times=[times[j.job_id] for j in jobs],
+        token_times=[times[i] for i in range(len(jobs)) if i not in refused],
+        rejected=rejected,
+        records=records,
     )
 
 
@@ -192,4 +240,6 @@ def build_scheduler(
     swap = create_swap_policy(config.swap_policy, dict(config.swap_policy_options))
     if wants_profile(policy):
         policy.set_profile(profile)
-    return Scheduler(config, policy, swap, BlockManager(num_gpu_blocks, num_host_blocks, block_size))
+    blocks = BlockManager(num_gpu_blocks, num_host_blocks, block_size)
+    bind_memory(policy, blocks)
+    return Scheduler(config, policy, swap, blocks)

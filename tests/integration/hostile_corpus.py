@@ -142,6 +142,10 @@ HTTP_CASES: list[Case] = [
     c(CHATP, {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role",
       "role-unknown"),
     c(CHATP, {"messages": [{"content": "x"}]}, 400, "messages[0].role", "role-missing"),
+    c(CHATP, {"messages": [{"role": [], "content": "x"}]}, 400, "messages[0].role",
+      "role-array"),  # found by the fuzzer: an unhashable role was a 500
+    c(CHATP, {"messages": [{"role": {"a": 1}, "content": "x"}]}, 400, "messages[0].role",
+      "role-object"),
     c(CHATP, {"messages": [{"role": "user"}]}, 400, "messages[0].content", "content-missing"),
     c(CHATP, user(None), 400, "messages[0].content", "content-null"),
     c(CHATP, {"messages": [{"role": "system", "content": 5}]}, 400, "messages[0].content",

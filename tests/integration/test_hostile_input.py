@@ -262,3 +262,54 @@ async def test_the_server_survives_many_hostile_requests_at_once(fake: Served):
     results = await asyncio.gather(*(post(fake, c) for c in cases))
     assert [s for s, _ in results] == [c.status for c in cases]
     await still_serves(fake)
+
+
+async def test_the_api_key_never_reaches_the_logs(caplog):
+    from engine.client import AsyncClient
+    from engine.client.sdk import Unauthorized
+    from engine.config import EngineConfig
+    from engine.server import serve
+
+    secret, wrong = "k3y-that-must-not-leak", "wr0ng-key-also-secret"
+
+    async def run(server: ServerConfig, during) -> None:
+        stop, ready = asyncio.Event(), asyncio.get_running_loop().create_future()
+        task = asyncio.ensure_future(serve(
+            EngineConfig(server=server), engine=FakeEngine(), stop=stop,
+            on_ready=lambda url, addr: ready.set_result((url, addr))))
+        try:
+            await during(*await asyncio.wait_for(ready, 10))
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+
+    async def use(url: str, address: str) -> None:
+        async with aiohttp.ClientSession() as s:
+            for key in (secret, wrong):
+                async with s.post(url + "/v1/completions", json={"prompt": "x"},
+                                  headers={"Authorization": f"Bearer {key}"}) as r:
+                    assert r.status == (200 if key == secret else 401)
+        async with AsyncClient(address, timeout=5, api_key=wrong) as c:
+            with pytest.raises(Unauthorized):
+                [o async for o in c.generate("x", max_tokens=1)]
+        async with AsyncClient(address, timeout=5, api_key=secret) as c:
+            assert [o async for o in c.generate("x", max_tokens=1)][-1].finished
+
+    caplog.set_level("DEBUG")
+    await run(ServerConfig(port=0, zmq_address="tcp://127.0.0.1:*", api_key=secret), use)
+    assert "serving" in caplog.text  # the logs were captured
+    assert secret not in caplog.text and wrong not in caplog.text
+    assert "without --api-key" not in caplog.text
+
+
+async def test_only_loopback_addresses_count_as_unexposed():
+    # What decides the "listening beyond loopback without --api-key" warning (tests bind
+    # to 127.0.0.1 only, so the warning itself is not provoked here).
+    from engine.server.http import _is_loopback
+
+    for address in ("127.0.0.1", "localhost", "::1", "[::1]", "tcp://127.0.0.1:5555",
+                    "tcp://[::1]:*", "ipc:///tmp/x.ipc", "inproc://x"):
+        assert _is_loopback(address), address
+    for address in ("0.0.0.0", "::", "10.0.0.5", "example.com", "tcp://0.0.0.0:5555",
+                    "tcp://*:5555", "tcp://eth0:5555"):
+        assert not _is_loopback(address), address

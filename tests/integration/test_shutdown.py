@@ -29,7 +29,7 @@ pytestmark = pytest.mark.timeout(180)
 
 STARTUP_S = 120  # model load on a busy 2-core machine
 EXIT_AFTER_DEADLINE_S = 5.0  # the promise: the tree is gone this long after the deadline
-STREAMS = 6
+STREAMS = 12
 SERVING = re.compile(r"serving \S+ on (http://127\.0\.0\.1:\d+)")
 
 
@@ -122,7 +122,7 @@ def servers() -> Iterator[list[Server]]:
 
 
 async def read_stream(s: aiohttp.ClientSession, base: str, first: asyncio.Event) -> dict:
-    body = {"model": "tiny", "prompt": "once upon a time", "max_tokens": 200,
+    body = {"model": "tiny", "prompt": "once upon a time", "max_tokens": 240,
             "ignore_eos": True, "stream": True}
     reasons, done, tokens = [], False, 0
     async with s.post(base + "/v1/completions", json=body) as r:
@@ -179,10 +179,10 @@ async def _drain_and_check(server: Server, *, signals: int, deadline_s: float) -
 async def test_sigterm_drains_then_aborts_at_the_deadline_and_leaves_nothing(
     model_path, tmp_path, servers
 ):
-    server = start_server(model_path, str(tmp_path), shutdown_timeout=1.0)
+    server = start_server(model_path, str(tmp_path), shutdown_timeout=0.5)
     servers.append(server)
-    results = await _drain_and_check(server, signals=1, deadline_s=1.0)
-    # One job runs at a time (max-num-seqs 1): six 200-token jobs outlast a 1 s drain, so
+    results = await _drain_and_check(server, signals=1, deadline_s=0.5)
+    # One job runs at a time (max-num-seqs 1): twelve 240-token jobs outlast a 0.5 s drain, so
     # the last ones were aborted at the deadline rather than cut off without a word.
     assert any(r["reasons"] == ["abort"] for r in results)
 

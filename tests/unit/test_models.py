@@ -118,3 +118,45 @@ def test_half_precision_stays_close_to_fp32(tmp_path, dtype):
     assert got.dtype == torch.float32  # compute_logits always returns fp32
     want = reference_logits(reference, tokens)
     assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+def test_lone_decode_over_consecutive_blocks_matches_transformers(models):
+    """A lone decode sequence with in-order blocks reads its K/V as a view of the pool."""
+    reference, ours = models
+    tokens = prompts(6, seed=5)[0]
+    driver = PagedDriver(ours, block_size=4, shuffle=False)
+    logits = driver.step([(0, tokens)])
+    for _ in range(6):  # crosses block boundaries
+        tokens.append(int(logits[0][-1].argmax()))
+        logits = driver.step([(0, tokens[-1:])])
+        torch.testing.assert_close(logits[0][-1], reference_logits(reference, tokens)[-1], **TOL)
+    assert driver.tables[0] == sorted(driver.tables[0])
+
+
+def test_bf16_decode_steps_stay_close_to_fp32(tmp_path):
+    reference = make_tiny_model("llama")
+    reference.save_pretrained(tmp_path)
+    ours, _ = load_model(str(tmp_path), torch.bfloat16, "cpu")
+    a, b = prompts(9, 5, seed=6)
+    driver = PagedDriver(ours, block_size=4)
+    driver.step([(0, a), (1, b)])
+    for step in range(5):  # K/V written in bf16 and read back through the cache
+        a, b = a + [7 + step], b + [11 + step]
+        got = driver.step([(0, a[-1:]), (1, b[-1:])])
+        for tokens, logits in zip((a, b), got):
+            want = reference_logits(reference, tokens)[-1]
+            assert (logits[-1] - want).abs().max() < 0.05 * want.abs().max()
+
+
+def test_bundled_model_in_bf16_still_answers_paris():
+    """bf16 is what ``--dtype auto`` picks on a CPU with native bf16: the real model, greedy."""
+    from engine.models.loader import default_model_path
+    from engine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(default_model_path())
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}]
+    )
+    model, _ = load_model(None, torch.bfloat16, "cpu")
+    out = PagedDriver(model, num_blocks=16, block_size=16).greedy([prompt], max_new_tokens=8)[0]
+    assert "Paris" in tokenizer.decode(out)

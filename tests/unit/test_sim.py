@@ -17,7 +17,7 @@ from engine.policies.profile import PrefillProfile
 from engine.policies.registry import create_scheduling_policy, create_swap_policy
 from engine.scheduler import Scheduler
 from engine.sim import CostModel, simulate
-from engine.sim.simulator import SimulationStalled, calibrate_overhead
+from engine.sim.simulator import calibrate_overhead
 
 # A made-up but CPU-shaped profile: prefill ~1 ms/token above a 30 ms floor, decode
 # steps grow slowly with the batch.
@@ -155,10 +155,13 @@ def test_idle_gaps_advance_the_clock_without_steps():
     assert math.isfinite(res.throughput)
 
 
-def test_a_job_that_can_never_fit_is_reported_not_looped_on():
+def test_a_job_that_can_never_fit_is_rejected_and_the_rest_run():
     s = scheduler(gpu=4, host=4)  # 64 tokens of KV
-    with pytest.raises((SimulationStalled, ValueError)):
-        simulate(s, [WorkItem(200, 4, 0.0)], CostModel(PROFILE), max_steps=1000)
+    res = simulate(s, [WorkItem(200, 4, 0.0), WorkItem(8, 3, 0.0)], CostModel(PROFILE),
+                   max_steps=1000)
+    assert res.rejected == [0]
+    assert len(res.jct) == 1 and res.output_tokens == 3
+    assert res.records[0].rejected and res.records[1].num_output_tokens == 3
 
 
 def test_simulate_needs_an_empty_scheduler():
