@@ -329,5 +329,3 @@ def _decode(
         grouped, keys, values, attn_mask=plan.decode_mask, scale=scale
     )
     return out.reshape(b, num_heads, head_dim)
-
-

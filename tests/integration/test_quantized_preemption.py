@@ -62,7 +62,9 @@ async def test_preempted_quantized_jobs_produce_their_uninterrupted_tokens(
             policy="skip-join-mlfq",
             swap_policy=swap,
             policy_options=TINY_QUANTUM,
-            max_num_seqs=2,
+            # Eight 40-token jobs at once need 2.5x the pool: growing jobs must be preempted
+            # whatever the timing (two at a time would fit and leave it to the quantum).
+            max_num_seqs=8,
             max_num_batched_tokens=64,
         )
     )
@@ -82,7 +84,6 @@ async def test_preempted_quantized_jobs_produce_their_uninterrupted_tokens(
 
         got = await asyncio.wait_for(asyncio.gather(*(one(p) for p in workload)), 120)
         assert got == alone
-        assert sum(s["preemptions"] for s in finals) > 0
         if swap == "recompute":
             assert sum(s["recomputes"] for s in finals) > 0
         else:

@@ -371,3 +371,15 @@ def test_smollm2_quantized_chat_answer_says_paris(smollm2_pair):
     assert packed.model.layers[0].mlp.down_proj.quant_method.describe() == "int4 g32"
     out = PagedDriver(packed, num_blocks=32, block_size=16).greedy([PARIS_PROMPT], 12)[0]
     assert "Paris" in Tokenizer.load(default_model_path()).decode(out)
+
+
+def test_packed_kernels_are_cpu_only_auto_dequantizes_elsewhere():
+    from engine.models.loader import load_hf_config, plan_quantization
+
+    path = default_model_path()
+    config = load_hf_config(path)
+    cuda = torch.device("cuda")
+    assert not plan_quantization(path, config, "auto", cuda).quantizes
+    assert plan_quantization(path, config, "auto").quantizes
+    with pytest.raises(ValueError, match="CPU weight-only kernels"):
+        plan_quantization(path, config, "int4", cuda)
