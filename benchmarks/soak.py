@@ -322,12 +322,14 @@ def plot(run: Run, path: Path) -> None:
     fig, axes = plt.subplots(4, 2, figsize=(11, 10), sharex=True)
     for ax, (key, label) in zip(axes.flat, METRICS):
         pts = [(s["t"], s[key]) for s in samples if key in s]
+        top = 1.0
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1)
+            top = max(p[1] for p in pts) * 1.15 or 1.0
         if run.kill_at is not None:
             ax.axvline(run.kill_at, color="red", ls="--", lw=0.8)
         ax.set_title(label, fontsize=9)
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, top)  # a flat line must not sit on the frame
     for ax in axes[-1]:
         ax.set_xlabel("seconds (red: worker killed)")
     fig.tight_layout()
