@@ -84,7 +84,8 @@ class Engine:
         self.model_info = ready["model"]
         max_len = info.max_model_len
         if config.model.max_model_len:
-            max_len = min(max_len, config.model.max_model_len)
+            max_len = (config.model.max_model_len if config.model.allow_long_context
+                       else min(max_len, config.model.max_model_len))
         eos = frozenset(info.eos_token_ids) | self.tokenizer.eos_token_ids
         blocks = BlockManager(ready["num_gpu_blocks"], ready["num_host_blocks"], config.cache.block_size)
         core = Scheduler(config.scheduler, policy, swap_policy, blocks)

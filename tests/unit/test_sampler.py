@@ -119,7 +119,7 @@ def test_seeded_sample_survives_last_bit_changes_that_reorder_near_equal_candida
     # so the same token must win.
     flat = random_logits(1, seed=11, scale=1e-3)
     jitter = torch.randn(flat.shape, generator=torch.Generator().manual_seed(12)) * 1e-6
-    ranks = lambda logits: logits.topk(50).indices.tolist()  # noqa: E731
+    ranks = lambda logits: logits.topk(50).indices.tolist()
     assert ranks(flat) != ranks(flat + jitter)  # the jitter does reorder candidates
     for seed in range(40):
         p = {**target, "seed": seed}
