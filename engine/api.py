@@ -45,10 +45,17 @@ class Engine:
         self._frontend: FrontendActor
         self._memory: MemoryManagerActor
         self._closed = False
+        self.profile_source: str | None = None  # where the policy's cost profile came from
 
     @classmethod
-    async def create(cls, config: EngineConfig | None = None) -> Engine:
+    async def create(
+        cls, config: EngineConfig | None = None, *, progress_bars: bool | None = None
+    ) -> Engine:
+        """Start the worker, load the model, profile it if the policy needs a profile.
+        ``progress_bars``: tqdm bars for loading/profiling (None: when stderr is a tty;
+        otherwise one INFO line per stage)."""
         from engine.models.loader import load_model_info, resolve_model_path
+        from engine.progress import StartupProgress
 
         self = cls()
         config = config or EngineConfig()
@@ -60,6 +67,8 @@ class Engine:
         swap_policy = create_swap_policy(config.scheduler.swap_policy, dict(config.scheduler.swap_policy_options))
         self.config = config
         self._executor = WorkerExecutor(config.parallel.step_timeout_s, config.parallel.startup_timeout_s)
+        self._progress = StartupProgress(progress_bars)
+        self._executor.on_progress = self._progress
         init = {
             "version": PROTOCOL_VERSION,
             "model": {**config_to_dict(config.model), "path": path},
@@ -70,10 +79,12 @@ class Engine:
         try:
             ready, self.tokenizer = await asyncio.gather(self._executor.start(init), tok_task)
         except BaseException as e:
+            self._progress.close()
             await self._executor.shutdown()
             if isinstance(e, WorkerError) and e.type == "ModelLoadError":
                 raise ModelLoadError(e.detail) from None
             raise
+        self._progress.close()
         self.worker_info = ready
         if wants_profile(policy):
             try:
@@ -81,6 +92,8 @@ class Engine:
             except BaseException:
                 await self._executor.shutdown()
                 raise
+            finally:
+                self._progress.close()
         self.model_info = ready["model"]
         max_len = info.max_model_len
         if config.model.max_model_len:
@@ -105,14 +118,53 @@ class Engine:
         from engine.policies.profile import PrefillProfile
 
         if config.scheduler.profile_path:
+            self.profile_source = f"file {config.scheduler.profile_path}"
             return PrefillProfile.load(config.scheduler.profile_path).to_dict()
+        self.profile_source = "measured at start-up"
         log.info("profiling the model for the scheduling policy (pass a stored profile to skip)")
         return await self._executor.call("profile", timeout=self.config.parallel.startup_timeout_s)
 
     async def profile(self, **args: object) -> dict:
         """Measure prefill time by input length and step time by batch size on the worker.
         The engine must be idle."""
-        return await self._scheduler.ask("profile", args)
+        try:
+            return await self._scheduler.ask("profile", args)
+        finally:
+            self._progress.close()
+
+    def describe(self) -> dict:
+        """What is running and how it is configured (the start-up banner's content)."""
+        from engine import version
+
+        ready, cfg = self.worker_info, self.config
+        bs, per_block = cfg.cache.block_size, ready["block_bytes"]
+        n_dev, n_host = ready["num_gpu_blocks"], ready["num_host_blocks"]
+        core = self._scheduler.core
+        return {
+            "version": version(),
+            "model": self.model_info["path"],
+            "architecture": self.model_info["architecture"],
+            "format": self.model_info["format"],
+            "device": ready["device"],
+            "dtype": ready["dtype"],
+            "num_params": ready.get("num_params"),
+            "weight_bytes": ready.get("weight_bytes"),
+            "kv": {
+                "block_size": bs, "block_bytes": per_block,
+                "device_blocks": n_dev, "device_tokens": n_dev * bs,
+                "device_bytes": n_dev * per_block,
+                "host_blocks": n_host, "host_tokens": n_host * bs,
+                "host_bytes": n_host * per_block,
+            },
+            "max_model_len": self.max_model_len,
+            # Requests of max_model_len tokens whose KV fits the device pool at once.
+            "max_concurrency": n_dev * bs / self.max_model_len,
+            "max_num_seqs": cfg.scheduler.max_num_seqs,
+            "max_num_batched_tokens": cfg.scheduler.max_num_batched_tokens,
+            "policy": core.policy.describe(),
+            "swap_policy": core.swap_policy.describe(),
+            "profile": self.profile_source,
+        }
 
     # Scheduler -> frontend wiring: plain tells, no shared state.
     def _emit(self, events: list) -> None:

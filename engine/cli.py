@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from engine import cli_checks as ck
+from engine import version
 from engine.config import (
     CacheConfig,
     EngineConfig,
@@ -299,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return worker_main(argv[1:])
     parser = ck.Parser(prog="fastserve", description="FastServe LLM inference server.")
-    parser.add_argument("--version", action="version", version=f"fastserve {_version()}")
+    parser.add_argument("--version", action="version", version=f"fastserve {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server (and ZeroMQ frontend)",
@@ -367,15 +368,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if e.errno == errno.EADDRINUSE:
             return ck.fail(prog, ck.UsageError("--port", str(e)))
         raise
-
-
-def _version() -> str:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("fastserve")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _run(coro) -> int:

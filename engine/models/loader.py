@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,9 +62,13 @@ def load_model_info(path: str | None) -> ModelInfo:
 
 
 def load_model(
-    path: str | None, dtype: torch.dtype, device: torch.device | str
+    path: str | None,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    on_tensor: Callable[[str], None] | None = None,
 ) -> tuple[nn.Module, ModelInfo]:
-    """Build the model on ``device`` in ``dtype`` and fill it from the checkpoint."""
+    """Build the model on ``device`` in ``dtype`` and fill it from the checkpoint;
+    ``on_tensor(name)`` is called after each checkpoint tensor is read (progress)."""
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"unsupported model dtype {dtype} (use one of {SUPPORTED_DTYPES})")
     resolved = resolve_model_path(path)
@@ -73,11 +77,40 @@ def load_model(
     # of weights about to be overwritten would cost more than reading the checkpoint.
     model = _build(config, torch.device("meta")).to(dtype).to_empty(device=device)
     try:
-        model.load_weights(iter_weights(resolved, config))  # type: ignore[operator]
+        weights = iter_weights(resolved, config)
+        if on_tensor is not None:
+            weights = _reporting(weights, on_tensor)
+        model.load_weights(weights)  # type: ignore[operator]
     except ValueError as exc:
         raise ModelLoadError(f"{resolved}: {exc}") from exc
     model.requires_grad_(False).eval()
     return model, _info(resolved, config, model)
+
+
+def _reporting(
+    weights: Iterator[tuple[str, torch.Tensor]], on_tensor: Callable[[str], None]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, tensor in weights:
+        yield name, tensor
+        on_tensor(name)
+
+
+def count_tensors(path: str | None) -> int:
+    """How many tensors the checkpoint holds (headers only), for a progress total."""
+    resolved = resolve_model_path(path)
+    if not os.path.isdir(resolved):
+        return len(_gguf_file(resolved).tensors)
+    from safetensors import safe_open
+
+    total = 0
+    for name in sorted(os.listdir(resolved)):
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(os.path.join(resolved, name), framework="pt") as f:
+                    total += len(list(f.keys()))
+            except Exception as exc:  # safetensors raises its own error types
+                raise ModelLoadError(f"cannot read {name}: {exc}") from exc
+    return total
 
 
 def load_hf_config(path: str) -> dict:

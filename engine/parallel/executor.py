@@ -15,11 +15,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
+from engine.logs import current_format
 from engine.parallel.protocol import ProtocolError, decode, encode
 
 log = logging.getLogger("fastserve.executor")
@@ -59,6 +61,8 @@ class WorkerExecutor:
         self._proc: subprocess.Popen | None = None
         self._reader: asyncio.Task | None = None
         self._dead: str | None = None
+        # Called with each progress message a worker sends while a command runs.
+        self.on_progress: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def alive(self) -> bool:
@@ -67,7 +71,8 @@ class WorkerExecutor:
     async def start(self, init: dict[str, Any]) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "engine.parallel.worker", "--cmd", self.cmd_addr,
                "--result", self.result_addr, "--parent-pid", str(os.getpid()),
-               "--log-level", logging.getLevelName(logging.getLogger("fastserve").getEffectiveLevel())]
+               "--log-level", logging.getLevelName(logging.getLogger("fastserve").getEffectiveLevel()),
+               "--log-format", current_format()]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)  # noqa: ASYNC220 -- fork+exec, no wait
         self._reader = asyncio.get_running_loop().create_task(self._read_loop())
         return await self.call("init", timeout=self.startup_timeout_s, **init)
@@ -101,6 +106,10 @@ class WorkerExecutor:
                     msg = decode(await self._res.recv_multipart(copy=False))
                 except ProtocolError as e:
                     log.error("bad message from worker: %s", e)
+                    continue
+                if msg.get("kind") == "progress":
+                    if self.on_progress is not None:
+                        self.on_progress(msg)
                     continue
                 fut = self._pending.get(msg.get("call"))
                 if fut is not None and not fut.done():

@@ -7,7 +7,7 @@ it borrows the front of the KV pool and gives it back.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 # Enough points for piecewise-linear interpolation of the (close to linear) cost curves,
@@ -22,7 +22,9 @@ def profile_runner(
     batch_sizes: Sequence[int] = DEFAULT_BATCHES,
     repeats: int = 2,
     context: int = 64,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
+    """``progress(done, total)`` is called as measurements complete."""
     if runner.jobs:
         raise RuntimeError("profile needs an idle worker")
     bs = runner.block_size
@@ -38,6 +40,15 @@ def profile_runner(
         return {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None, "logprobs": None}
 
     lengths = [n for n in lengths if -(-(n + 1) // bs) <= pool]
+    total = (repeats + 1) * len(lengths) + len(batch_sizes)
+    done = iter(range(1, total + 1))
+
+    def tick() -> None:
+        if progress is not None:
+            progress(next(done), total)
+
+    if progress is not None:
+        progress(0, total)
     times: dict[int, float] = {n: float("inf") for n in lengths}
     # Round 0 warms every shape up (first calls pay for allocation and kernel selection);
     # the rest are timed, best of ``repeats``.
@@ -49,6 +60,7 @@ def profile_runner(
             runner.step({"step": next(step_ids), "free": [jid], "new": [], "swap_out": [], "swap_in": [], "seqs": []})
             if r:
                 times[length] = min(times[length], t)
+            tick()
     prefill: list[list[float]] = [[n, times[n]] for n in lengths]
 
     decode: list[list[float]] = []
@@ -68,4 +80,7 @@ def profile_runner(
             best = min(best, t)
         runner.step({"step": next(step_ids), "free": ids, "new": [], "swap_out": [], "swap_in": [], "seqs": []})
         decode.append([batch, best])
+        tick()
+    if progress is not None:
+        progress(total, total)  # batch sizes the pool cannot hold were skipped
     return {"prefill": prefill, "decode": decode}

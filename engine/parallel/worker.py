@@ -14,10 +14,12 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import zmq
 
+from engine.logs import LOG_FORMATS, setup_logging
 from engine.parallel.protocol import PROTOCOL_VERSION, decode, encode
 
 log = logging.getLogger("fastserve.worker")
@@ -26,9 +28,16 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf1
            "float16": "float16", "fp16": "float16", "half": "float16"}
 
 
+def _no_progress(stage: str, done: int, total: int) -> None:
+    pass
+
+
 class Worker:
     def __init__(self) -> None:
         self.runner: Any = None
+        # progress(stage, done, total): reported to the engine while a long command runs
+        # (model loading, profiling); set per command by serve().
+        self.progress: Callable[[str, int, int], None] = _no_progress
 
     def handle(self, msg: dict[str, Any]) -> dict[str, Any] | None:
         kind = msg["kind"]
@@ -41,16 +50,21 @@ class Worker:
         if kind == "profile":
             from engine.parallel.profile import profile_runner
 
-            return {"kind": "profiled", **profile_runner(self.runner, **msg.get("args", {}))}
+            args = msg.get("args", {})
+            return {"kind": "profiled",
+                    **profile_runner(self.runner, **args, progress=self._profile_progress)}
         if kind == "shutdown":
             return {"kind": "bye"}
         raise ValueError(f"unknown command kind {kind!r}")
+
+    def _profile_progress(self, done: int, total: int) -> None:
+        self.progress("profile", done, total)
 
     def init(self, msg: dict[str, Any]) -> dict[str, Any]:
         import torch
 
         from engine.memory.kv_cache import KVCachePool, block_bytes
-        from engine.models.loader import load_model
+        from engine.models.loader import count_tensors, load_model
         from engine.parallel.runner import ModelRunner
 
         if msg.get("version") != PROTOCOL_VERSION:
@@ -61,7 +75,13 @@ class Worker:
         torch.manual_seed(int(mcfg.get("seed", 0)))
         device = resolve_device(mcfg.get("device", "auto"))
         dtype = resolve_dtype(mcfg.get("dtype", "auto"), device)
-        model, info = load_model(mcfg.get("path"), dtype, device)
+        path = mcfg.get("path")
+        stage = "load" if not str(path).endswith(".gguf") else "load+dequantize"
+        total = count_tensors(path)
+        loaded = iter(range(1, total + 1))
+        self.progress(stage, 0, total)
+        model, info = load_model(path, dtype, device,
+                                 on_tensor=lambda _name: self.progress(stage, next(loaded), total))
         model.eval()
         bs = int(ccfg["block_size"])
         per_block = block_bytes(info.num_layers, bs, info.num_kv_heads, info.head_dim, dtype)
@@ -92,6 +112,8 @@ class Worker:
             "num_gpu_blocks": n_gpu,
             "num_host_blocks": n_host,
             "block_bytes": per_block,
+            "num_params": sum(p.numel() for p in model.parameters()),
+            "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             "model": {k: (list(v) if isinstance(v, tuple) else v) for k, v in info.__dict__.items()},
         }
 
@@ -139,6 +161,7 @@ def serve(cmd_addr: str, result_addr: str, parent_pid: int | None, idle_exit_s: 
             try:
                 msg = decode(cmd.recv_multipart(copy=False))
                 call = msg.get("call")
+                worker.progress = _reporter(out, call)
                 reply = worker.handle(msg)
             except Exception as e:  # noqa: BLE001 -- reported to the engine, which fails the owning requests
                 log.error("command failed: %s", traceback.format_exc())
@@ -154,6 +177,21 @@ def serve(cmd_addr: str, result_addr: str, parent_pid: int | None, idle_exit_s: 
         ctx.term()
 
 
+def _reporter(out: Any, call: Any) -> Callable[[str, int, int], None]:
+    """Progress of command ``call`` over the result channel, at most ~10 messages/s."""
+    last = [0.0]
+
+    def report(stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done not in (0, total) and now - last[0] < 0.1:
+            return
+        last[0] = now
+        msg = {"kind": "progress", "call": call, "stage": stage, "done": done, "total": total}
+        out.send_multipart(encode(msg), copy=False)
+
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fastserve worker", description="Run one FastServe worker process.")
     p.add_argument("--cmd", required=True, help="engine's command address (engine binds, worker connects)")
@@ -161,9 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is no longer our parent")
     p.add_argument("--idle-exit", type=float, default=None, help="exit after this many seconds without a command")
     p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--log-format", default="text", choices=LOG_FORMATS)
     args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
+    setup_logging(args.log_level, args.log_format)
     return serve(args.cmd, args.result, args.parent_pid, args.idle_exit)
 
 

@@ -332,8 +332,11 @@ async def serve(
             await zmq.start()
             address = zmq.address
         url = f"http://{sc.host}:{port}"
-        # WARNING so it shows at the CLI's default log level: it is the one line users need.
-        log.warning("serving %s on %s%s", name, url, f" and {address}" if address else "")
+        _log_banner(engine, [f"{url}/v1 (OpenAI API; {url}/metrics, {url}/health)",
+                             *([f"{address} (ZeroMQ SDK)"] if address else [])])
+        log.info("serving %s on %s%s", name, url, f" and {address}" if address else "",
+                 extra={"fields": {"event": "ready", "model": name, "url": url,
+                                   "zmq_address": address}})
         if on_ready is not None:
             on_ready(url, address)
         await stop.wait()
@@ -346,6 +349,16 @@ async def serve(
             await runner.cleanup()
         if own_engine:
             await engine.shutdown()
+
+
+def _log_banner(engine: Any, urls: list[str]) -> None:
+    describe = getattr(engine, "describe", None)
+    if describe is None:  # a stand-in engine (tests)
+        return
+    from engine.banner import format_banner
+
+    info = describe()
+    log.info("%s", format_banner(info, urls), extra={"fields": {"event": "banner", **info}})
 
 
 def run_server(engine_config: EngineConfig) -> int:
