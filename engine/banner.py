@@ -33,18 +33,21 @@ def _count(n: int | None) -> str:
 
 def format_banner(d: dict[str, Any], urls: list[str]) -> str:
     kv = d["kv"]
+    device = (f"{d['device']}, dtype {d['dtype']}, {_count(d.get('num_params'))} parameters "
+              f"({human_bytes(d.get('weight_bytes') or 0)})")
+    pool = (f"device {kv['device_blocks']} blocks = {kv['device_tokens']} tokens "
+            f"({human_bytes(kv['device_bytes'])}); host {kv['host_blocks']} blocks = "
+            f"{kv['host_tokens']} tokens ({human_bytes(kv['host_bytes'])}); "
+            f"{kv['block_size']} tokens/block")
+    context = (f"max model length {d['max_model_len']}; {d['max_concurrency']:.2f}x requests "
+               f"of that length fit the device pool; batch caps {d['max_num_seqs']} seqs, "
+               f"{d['max_num_batched_tokens']} tokens/step")
     lines = [
         f"FastServe {d['version']} ready",
         f"  model         {d['model']} ({d['architecture']}, {d['format']})",
-        f"  device        {d['device']}, dtype {d['dtype']}, "
-        f"{_count(d.get('num_params'))} parameters ({human_bytes(d.get('weight_bytes') or 0)})",
-        f"  KV pool       device {kv['device_blocks']} blocks = {kv['device_tokens']} tokens "
-        f"({human_bytes(kv['device_bytes'])}); host {kv['host_blocks']} blocks = "
-        f"{kv['host_tokens']} tokens ({human_bytes(kv['host_bytes'])}); "
-        f"{kv['block_size']} tokens/block",
-        f"  context       max model length {d['max_model_len']}; "
-        f"{d['max_concurrency']:.2f}x requests of that length fit the device pool; "
-        f"batch caps {d['max_num_seqs']} seqs, {d['max_num_batched_tokens']} tokens/step",
+        f"  device        {device}",
+        f"  KV pool       {pool}",
+        f"  context       {context}",
         f"  scheduling    {_knobs(d['policy'])}",
         f"  swapping      {_knobs(d['swap_policy'])}",
     ]
