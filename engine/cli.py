@@ -139,13 +139,19 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="model id in the API (default: the model file's name)")
     g.add_argument("--max-body-bytes", type=ck.positive_size, default=ck.format_size(d.max_body_bytes),
                    help="largest request body accepted (HTTP and ZeroMQ)")
+    g.add_argument("--disable-log-requests", action="store_true",
+                   help="no access line per request")
+    g.add_argument("--log-stats-interval", type=ck.non_negative_float, default=d.log_stats_interval_s,
+                   help="seconds between stats lines while busy; 0 disables them")
 
 
 def _server_config(args: argparse.Namespace) -> ServerConfig:
     if not hasattr(args, "port"):
         return ServerConfig()
     return ServerConfig(host=args.host, port=args.port, zmq_address=args.zmq_address, api_key=args.api_key,
-                        served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes)
+                        served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes,
+                        log_requests=not args.disable_log_requests,
+                        log_stats_interval_s=args.log_stats_interval)
 
 
 async def _generate(args: argparse.Namespace) -> int:

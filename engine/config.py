@@ -83,6 +83,9 @@ class ServerConfig:
     api_key: str | None = None
     served_model_name: str | None = None
     max_body_bytes: int = 4 * 1024**2
+    log_requests: bool = True  # one access line per HTTP request (INFO; probes at DEBUG)
+    # Seconds between stats lines while the engine is busy (throughput, queues, KV); 0: none.
+    log_stats_interval_s: float = 10.0
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,9 @@ class SchedulerActor(Actor):
         self.clock = clock
         self.error: Exception | None = None
         self.num_steps = 0
+        # Tokens fed to prefill (prompts, recomputed KV) and sampled: the stats line's rates.
+        self.num_prompt_tokens_total = 0
+        self.num_generation_tokens_total = 0
 
     async def run(self) -> None:
         busy = False
@@ -121,6 +124,10 @@ class SchedulerActor(Actor):
         logprobs = reply.get("logprobs") or [None] * len(tokens)
         sampled = dict(zip(reply["ids"], tokens))
         lp_by_id = dict(zip(reply["ids"], logprobs))
+        self.num_prompt_tokens_total += sum(
+            s.num_tokens for s in plan.seqs
+            if s.num_tokens > 1 or s.start < s.job.num_prompt_tokens)
+        self.num_generation_tokens_total += len(tokens)
         touched = core.update(plan, sampled, float(reply["elapsed"]), now)
         self.num_steps += 1
         if touched:
@@ -185,6 +192,8 @@ class SchedulerActor(Actor):
             "num_host_blocks": core.blocks.num_host_blocks,
             "num_preemptions": core.num_preemptions,
             "num_steps": self.num_steps,
+            "num_prompt_tokens_total": self.num_prompt_tokens_total,
+            "num_generation_tokens_total": self.num_generation_tokens_total,
             "policy": core.policy.describe(),
             "swap_policy": core.swap_policy.describe(),
         }

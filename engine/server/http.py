@@ -25,6 +25,7 @@ from engine.config import EngineConfig, ServerConfig
 from engine.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from engine.server.openai_api import ApiError, bad, check_fields, check_model, parse_messages
 from engine.server.openai_routes import RETRY_AFTER_S, GenerationRoutes, read_json
+from engine.server.oplog import access_middleware, log_stats_forever
 from engine.server.protocol import EngineLike
 
 log = logging.getLogger("fastserve.server")
@@ -105,6 +106,8 @@ def build_app(
 ) -> web.Application:
     """The HTTP application. ``metrics`` may be shared with the ZeroMQ frontend."""
     middlewares: list = [_errors]
+    if server_config.log_requests:  # outermost: it sees the status _errors turned errors into
+        middlewares.insert(0, access_middleware())
     if server_config.api_key:
         middlewares.append(_auth(server_config.api_key))
     # client_max_size makes aiohttp itself stop reading a chunked body past the cap.
@@ -319,7 +322,9 @@ async def serve(
             pass
     name = default_model_name(engine_config)
     metrics = ServerMetrics(name)
-    runner = zmq = None
+    runner = zmq = stats_task = None
+    if sc.log_stats_interval_s > 0:
+        stats_task = asyncio.ensure_future(log_stats_forever(engine, sc.log_stats_interval_s))
     try:
         runner, port = await start_http(
             build_app(engine, sc, name, metrics=metrics), sc.host, sc.port
@@ -341,6 +346,8 @@ async def serve(
             on_ready(url, address)
         await stop.wait()
     finally:
+        if stats_task is not None:
+            stats_task.cancel()
         for sig in handled:
             loop.remove_signal_handler(sig)
         if zmq is not None:
