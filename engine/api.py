@@ -115,14 +115,26 @@ class Engine:
     async def _profile_for_policy(self, config: EngineConfig) -> dict:
         """A cost profile for a policy that wants one and was given none in its options:
         the stored one (``profile_path``), else measured now on the idle worker."""
+        from engine import profile_cache
         from engine.policies.profile import PrefillProfile
 
         if config.scheduler.profile_path:
             self.profile_source = f"file {config.scheduler.profile_path}"
             return PrefillProfile.load(config.scheduler.profile_path).to_dict()
-        self.profile_source = "measured at start-up"
-        log.info("profiling the model for the scheduling policy (pass a stored profile to skip)")
-        return await self._executor.call("profile", timeout=self.config.parallel.startup_timeout_s)
+        directory = profile_cache.cache_dir(config.scheduler.profile_cache_dir)
+        key = profile_cache.profile_key(self.worker_info["model"]["path"], self.worker_info,
+                                        config.cache.block_size)
+        cached = profile_cache.load(directory, key) if directory else None
+        if cached is not None:
+            profile, path = cached
+            self.profile_source = f"cached {path}"
+            return profile
+        log.info("profiling the model once for the scheduling policy (cached afterwards)")
+        reply = await self._executor.call("profile", timeout=self.config.parallel.startup_timeout_s)
+        profile = {"prefill": reply["prefill"], "decode": reply["decode"]}
+        path = profile_cache.store(directory, key, profile) if directory else None
+        self.profile_source = "measured at start-up" + (f", cached in {path}" if path else "")
+        return profile
 
     async def profile(self, **args: object) -> dict:
         """Measure prefill time by input length and step time by batch size on the worker.

@@ -80,6 +80,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="host (swap) pool size, e.g. 1G; 0 disables swapping")
     g.add_argument("--num-gpu-blocks", type=ck.positive_int, default=None,
                    help="exact KV pool size in blocks (default: from the memory flags)")
+    g.add_argument("--num-host-blocks", type=ck.non_negative_int, default=None,
+                   help="exact host (swap) pool size in blocks (default: from the memory flags)")
     g = p.add_argument_group("scheduling")
     g.add_argument("--scheduling-policy", default=d.scheduler.policy,
                    help=f"installed: {_installed(SCHEDULING_GROUP)}")
@@ -91,6 +93,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="a swap-policy knob, e.g. headroom_frac=0.2")
     g.add_argument("--profile", default=None, dest="profile_path",
                    help="stored cost profile (from `fastserve profile`) for skip-join")
+    g.add_argument("--profile-cache-dir", default=None,
+                   help="where measured profiles are cached (default: $FASTSERVE_CACHE_DIR, "
+                        "else ~/.cache/fastserve); '' disables the cache")
     g.add_argument("--eager-recompute", action="store_true", help=EAGER_RECOMPUTE_HELP)
     g.add_argument("--max-num-seqs", type=ck.positive_int, default=d.scheduler.max_num_seqs,
                    help="batch-size cap")
@@ -111,6 +116,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             gpu_memory_utilization=args.gpu_memory_utilization,
             host_kv_cache_memory=args.host_kv_cache_memory,
             num_gpu_blocks_override=args.num_gpu_blocks,
+            num_host_blocks_override=args.num_host_blocks,
         ),
         scheduler=SchedulerConfig(
             policy=args.scheduling_policy,
@@ -118,6 +124,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             profile_path=args.profile_path,
+            profile_cache_dir=args.profile_cache_dir,
             eager_recompute=args.eager_recompute,
             policy_options=tuple(args.policy_option),
             swap_policy_options=tuple(args.swap_policy_option),

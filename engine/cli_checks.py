@@ -202,6 +202,9 @@ def check_engine_args(args: argparse.Namespace) -> None:
     )
 
     path = check_model(args)
+    if args.allow_long_context and _learned_positions(path):
+        raise UsageError("--allow-long-context", "this model has learned position embeddings "
+                                                 "(OPT): it cannot run past its context length")
     if args.max_model_len is not None and not args.allow_long_context:
         try:
             context = model_context_length(path)
@@ -233,6 +236,19 @@ def check_engine_args(args: argparse.Namespace) -> None:
         except (UnknownPluginError, ValueError, TypeError) as e:
             option_flag = "--policy-option" if group == SCHEDULING_GROUP else "--swap-policy-option"
             raise UsageError(option_flag, str(e)) from None
+
+
+def _learned_positions(path: str) -> bool:
+    import json
+    import os
+
+    if not os.path.isdir(path):
+        return False  # GGUF: llama and qwen2 only, both RoPE
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            return json.load(f).get("model_type") == "opt"
+    except (OSError, ValueError):
+        return False  # the loader reports an unreadable config later, with its own message
 
 
 def check_device(device: str) -> None:

@@ -43,8 +43,12 @@ class CacheConfig:
 class SchedulerConfig:
     """Batch formation budgets and policy choice."""
 
-    policy: str = "fcfs"  # name in the fastserve.scheduling_policies entry-point group
-    swap_policy: str = "reactive"  # name in the fastserve.swap_policies entry-point group
+    # The paper's design by default: skip-join MLFQ (its quantum and first-queue choice
+    # come from the model's cost profile, measured once per model/device/dtype and cached)
+    # with proactive swapping. Names in the fastserve.scheduling_policies and
+    # fastserve.swap_policies entry-point groups.
+    policy: str = "skip-join-mlfq"
+    swap_policy: str = "proactive"
     max_num_seqs: int = 64  # batch-size cap per iteration
     max_num_batched_tokens: int = 2048  # token budget per iteration (prefill + decode tokens)
     max_waiting: int = 4096  # admission cap; more waiting jobs are refused
@@ -57,6 +61,9 @@ class SchedulerConfig:
     # Stored cost profile (`fastserve profile --out`) for policies that use one (skip-join);
     # None: such a policy has the worker profile the model at start-up.
     profile_path: str | None = None
+    # Where measured profiles are cached (engine/profile_cache.py); None: $FASTSERVE_CACHE_DIR
+    # or ~/.cache/fastserve; "": never cache (measure at every start).
+    profile_cache_dir: str | None = None
     # Service charged to each job per iteration, in seconds, instead of the step's measured
     # duration; None: measured. Set, quanta count iterations, so demotions do not depend on
     # how fast (or how loaded) the machine is: reproducible experiments and tests.

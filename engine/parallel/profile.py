@@ -23,8 +23,11 @@ def profile_runner(
     repeats: int = 2,
     context: int = 64,
     progress: Callable[[int, int], None] | None = None,
+    max_len: int | None = None,
 ) -> dict[str, Any]:
-    """``progress(done, total)`` is called as measurements complete."""
+    """``progress(done, total)`` is called as measurements complete. ``max_len``: the
+    model's context length; no measured sequence goes past it (learned position
+    embeddings, as OPT's, have no row beyond it)."""
     if runner.jobs:
         raise RuntimeError("profile needs an idle worker")
     bs = runner.block_size
@@ -39,7 +42,10 @@ def profile_runner(
     def params() -> dict:
         return {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None, "logprobs": None}
 
-    lengths = [n for n in lengths if -(-(n + 1) // bs) <= pool]
+    limit = max_len if max_len is not None else 1 << 30
+    fits = [n for n in lengths if -(-(n + 1) // bs) <= pool and n < limit]
+    lengths = fits or [max(1, min(limit - 1, pool * bs - 1))]
+    context = max(1, min(context, limit - repeats - 3))
     total = (repeats + 1) * len(lengths) + len(batch_sizes)
     done = iter(range(1, total + 1))
 

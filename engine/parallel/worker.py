@@ -35,6 +35,7 @@ def _no_progress(stage: str, done: int, total: int) -> None:
 class Worker:
     def __init__(self) -> None:
         self.runner: Any = None
+        self.max_model_len: int | None = None
         # progress(stage, done, total): reported to the engine while a long command runs
         # (model loading, profiling); set per command by serve().
         self.progress: Callable[[str, int, int], None] = _no_progress
@@ -52,7 +53,8 @@ class Worker:
 
             args = msg.get("args", {})
             return {"kind": "profiled",
-                    **profile_runner(self.runner, **args, progress=self._profile_progress)}
+                    **profile_runner(self.runner, **args, progress=self._profile_progress,
+                                     max_len=self.max_model_len)}
         if kind == "shutdown":
             return {"kind": "bye"}
         raise ValueError(f"unknown command kind {kind!r}")
@@ -83,6 +85,7 @@ class Worker:
         model, info = load_model(path, dtype, device,
                                  on_tensor=lambda _name: self.progress(stage, next(loaded), total))
         model.eval()
+        self.max_model_len = info.max_model_len
         bs = int(ccfg["block_size"])
         per_block = block_bytes(info.num_layers, bs, info.num_kv_heads, info.head_dim, dtype)
         if ccfg.get("num_gpu_blocks_override"):
@@ -112,6 +115,9 @@ class Worker:
             "num_gpu_blocks": n_gpu,
             "num_host_blocks": n_host,
             "block_bytes": per_block,
+            "device_name": device_name(device),
+            "torch_version": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
             "num_params": sum(p.numel() for p in model.parameters()),
             "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             "model": {k: (list(v) if isinstance(v, tuple) else v) for k, v in info.__dict__.items()},
@@ -124,6 +130,24 @@ def resolve_device(name: str) -> Any:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def device_name(device: Any) -> str:
+    """What the device is, for cache keys and the banner: the GPU model, or the CPU's."""
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def resolve_dtype(name: str, device: Any) -> Any:
