@@ -120,6 +120,7 @@ def build_app(
     app.router.add_post("/v1/completions", gen.completions)
     app.router.add_post("/v1/chat/completions", gen.chat)
     app.router.add_get("/v1/models", misc.models)
+    app.router.add_get("/v1/models/{model_id:.+}", misc.model)  # ids may hold a '/'
     app.router.add_get("/health", misc.health)
     app.router.add_get("/version", misc.version)
     app.router.add_post("/tokenize", misc.tokenize)
@@ -146,8 +147,8 @@ class _MiscRoutes:
         self.metrics = metrics
         self.created = int(time.time())
 
-    async def models(self, request: web.Request) -> web.Response:
-        card = {
+    def _card(self) -> dict:
+        return {
             "id": self.model_name,
             "object": "model",
             "created": self.created,
@@ -157,7 +158,16 @@ class _MiscRoutes:
             "max_model_len": self.engine.max_model_len,
             "permission": [],
         }
-        return web.json_response({"object": "list", "data": [card]})
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [self._card()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        model_id = request.match_info["model_id"]
+        if model_id != self.model_name:
+            raise ApiError(404, f"The model '{model_id}' does not exist", param="model",
+                           code="model_not_found")
+        return web.json_response(self._card())
 
     async def health(self, request: web.Request) -> web.Response:
         if self.engine.is_serving:
