@@ -88,7 +88,9 @@ class Engine:
         self.worker_info = ready
         if wants_profile(policy):
             try:
-                policy.set_profile(await self._profile_for_policy(config))
+                profile = await self._profile_for_policy(config)
+                if profile is not None:
+                    policy.set_profile(profile)
             except BaseException:
                 await self._executor.shutdown()
                 raise
@@ -112,9 +114,10 @@ class Engine:
             actor.start()
         return self
 
-    async def _profile_for_policy(self, config: EngineConfig) -> dict:
+    async def _profile_for_policy(self, config: EngineConfig) -> dict | None:
         """A cost profile for a policy that wants one and was given none in its options:
-        the stored one (``profile_path``), else measured now on the idle worker."""
+        the stored one (``profile_path``), else the cached one, else measured now on the
+        idle worker (and cached); None when measuring is off (``measure_profile``)."""
         from engine import profile_cache
         from engine.policies.profile import PrefillProfile
 
@@ -129,6 +132,9 @@ class Engine:
             profile, path = cached
             self.profile_source = f"cached {path}"
             return profile
+        if not config.scheduler.measure_profile:
+            self.profile_source = "none cached; the policy's own estimate (measure_profile off)"
+            return None
         log.info("profiling the model once for the scheduling policy (cached afterwards)")
         reply = await self._executor.call("profile", timeout=self.config.parallel.startup_timeout_s)
         profile = {"prefill": reply["prefill"], "decode": reply["decode"]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import errno
 import json
 import sys
@@ -167,7 +168,11 @@ async def _generate(args: argparse.Namespace) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
-    engine = await Engine.create(engine_config_from_args(args))
+    # One request: scheduling order cannot matter, so no start-up profiling (a cached
+    # profile is still used).
+    cfg = engine_config_from_args(args)
+    cfg = cfg.replace(scheduler=dataclasses.replace(cfg.scheduler, measure_profile=False))
+    engine = await Engine.create(cfg)
     try:
         messages = [{"role": "user", "content": args.prompt}] if args.chat else None
         prompt = None if args.chat else args.prompt

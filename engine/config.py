@@ -64,6 +64,10 @@ class SchedulerConfig:
     # Where measured profiles are cached (engine/profile_cache.py); None: $FASTSERVE_CACHE_DIR
     # or ~/.cache/fastserve; "": never cache (measure at every start).
     profile_cache_dir: str | None = None
+    # No stored or cached profile: measure one at start-up (seconds on a CPU). False: the
+    # policy's own estimate (skip-join: linear in the prompt length), e.g. for one-shot
+    # `fastserve generate`, where the order of one request's steps does not matter.
+    measure_profile: bool = True
     # Service charged to each job per iteration, in seconds, instead of the step's measured
     # duration; None: measured. Set, quanta count iterations, so demotions do not depend on
     # how fast (or how loaded) the machine is: reproducible experiments and tests.

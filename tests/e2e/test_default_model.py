@@ -12,7 +12,7 @@ import torch
 
 from engine.api import Engine
 from engine.bench.hf_reference import transformers_model_from_gguf
-from engine.config import CacheConfig, EngineConfig
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.models.loader import default_model_path
 from engine.sampling import SamplingParams
 from tests.integration.engine_utils import assert_pools_whole, collect, wait_all_blocks_free
@@ -31,7 +31,9 @@ NEW_TOKENS = 32
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine():
-    eng = await Engine.create(EngineConfig(cache=CacheConfig(kv_cache_memory=64 * 1024**2)))
+    # The default policies; no start-up profiling (its cost is not what this tests).
+    eng = await Engine.create(EngineConfig(cache=CacheConfig(kv_cache_memory=64 * 1024**2),
+                                           scheduler=SchedulerConfig(measure_profile=False)))
     yield eng
     assert_pools_whole(await wait_all_blocks_free(eng))
     await eng.shutdown()

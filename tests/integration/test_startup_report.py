@@ -32,9 +32,13 @@ async def test_load_and_profile_progress_reach_the_engine_and_the_banner_tells_t
         loaded = [r.getMessage() for r in caplog.records if "loading weights" in r.getMessage()]
         assert loaded == [f"loading weights: {count_tensors(model_path)} tensors in "
                           + loaded[0].rsplit(" in ", 1)[1]]
+        def profiled() -> list[str]:
+            return [r.getMessage() for r in caplog.records
+                    if r.getMessage().startswith("profiling prefill and decode cost: ")]
+
+        assert len(profiled()) == 1  # the default policy measured its profile at start-up
         await engine.profile()
-        profiled = [r.getMessage() for r in caplog.records if "profiling" in r.getMessage()]
-        assert len(profiled) == 1 and " points in " in profiled[0]
+        assert len(profiled()) == 2 and " points in " in profiled()[1]
 
         d = engine.describe()
         assert (d["device"], d["dtype"]) == ("cpu", "float32")
