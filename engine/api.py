@@ -11,6 +11,8 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from engine.actors.frontend import FrontendActor, RequestOutput
 from engine.actors.memory import MemoryManagerActor
@@ -34,24 +36,40 @@ class EngineDeadError(RuntimeError):
     """The engine cannot serve (its worker died or it was shut down)."""
 
 
+@dataclass
+class _Workers:
+    """One generation of the execution side: the worker processes and the actors that drive
+    them. The supervisor replaces a failed generation with a fresh one."""
+
+    executor: WorkerExecutor
+    scheduler: SchedulerActor
+    memory: MemoryManagerActor
+    ready: dict
+
+
 class Engine:
     def __init__(self) -> None:  # use Engine.create()
         self.config: EngineConfig
         self.tokenizer: Tokenizer
         self.model_info: dict
         self.worker_info: dict
-        self._executor: WorkerExecutor
-        self._scheduler: SchedulerActor
+        self._init: dict
+        self._profile: dict | None = None  # measured once; reused by every restart
+        self._workers: _Workers
         self._frontend: FrontendActor
-        self._memory: MemoryManagerActor
+        self._supervisor: asyncio.Task | None = None
         self._closed = False
+        # Worker groups started after the first one; and why the engine stopped for good.
+        self.num_restarts = 0
+        self.fatal_error: BaseException | None = None
         self.profile_source: str | None = None  # where the policy's cost profile came from
+        self._progress: Any = None
 
     @classmethod
     async def create(
         cls, config: EngineConfig | None = None, *, progress_bars: bool | None = None
     ) -> Engine:
-        """Start the worker, load the model, profile it if the policy needs a profile.
+        """Start the workers, load the model, profile it if the policy needs a profile.
         ``progress_bars``: tqdm bars for loading/profiling (None: when stderr is a tty;
         otherwise one INFO line per stage)."""
         from engine.models.loader import load_model_info, resolve_model_path
@@ -63,58 +81,132 @@ class Engine:
         path = await loop.run_in_executor(None, resolve_model_path, config.model.path)
         info = await loop.run_in_executor(None, load_model_info, path)  # clear error before spawning
         # Scheduling knobs are checked before the worker spends time loading the model.
-        policy = create_scheduling_policy(config.scheduler.policy, dict(config.scheduler.policy_options))
-        swap_policy = create_swap_policy(config.scheduler.swap_policy, dict(config.scheduler.swap_policy_options))
+        create_scheduling_policy(config.scheduler.policy, dict(config.scheduler.policy_options))
+        create_swap_policy(config.scheduler.swap_policy, dict(config.scheduler.swap_policy_options))
         self.config = config
-        self._executor = WorkerExecutor(config.parallel.step_timeout_s, config.parallel.startup_timeout_s)
         self._progress = StartupProgress(progress_bars)
-        self._executor.on_progress = self._progress
-        init = {
+        self._init = {
             "version": PROTOCOL_VERSION,
             "model": {**config_to_dict(config.model), "path": path},
             "cache": config_to_dict(config.cache),
             "parallel": config_to_dict(config.parallel),
         }
         tok_task = loop.run_in_executor(None, Tokenizer.load, path)
+        start = asyncio.ensure_future(self._start_workers())
         try:
-            ready, self.tokenizer = await asyncio.gather(self._executor.start(init), tok_task)
-        except BaseException as e:
-            self._progress.close()
-            await self._executor.shutdown()
-            if isinstance(e, WorkerError) and e.type == "ModelLoadError":
-                raise ModelLoadError(e.detail) from None
+            self.tokenizer = await tok_task
+        except BaseException:
+            start.cancel()
+            await asyncio.wait((start,))
+            if not start.cancelled() and start.exception() is None:
+                await self._stop_workers(start.result())
             raise
-        self._progress.close()
-        self.worker_info = ready
-        if wants_profile(policy):
-            try:
-                profile = await self._profile_for_policy(config)
-                if profile is not None:
-                    policy.set_profile(profile)
-            except BaseException:
-                await self._executor.shutdown()
-                raise
-            finally:
-                self._progress.close()
-        self.model_info = ready["model"]
+        workers = self._workers = await start
+        self.worker_info = workers.ready
+        self.model_info = workers.ready["model"]
         max_len = info.max_model_len
         if config.model.max_model_len:
             max_len = (config.model.max_model_len if config.model.allow_long_context
                        else min(max_len, config.model.max_model_len))
         eos = frozenset(info.eos_token_ids) | self.tokenizer.eos_token_ids
-        blocks = BlockManager(ready["num_gpu_blocks"], ready["num_host_blocks"], config.cache.block_size)
-        core = Scheduler(config.scheduler, policy, swap_policy, blocks)
-        self._scheduler = SchedulerActor(core, self._executor, emit=self._emit, fail=self._fail)
-        self._memory = MemoryManagerActor(blocks.num_gpu_blocks, blocks.num_host_blocks,
-                                          ready["block_bytes"], self._scheduler)
-        self._scheduler.memory = self._memory
-        self._frontend = FrontendActor(self.tokenizer, max_len, eos, info.vocab_size, self._scheduler)
+        self._frontend = FrontendActor(self.tokenizer, max_len, eos, info.vocab_size, workers.scheduler)
         self.max_model_len = max_len
-        for actor in (self._scheduler, self._frontend, self._memory):
+        self.vocab_size = info.vocab_size  # the model's: token ids at or past it are refused
+        for actor in (workers.scheduler, self._frontend, workers.memory):
             actor.start()
+        self._supervisor = loop.create_task(self._supervise(), name="supervisor")
         return self
 
-    async def _profile_for_policy(self, config: EngineConfig) -> dict | None:
+    async def _start_workers(self) -> _Workers:
+        """Start a worker group, load the model, and build the scheduler and memory actors
+        around it (not started). A failure shuts the group down and raises; a model that
+        cannot load raises ``ModelLoadError``."""
+        config = self.config
+        policy = create_scheduling_policy(config.scheduler.policy, dict(config.scheduler.policy_options))
+        swap_policy = create_swap_policy(config.scheduler.swap_policy, dict(config.scheduler.swap_policy_options))
+        executor = WorkerExecutor(config.parallel.step_timeout_s, config.parallel.startup_timeout_s)
+        executor.on_progress = self._progress
+        try:
+            ready = await executor.start(self._init)
+            self._progress.close()
+            if wants_profile(policy):
+                if self._profile is None:
+                    self._profile = await self._profile_for_policy(config, executor, ready)
+                if self._profile is not None:
+                    policy.set_profile(self._profile)
+        except BaseException as e:
+            await executor.shutdown()
+            if isinstance(e, WorkerError) and e.type == "ModelLoadError":
+                raise ModelLoadError(e.detail) from None
+            raise
+        finally:
+            self._progress.close()
+        blocks = BlockManager(ready["num_gpu_blocks"], ready["num_host_blocks"], config.cache.block_size)
+        core = Scheduler(config.scheduler, policy, swap_policy, blocks)
+        scheduler = SchedulerActor(core, executor, emit=self._emit, fail=self._fail)
+        memory = MemoryManagerActor(blocks.num_gpu_blocks, blocks.num_host_blocks, ready["block_bytes"], scheduler)
+        scheduler.memory = memory
+        return _Workers(executor, scheduler, memory, ready)
+
+    async def _supervise(self) -> None:
+        """Restart the worker group whenever it fails (a worker died, or missed a step
+        deadline): the scheduler has already failed every job it held; stop the old group,
+        wait out a backoff, start a new one and point the frontend at it. Back-to-back
+        failures double the backoff (up to ``restart_backoff_max_s``); a generation that
+        served for ``restart_reset_s`` earns the base backoff back. A model that no longer
+        loads ends the engine (``fatal_error``) instead of looping."""
+        par = self.config.parallel
+        loop = asyncio.get_running_loop()
+        delay = par.restart_backoff_s
+        while not self._closed:
+            workers = self._workers
+            started = loop.time()
+            await workers.scheduler.failed()
+            if self._closed:
+                return
+            if loop.time() - started >= par.restart_reset_s:
+                delay = par.restart_backoff_s
+            await self._stop_workers(workers)
+            while not self._closed:
+                log.warning("restarting the worker group in %.1f s (restarts so far: %d)",
+                            delay, self.num_restarts)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, par.restart_backoff_max_s)
+                try:
+                    fresh = await self._start_workers()
+                except ModelLoadError as e:
+                    log.error("the model cannot be loaded any more; the engine stops: %s", e)
+                    self.fatal_error = e
+                    return
+                except Exception as e:  # noqa: BLE001 -- a failed start is retried after a backoff
+                    log.error("worker group failed to start: %s", e)
+                    continue
+                if self._closed:
+                    await self._stop_workers(fresh)
+                    return
+                self.num_restarts += 1
+                self._workers = fresh
+                self.worker_info = fresh.ready
+                self._frontend.tell("rewire", fresh.scheduler)
+                fresh.scheduler.start()
+                fresh.memory.start()
+                log.warning("worker group restarted (restart %d); serving again", self.num_restarts)
+                break
+
+    async def wait_fatal(self) -> None:
+        """Return if the supervisor gave up for good (``fatal_error`` says why)."""
+        if self._supervisor is not None:
+            await asyncio.wait((self._supervisor,))
+
+    async def _stop_workers(self, workers: _Workers) -> None:
+        await workers.scheduler.stop()
+        workers.scheduler.fail_jobs(EngineDeadError("worker group stopped"))
+        await workers.memory.stop()
+        await workers.executor.shutdown()
+
+    async def _profile_for_policy(
+        self, config: EngineConfig, executor: WorkerExecutor, ready: dict
+    ) -> dict | None:
         """A cost profile for a policy that wants one and was given none in its options:
         the stored one (``profile_path``), else the cached one, else measured now on the
         idle worker (and cached); None when measuring is off (``measure_profile``)."""
@@ -125,8 +217,7 @@ class Engine:
             self.profile_source = f"file {config.scheduler.profile_path}"
             return PrefillProfile.load(config.scheduler.profile_path).to_dict()
         directory = profile_cache.cache_dir(config.scheduler.profile_cache_dir)
-        key = profile_cache.profile_key(self.worker_info["model"]["path"], self.worker_info,
-                                        config.cache.block_size)
+        key = profile_cache.profile_key(ready["model"]["path"], ready, config.cache.block_size)
         cached = profile_cache.load(directory, key) if directory else None
         if cached is not None:
             profile, path = cached
@@ -136,7 +227,7 @@ class Engine:
             self.profile_source = "none cached; the policy's own estimate (measure_profile off)"
             return None
         log.info("profiling the model once for the scheduling policy (cached afterwards)")
-        reply = await self._executor.call("profile", timeout=self.config.parallel.startup_timeout_s)
+        reply = await executor.call("profile", timeout=config.parallel.startup_timeout_s)
         profile = {"prefill": reply["prefill"], "decode": reply["decode"]}
         path = profile_cache.store(directory, key, profile) if directory else None
         self.profile_source = "measured at start-up" + (f", cached in {path}" if path else "")
@@ -146,7 +237,7 @@ class Engine:
         """Measure prefill time by input length and step time by batch size on the worker.
         The engine must be idle."""
         try:
-            return await self._scheduler.ask("profile", args)
+            return await self._workers.scheduler.ask("profile", args)
         finally:
             self._progress.close()
 
@@ -157,7 +248,7 @@ class Engine:
         ready, cfg = self.worker_info, self.config
         bs, per_block = cfg.cache.block_size, ready["block_bytes"]
         n_dev, n_host = ready["num_gpu_blocks"], ready["num_host_blocks"]
-        core = self._scheduler.core
+        core = self._workers.scheduler.core
         return {
             "version": version(),
             "model": self.model_info["path"],
@@ -193,7 +284,8 @@ class Engine:
 
     @property
     def is_serving(self) -> bool:
-        return not self._closed and self._scheduler.error is None and self._executor.alive
+        w = self._workers
+        return not self._closed and w.scheduler.error is None and w.executor.alive
 
     async def generate(
         self,
@@ -230,24 +322,28 @@ class Engine:
 
     async def abort(self, request_id: str) -> None:
         """Stop a request; its stream ends with finish_reason ``abort``."""
-        self._scheduler.tell("abort", request_id)
+        self._workers.scheduler.tell("abort", request_id)
 
     async def stats(self) -> dict:
-        snap = await self._scheduler.ask("snapshot")
-        mem = await self._memory.ask("get")
-        return {**snap, "memory": mem.to_dict(), "serving": self.is_serving}
+        w = self._workers
+        snap = await w.scheduler.ask("snapshot")
+        mem = await w.memory.ask("get")
+        return {**snap, "memory": mem.to_dict(), "serving": self.is_serving,
+                "num_restarts": self.num_restarts}
 
     async def check_integrity(self) -> None:
-        await self._scheduler.ask("check_integrity")
+        await self._workers.scheduler.ask("check_integrity")
 
     async def shutdown(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for actor in (self._frontend, self._memory, self._scheduler):
-            await actor.stop()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.wait((self._supervisor,), timeout=10)
+        await self._frontend.stop()
         self._frontend.on_fail(list(self._frontend.live), EngineDeadError("engine shut down"))
-        await self._executor.shutdown()
+        await self._stop_workers(self._workers)
 
     async def __aenter__(self) -> Engine:  # noqa: PYI034 -- Self needs Python 3.11
         return self

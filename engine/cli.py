@@ -7,6 +7,8 @@ import asyncio
 import dataclasses
 import errno
 import json
+import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -102,6 +104,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="batch-size cap")
     g.add_argument("--max-num-batched-tokens", type=ck.positive_int,
                    default=d.scheduler.max_num_batched_tokens, help="token budget per iteration")
+    g.add_argument("--max-waiting", type=ck.positive_int, default=d.scheduler.max_waiting,
+                   help="waiting jobs beyond which new requests get 503 + Retry-After")
+    g.add_argument("--max-waiting-tokens", type=ck.positive_int,
+                   default=d.scheduler.max_waiting_tokens,
+                   help="prompt tokens of all waiting jobs beyond which new requests get 503")
     g.add_argument("--torch-threads", type=ck.positive_int, default=None,
                    help="torch threads in the worker (default: torch's)")
 
@@ -124,6 +131,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             swap_policy=args.swap_policy,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
+            max_waiting=args.max_waiting,
+            max_waiting_tokens=args.max_waiting_tokens,
             profile_path=args.profile_path,
             profile_cache_dir=args.profile_cache_dir,
             eager_recompute=args.eager_recompute,
@@ -142,11 +151,18 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=ck.port, default=d.port, help="0: any free port")
     g.add_argument("--zmq-address", default=d.zmq_address,
                    help="ZeroMQ frontend address (default: an ipc:// path; 'off' disables it)")
-    g.add_argument("--api-key", default=d.api_key, help="require 'Authorization: Bearer KEY' (not on /health)")
+    key = g.add_mutually_exclusive_group()
+    key.add_argument("--api-key", default=d.api_key,
+                     help="require 'Authorization: Bearer KEY' on HTTP and the key on ZeroMQ "
+                          "(every route but /health)")
+    key.add_argument("--api-key-file", default=None,
+                     help="read the API key from this file (keeps it out of the process list)")
     g.add_argument("--served-model-name", default=d.served_model_name,
                    help="model id in the API (default: the model file's name)")
     g.add_argument("--max-body-bytes", type=ck.positive_size, default=ck.format_size(d.max_body_bytes),
                    help="largest request body accepted (HTTP and ZeroMQ)")
+    g.add_argument("--shutdown-timeout", type=ck.non_negative_float, default=d.shutdown_timeout_s,
+                   help="on SIGTERM, seconds in-flight requests may take before they are aborted")
     g.add_argument("--disable-log-requests", action="store_true",
                    help="no access line per request")
     g.add_argument("--log-stats-interval", type=ck.non_negative_float, default=d.log_stats_interval_s,
@@ -156,8 +172,13 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
 def _server_config(args: argparse.Namespace) -> ServerConfig:
     if not hasattr(args, "port"):
         return ServerConfig()
-    return ServerConfig(host=args.host, port=args.port, zmq_address=args.zmq_address, api_key=args.api_key,
+    api_key = args.api_key
+    if args.api_key_file:  # checked readable and non-empty by cli_checks
+        with open(args.api_key_file, encoding="utf-8") as f:
+            api_key = f.read().strip()
+    return ServerConfig(host=args.host, port=args.port, zmq_address=args.zmq_address, api_key=api_key,
                         served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes,
+                        shutdown_timeout_s=args.shutdown_timeout,
                         log_requests=not args.disable_log_requests,
                         log_stats_interval_s=args.log_stats_interval)
 
@@ -374,7 +395,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             from engine.server import run_server
 
-            return run_server(engine_config_from_args(args))
+            code = run_server(engine_config_from_args(args))
+            # Everything the server owned (workers, sockets, socket files) is released by
+            # now; skip the interpreter's teardown, which takes seconds with torch loaded,
+            # so SIGTERM's promise (exit within 5 s of the drain deadline) holds.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
         if args.command == "profile":
             return _run(_profile(args))
         if args.command == "simulate":

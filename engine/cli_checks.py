@@ -289,6 +289,14 @@ def check_port_free(host: str, port_number: int) -> None:
 
 
 def check_server_args(args: argparse.Namespace) -> None:
+    if getattr(args, "api_key_file", None):
+        try:
+            with open(args.api_key_file, encoding="utf-8") as f:
+                empty = not f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError("--api-key-file", f"cannot read {args.api_key_file!r}: {e}") from None
+        if empty:
+            raise UsageError("--api-key-file", f"{args.api_key_file!r} is empty")
     check_port_free(args.host, args.port)
 
 

@@ -51,7 +51,10 @@ class SchedulerConfig:
     swap_policy: str = "proactive"
     max_num_seqs: int = 64  # batch-size cap per iteration
     max_num_batched_tokens: int = 2048  # token budget per iteration (prefill + decode tokens)
-    max_waiting: int = 4096  # admission cap; more waiting jobs are refused
+    max_waiting: int = 4096  # admission cap; more waiting jobs are refused (503, Retry-After)
+    # Admission cap on the prompt tokens of all waiting jobs together: bounds the memory a
+    # flood of long prompts can pin before any of them runs. None: no cap.
+    max_waiting_tokens: int | None = 1 << 20
     policy_options: tuple[tuple[str, object], ...] = ()  # extra knobs for the policy plugin
     swap_policy_options: tuple[tuple[str, object], ...] = ()  # extra knobs for the swap plugin
     # A victim the host pool cannot take: False spares it while anything else can run (the
@@ -84,6 +87,12 @@ class ParallelConfig:
     # Seconds a worker may take to start and load its model.
     startup_timeout_s: float = 300.0
     torch_threads: int | None = None  # None: torch's default
+    # Self-recovery: after the worker group fails (a worker died or missed the step
+    # deadline) the engine restarts it after this many seconds, doubling on each failure
+    # in a row up to the maximum; a group that served restart_reset_s resets the backoff.
+    restart_backoff_s: float = 1.0
+    restart_backoff_max_s: float = 30.0
+    restart_reset_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -91,12 +100,14 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     zmq_address: str | None = None
-    api_key: str | None = None
+    api_key: str | None = None  # required by every route but /health, HTTP and ZeroMQ alike
     served_model_name: str | None = None
     max_body_bytes: int = 4 * 1024**2
     log_requests: bool = True  # one access line per HTTP request (INFO; probes at DEBUG)
     # Seconds between stats lines while the engine is busy (throughput, queues, KV); 0: none.
     log_stats_interval_s: float = 10.0
+    # SIGTERM/SIGINT: seconds in-flight requests may take to finish before they are aborted.
+    shutdown_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)

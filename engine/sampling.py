@@ -18,6 +18,10 @@ class InvalidRequestError(ValueError):
         self.param = param
 
 
+MAX_STOP_CHARS = 1024  # per stop string: the detokenizer scans for each after every token
+MAX_STOP_TOKEN_IDS = 1024
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -32,6 +36,10 @@ class SamplingParams:
     priority: int = 0  # lower runs first under the priority policy (vLLM's convention)
     n: int = 1
     skip_special_tokens: bool = True
+    # max_tokens beyond the context left after the prompt: refused (False, the serving
+    # edge's rule, as vLLM's) or cut to what is left (True: "generate until the context is
+    # full", e.g. a chat request without max_tokens).
+    clamp_max_tokens: bool = False
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -51,13 +59,13 @@ class SamplingParams:
         if self.max_tokens <= 0:
             raise bad("max_tokens", f"must be at least 1, got {self.max_tokens}")
         if not _is_number(self.temperature) or self.temperature < 0:
-            raise bad("temperature", f"must be >= 0, got {self.temperature!r}")
+            raise bad("temperature", f"must be a finite number >= 0, got {self.temperature!r}")
         if not _is_number(self.top_p) or not (0.0 < self.top_p <= 1.0):
-            raise bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
+            raise bad("top_p", f"must be a number in (0, 1], got {self.top_p!r}")
+        if not _is_int64(self.top_k) or self.top_k < -1:
             raise bad("top_k", f"must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise bad("seed", "must be an integer")
+        if self.seed is not None and not _is_int64(self.seed):
+            raise bad("seed", f"must be an integer in [-2**63, 2**63), got {self.seed!r}")
         if self.logprobs is not None and (
             not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
             or not 0 <= self.logprobs <= 20
@@ -65,14 +73,20 @@ class SamplingParams:
             raise bad("logprobs", f"must be an integer in [0, 20], got {self.logprobs!r}")
         if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= 16:
             raise bad("n", f"must be an integer in [1, 16], got {self.n!r}")
-        if not isinstance(self.priority, int) or isinstance(self.priority, bool):
-            raise bad("priority", "must be an integer")
+        if not _is_int64(self.priority):
+            raise bad("priority", f"must be an integer in [-2**63, 2**63), got {self.priority!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "must be non-empty strings")
         if len(self.stop) > 16:
             raise bad("stop", "at most 16 stop strings")
-        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.stop_token_ids):
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise bad("stop", f"each stop string at most {MAX_STOP_CHARS} characters")
+        if any(not _is_int64(t) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be non-negative integers")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise bad("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} token ids")
+        if not isinstance(self.clamp_max_tokens, bool):
+            raise bad("clamp_max_tokens", "must be a boolean")
 
     @property
     def greedy(self) -> bool:
@@ -96,7 +110,13 @@ class SamplingParams:
 
 
 def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
+    """A finite number: NaN and +-infinity are refused wherever a number is expected."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_int64(x: object) -> bool:
+    # Seeds and priorities cross msgpack and torch, which take 64-bit integers only.
+    return isinstance(x, int) and not isinstance(x, bool) and -(2**63) <= x < 2**63
 
 
 # -- the batched sampler (worker side) -----------------------------------------------------

@@ -101,9 +101,23 @@ class Scheduler:
                 f"prompt of {job.num_prompt_tokens} tokens does not fit the KV cache "
                 f"({self.blocks.num_gpu_blocks} blocks of {self.blocks.block_size} tokens)"
             )
-        waiting = sum(1 for j in self.jobs.values() if j.state is JobState.WAITING)
-        if waiting >= self.config.max_waiting:
-            raise QueueFullError(f"{waiting} jobs waiting (max_waiting={self.config.max_waiting})")
+        waiting = [j for j in self.jobs.values() if j.state is JobState.WAITING]
+        if len(waiting) >= self.config.max_waiting:
+            raise QueueFullError(
+                f"{len(waiting)} jobs waiting (max_waiting={self.config.max_waiting})"
+            )
+        cap = self.config.max_waiting_tokens
+        if cap is not None and job.num_prompt_tokens > cap:
+            raise AdmissionError(
+                f"prompt of {job.num_prompt_tokens} tokens exceeds max_waiting_tokens={cap}"
+            )
+        if cap is not None:
+            queued = sum(j.num_prompt_tokens for j in waiting)
+            if queued + job.num_prompt_tokens > cap:
+                raise QueueFullError(
+                    f"{queued} prompt tokens waiting, {job.num_prompt_tokens} more would pass "
+                    f"max_waiting_tokens={cap}"
+                )
         job.state = JobState.WAITING
         self.jobs[job.job_id] = job
         self.policy.admit(job, now)

@@ -14,12 +14,17 @@ from typing import Any
 log = logging.getLogger("fastserve.actors")
 
 
+class ActorStoppedError(RuntimeError):
+    """The actor was stopped: it will never answer."""
+
+
 class Actor:
     name = "actor"
 
     def __init__(self) -> None:
         self.mailbox: asyncio.Queue[tuple[tuple, asyncio.Future | None]] = asyncio.Queue()
         self._task: asyncio.Task | None = None
+        self._stopped = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self.run(), name=self.name)
@@ -28,6 +33,8 @@ class Actor:
         self.mailbox.put_nowait(((kind, *args), None))
 
     async def ask(self, kind: str, *args: Any) -> Any:
+        if self._stopped:
+            raise ActorStoppedError(f"{self.name} is stopped")
         fut = asyncio.get_running_loop().create_future()
         self.mailbox.put_nowait(((kind, *args), fut))
         return await fut
@@ -64,10 +71,19 @@ class Actor:
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Cancel the actor's task and wait for it to end (bounded: a handler that ignores
-        cancellation is re-cancelled, and after ``timeout`` the task is left behind)."""
+        cancellation is re-cancelled, and after ``timeout`` the task is left behind). Asks
+        still in the mailbox, and any made later, fail with ``ActorStoppedError``."""
+        self._stopped = True
         task, self._task = self._task, None
-        if task is None:
-            return
+        try:
+            if task is not None:
+                await self._cancel(task, timeout)
+        finally:
+            for _, fut in self.drain_nowait():
+                if fut is not None and not fut.done():
+                    fut.set_exception(ActorStoppedError(f"{self.name} is stopped"))
+
+    async def _cancel(self, task: asyncio.Task, timeout: float) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
         while not task.done() and asyncio.get_running_loop().time() < deadline:
             task.cancel()

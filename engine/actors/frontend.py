@@ -9,6 +9,7 @@ request's own mailbox, so a failure reaches the caller instead of hanging it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ class FrontendActor(Actor):
         if request_id in self.live:
             raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
         prompt_ids = self.tokenize(prompt, messages)
+        params = fit_max_tokens(params, len(prompt_ids), self.max_model_len)
         job = Job(
             job_id=request_id,
             prompt_ids=prompt_ids,
@@ -108,6 +110,11 @@ class FrontendActor(Actor):
                 f"{field}: {len(ids)} tokens leave no room to generate; the model's context is "
                 f"{self.max_model_len} tokens", field)
         return ids
+
+    def on_rewire(self, scheduler: Actor) -> None:
+        """The supervisor replaced the worker group: new jobs go to its scheduler. Jobs of
+        the old one were all failed before it was replaced."""
+        self.scheduler = scheduler
 
     def on_forget(self, request_id: str) -> None:
         """The caller is gone (it aborted): drop its state; the scheduler frees its job."""
@@ -164,3 +171,20 @@ class FrontendActor(Actor):
 
     def on_failure(self, error: Exception) -> None:
         self.on_fail(list(self.live), error)
+
+
+def fit_max_tokens(params: SamplingParams, num_prompt_tokens: int, max_model_len: int) -> SamplingParams:
+    """``max_tokens`` against the context left after the prompt: cut to it when the request
+    asked for that (``clamp_max_tokens``), else refused naming both numbers (vLLM's rule),
+    so an impossible request is never accepted and run until the context is full."""
+    left = max_model_len - num_prompt_tokens
+    if params.max_tokens <= left:
+        return params
+    if params.clamp_max_tokens:
+        return dataclasses.replace(params, max_tokens=left)
+    raise InvalidRequestError(
+        f"max_tokens: this model's maximum context length is {max_model_len} tokens and the "
+        f"prompt has {num_prompt_tokens}, which leaves {left} for the completion, but "
+        f"{params.max_tokens} were requested; lower max_tokens or shorten the prompt",
+        "max_tokens",
+    )

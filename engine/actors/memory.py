@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from engine.actors.base import Actor
+from engine.actors.base import Actor, ActorStoppedError
 
 log = logging.getLogger("fastserve.memory")
 
@@ -79,6 +79,8 @@ class MemoryManagerActor(Actor):
         except AssertionError as e:  # a bug, not a request error: record it loudly
             log.error("KV block integrity violated: %s", e)
             self.stats.integrity_errors.append(str(e))
+        except ActorStoppedError:
+            pass  # the worker group is being replaced: nothing left to check
 
     def on_get(self) -> MemoryStats:
         return self.stats

@@ -56,6 +56,7 @@ class SchedulerActor(Actor):
         self.memory = memory
         self.clock = clock
         self.error: Exception | None = None
+        self._failed = asyncio.Event()
         self.num_steps = 0
         # Tokens fed to prefill (prompts, recomputed KV) and sampled: the stats line's rates.
         self.num_prompt_tokens_total = 0
@@ -159,9 +160,30 @@ class SchedulerActor(Actor):
             queue_level=job.queue_level,
         )
 
-    def _die(self, error: Exception) -> None:
-        log.error("worker failed; failing %d jobs: %s", len(self.core.jobs), error)
+    async def failed(self) -> None:
+        """Return once the worker group has failed: a step failed, or a worker exited or
+        missed a deadline while the actor was idle, or the actor's task ended on its own.
+        Whoever replaces the group calls ``fail_jobs`` after stopping this actor."""
+        waits = [asyncio.ensure_future(self._failed.wait()),
+                 asyncio.ensure_future(self.executor.died.wait())]
+        if self._task is not None:
+            waits.append(self._task)
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits[:2]:
+                w.cancel()
+
+    def fail_jobs(self, error: Exception) -> None:
+        """Fail every job still held (a no-op after a failed step, which did it already)."""
+        if self.error is None:
+            self._die(error, logging.WARNING)
+
+    def _die(self, error: Exception, level: int = logging.ERROR) -> None:
+        if self.core.jobs:
+            log.log(level, "worker group failed; failing %d jobs: %s", len(self.core.jobs), error)
         self.error = error
+        self._failed.set()
         ids = list(self.core.jobs)
         now = self.clock()
         for jid in ids:

@@ -52,6 +52,10 @@ class EngineUnavailable(FastServeError):
     """The engine cannot serve, or the server did not answer within the timeout."""
 
 
+class Unauthorized(FastServeError):
+    """The server requires an API key (``api_key=``) and this one is missing or wrong."""
+
+
 class ServerError(FastServeError):
     """The server failed (a bug) or could not read the message."""
 
@@ -62,6 +66,7 @@ _ERRORS: dict[str, type[FastServeError]] = {
     wire.ENGINE_UNAVAILABLE: EngineUnavailable,
     wire.INTERNAL: ServerError,
     wire.BAD_MESSAGE: ServerError,
+    wire.UNAUTHORIZED: Unauthorized,
 }
 
 
@@ -176,8 +181,15 @@ class Client:
     """Blocking client. Not thread-safe: use one per thread. Several ``generate``
     iterators may be consumed interleaved from the same thread."""
 
-    def __init__(self, address: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        api_key: str | None = None,
+    ) -> None:
         self.address = address or wire.default_zmq_address()
+        self._api_key = api_key  # sent in every message when the server wants one
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)  # close() must never block on unsent messages
@@ -208,7 +220,7 @@ class Client:
 
     def _send(self, msg: dict, flags: int = 0) -> None:
         try:
-            self._sock.send(wire.encode(msg), flags)
+            self._sock.send(_encode(msg, self._api_key), flags)
         except zmq.Again:
             if not flags:
                 raise EngineUnavailable(
@@ -283,8 +295,15 @@ class Client:
 class AsyncClient:
     """asyncio client; any number of concurrent ``generate`` calls share one socket."""
 
-    def __init__(self, address: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        api_key: str | None = None,
+    ) -> None:
         self.address = address or wire.default_zmq_address()
+        self._api_key = api_key
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -334,7 +353,9 @@ class AsyncClient:
 
     async def _send(self, msg: dict) -> None:
         try:
-            await asyncio.wait_for(self._sock.send(wire.encode(msg)), self._book.timeout)
+            await asyncio.wait_for(
+                self._sock.send(_encode(msg, self._api_key)), self._book.timeout
+            )
         except asyncio.TimeoutError:
             raise EngineUnavailable(
                 f"could not send to {self.address} within {self._book.timeout:g}s"
@@ -374,7 +395,7 @@ class AsyncClient:
             self._close(rid)
             if not finished and not self._sock.closed:
                 # Fire-and-forget: this may run during cancellation, so it must not block.
-                _send_nowait(self._sock, wire.encode({"kind": wire.ABORT, "id": rid}))
+                _send_nowait(self._sock, _encode({"kind": wire.ABORT, "id": rid}, self._api_key))
 
     async def abort(self, request_id: str) -> None:
         await self._send({"kind": wire.ABORT, "id": request_id})
@@ -409,3 +430,7 @@ def _send_nowait(sock: zmq.asyncio.Socket, data: bytes) -> None:
     except zmq.ZMQError:
         return
     fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # consume the outcome
+
+
+def _encode(msg: dict, api_key: str | None) -> bytes:
+    return wire.encode({**msg, "api_key": api_key} if api_key is not None else msg)

@@ -29,6 +29,7 @@ QUEUE_FULL = "QueueFull"  # the engine's waiting queue is full: retry later
 ENGINE_UNAVAILABLE = "EngineUnavailable"  # the engine cannot serve (worker died, shutting down)
 INTERNAL = "Internal"  # a server bug
 BAD_MESSAGE = "BadMessage"  # not a decodable request map
+UNAUTHORIZED = "Unauthorized"  # the server wants an ``api_key`` field and got none or another
 
 # Fields of an ``output`` reply besides kind/id (engine.actors.frontend.RequestOutput).
 OUTPUT_FIELDS = (

@@ -63,6 +63,7 @@ class WorkerExecutor:
         self._dead: str | None = None
         # Called with each progress message a worker sends while a command runs.
         self.on_progress: Callable[[dict[str, Any]], None] | None = None
+        self.died = asyncio.Event()  # set once the worker exited or missed a deadline
 
     @property
     def alive(self) -> bool:
@@ -91,6 +92,7 @@ class WorkerExecutor:
             await asyncio.wait((fut,), timeout=limit)
             if not fut.done():
                 self._fail_all(f"worker did not answer {kind!r} within {limit:.0f} s")
+                fut.exception()  # the failure _fail_all set: retrieved, raised below
                 raise WorkerDiedError(self._dead)
             reply = fut.result()
         finally:
@@ -121,13 +123,15 @@ class WorkerExecutor:
         if self._dead is None:
             self._dead = why
             log.error("%s", why)
+        self.died.set()
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(WorkerDiedError(why))
 
     async def shutdown(self, timeout: float = 10.0) -> None:
         proc = self._proc
-        if proc is not None and proc.poll() is None and self._dead is None:
+        healthy = self._dead is None
+        if proc is not None and proc.poll() is None and healthy:
             try:
                 await self.call("shutdown", timeout=timeout)
             except (WorkerDiedError, WorkerError):
@@ -142,7 +146,8 @@ class WorkerExecutor:
             except asyncio.CancelledError:
                 pass
         if proc is not None:
-            await asyncio.get_running_loop().run_in_executor(None, _reap, proc, timeout)
+            # A worker that failed (missed a deadline, or hangs) gets no grace period.
+            await asyncio.get_running_loop().run_in_executor(None, _reap, proc, timeout if healthy else 0)
         self._cmd.close()
         self._res.close()
         self._ctx.term()

@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import importlib.metadata
 import inspect
+import ipaddress
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from engine.config import EngineConfig, ServerConfig
 from engine.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from engine.server.openai_api import ApiError, bad, check_fields, check_model, parse_messages
 from engine.server.openai_routes import RETRY_AFTER_S, GenerationRoutes, read_json
+from engine.server.openapi import openapi_document
 from engine.server.oplog import access_middleware, log_stats_forever
 from engine.server.protocol import EngineLike
 
@@ -32,6 +34,9 @@ log = logging.getLogger("fastserve.server")
 
 ENGINE_KEY = web.AppKey("fastserve_engine", object)
 METRICS_KEY = web.AppKey("fastserve_metrics", ServerMetrics)
+ROUTES_KEY = web.AppKey("fastserve_generation_routes", GenerationRoutes)
+# After the drain deadline: seconds the aborted requests get to send their last event.
+ABORT_GRACE_S = 2.0
 # Seconds to wait for engine.stats(): a wedged engine must not hang /metrics scrapes.
 STATS_TIMEOUT_S = 5.0
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # what ModelConfig(path=None) loads
@@ -116,7 +121,8 @@ def build_app(
     app[ENGINE_KEY] = engine
     app[METRICS_KEY] = metrics
     gen = GenerationRoutes(engine, model_name, server_config.max_body_bytes, metrics)
-    misc = _MiscRoutes(engine, model_name, server_config.max_body_bytes, metrics)
+    app[ROUTES_KEY] = gen
+    misc = _MiscRoutes(engine, model_name, server_config.max_body_bytes, metrics, gen)
     app.router.add_post("/v1/completions", gen.completions)
     app.router.add_post("/v1/chat/completions", gen.chat)
     app.router.add_get("/v1/models", misc.models)
@@ -127,6 +133,7 @@ def build_app(
     app.router.add_post("/detokenize", misc.detokenize)
     app.router.add_get("/metrics", misc.metrics_route)
     app.router.add_get("/v1/scheduler", misc.scheduler)
+    app.router.add_get("/openapi.json", misc.openapi)
     return app
 
 
@@ -139,8 +146,14 @@ def _version() -> str:
 
 class _MiscRoutes:
     def __init__(
-        self, engine: EngineLike, model_name: str, max_body_bytes: int, metrics: ServerMetrics
+        self,
+        engine: EngineLike,
+        model_name: str,
+        max_body_bytes: int,
+        metrics: ServerMetrics,
+        gen: GenerationRoutes,
     ) -> None:
+        self.gen = gen
         self.engine = engine
         self.model_name = model_name
         self.max_body_bytes = max_body_bytes
@@ -170,7 +183,7 @@ class _MiscRoutes:
         return web.json_response(self._card())
 
     async def health(self, request: web.Request) -> web.Response:
-        if self.engine.is_serving:
+        if self.engine.is_serving and self.gen.admitting:
             return web.Response(status=200)
         raise ApiError(
             503,
@@ -179,6 +192,10 @@ class _MiscRoutes:
             code="engine_unavailable",
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        doc = openapi_document(self.model_name, self.engine.max_model_len, _version())
+        return web.json_response(doc)
 
     async def version(self, request: web.Request) -> web.Response:
         return web.json_response({"version": _version()})
@@ -270,10 +287,11 @@ class _MiscRoutes:
         f = check_fields(body, {"model": "str", "tokens": "list"}, {})
         check_model(f, self.model_name)
         tokens = f.get("tokens")
+        vocab = self.engine.vocab_size
         if tokens is None or not all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens
         ):
-            raise bad("tokens", "required: an array of non-negative integers")
+            raise bad("tokens", f"required: an array of token ids in [0, {vocab})")
         try:
             text = self.engine.tokenizer.decode(tokens)
         except Exception as e:  # noqa: BLE001 - e.g. an id past the vocabulary
@@ -305,6 +323,11 @@ async def serve(
     """Create the engine (unless given), serve HTTP on server.host:port and ZeroMQ on
     server.zmq_address until SIGINT/SIGTERM (or ``stop`` is set), then shut down.
 
+    Shutdown drains: admission stops at once (new generations and ``/health`` answer 503),
+    requests in flight get ``server.shutdown_timeout_s`` seconds to finish, the rest are
+    aborted (their streams end with ``finish_reason: "abort"``), then the listeners, the
+    ZeroMQ socket file and the engine's workers go. A second signal skips the wait.
+
     ``on_ready(http_url, zmq_address_or_None)`` is called once both listen (port 0 and
     ``tcp://host:*`` pick free ports; this is how a caller learns them). A given ``engine``
     is left running on exit; one created here is shut down.
@@ -313,48 +336,62 @@ async def serve(
 
     sc = engine_config.server
     own_engine = engine is None
-    if own_engine:
-        from engine.api import Engine
-
-        engine = await Engine.create(engine_config)
     stop = stop or asyncio.Event()
+    hurry = asyncio.Event()  # a second signal: abort in-flight requests now
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            hurry.set()
+        stop.set()
+
     handled = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
             handled.append(sig)
-        except (
-            NotImplementedError,
-            RuntimeError,
-            ValueError,
-        ):  # not the main thread / not supported
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
             pass
     name = default_model_name(engine_config)
     metrics = ServerMetrics(name)
-    runner = zmq = stats_task = None
-    if sc.log_stats_interval_s > 0:
-        stats_task = asyncio.ensure_future(log_stats_forever(engine, sc.log_stats_interval_s))
+    runner = zmq = app = stats_task = None
     try:
-        runner, port = await start_http(
-            build_app(engine, sc, name, metrics=metrics), sc.host, sc.port
-        )
+        if own_engine:  # after the handlers: a SIGTERM while loading still shuts down cleanly
+            from engine.api import Engine
+
+            engine = await Engine.create(engine_config)
+            if stop.is_set():
+                return
+        app = build_app(engine, sc, name, metrics=metrics)
+        runner, port = await start_http(app, sc.host, sc.port)
         address = resolve_zmq_address(sc.zmq_address, port)
         if address:
             zmq = ZmqFrontend(
-                engine, address, name, metrics=metrics, max_message_bytes=sc.max_body_bytes
+                engine,
+                address,
+                name,
+                metrics=metrics,
+                max_message_bytes=sc.max_body_bytes,
+                api_key=sc.api_key,
             )
             await zmq.start()
             address = zmq.address
         url = f"http://{sc.host}:{port}"
+        exposed = [a for a in (sc.host, address or "") if a and not _is_loopback(a)]
+        if exposed and not sc.api_key:
+            log.warning("listening beyond loopback (%s) without --api-key: anyone who can "
+                        "reach it can use it (docs/security.md)", ", ".join(exposed))
         _log_banner(engine, [f"{url}/v1 (OpenAI API; {url}/metrics, {url}/health)",
                              *([f"{address} (ZeroMQ SDK)"] if address else [])])
         log.info("serving %s on %s%s", name, url, f" and {address}" if address else "",
                  extra={"fields": {"event": "ready", "model": name, "url": url,
                                    "zmq_address": address}})
+        if sc.log_stats_interval_s > 0:
+            stats_task = asyncio.ensure_future(log_stats_forever(engine, sc.log_stats_interval_s))
         if on_ready is not None:
             on_ready(url, address)
-        await stop.wait()
+        await _until_stopped(stop, engine)
+        await _drain(app[ROUTES_KEY], zmq, sc.shutdown_timeout_s, hurry)
     finally:
         if stats_task is not None:
             stats_task.cancel()
@@ -364,8 +401,70 @@ async def serve(
             await zmq.stop()
         if runner is not None:
             await runner.cleanup()
-        if own_engine:
+        if own_engine and engine is not None:
             await engine.shutdown()
+        log.info("server stopped")
+
+
+def _is_loopback(address: str) -> bool:
+    """An HTTP host or a ZeroMQ endpoint that only this machine can reach."""
+    if address.startswith(("ipc://", "inproc://")):
+        return True
+    host = address.removeprefix("tcp://").rsplit(":", 1)[0] if "://" in address else address
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def _drain(gen: GenerationRoutes, zmq: Any, timeout_s: float, hurry: asyncio.Event) -> None:
+    """Stop admission, wait up to ``timeout_s`` for in-flight requests, abort the rest."""
+    gen.admitting = False
+    if zmq is not None:
+        zmq.admitting = False
+
+    def in_flight() -> int:
+        return len(gen.live) + (len(zmq.live) if zmq is not None else 0)
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max(timeout_s, 0.0)
+    if in_flight():
+        log.warning("shutting down: draining %d request(s) for up to %gs", in_flight(), timeout_s)
+    while in_flight() and loop.time() < deadline and not hurry.is_set():
+        await asyncio.sleep(0.05)
+    if not in_flight():
+        return
+    log.warning("shutting down: aborting %d request(s) still running", in_flight())
+    await gen.abort_live()
+    if zmq is not None:
+        await zmq.abort_live()
+    grace = loop.time() + ABORT_GRACE_S
+    while in_flight() and loop.time() < grace:
+        await asyncio.sleep(0.05)
+
+
+async def _until_stopped(stop: asyncio.Event, engine: Any) -> None:
+    """Until ``stop`` is set, or the engine gives up for good (its model no longer loads):
+    then the process must end with an error rather than serve 503s forever."""
+    fatal = getattr(engine, "wait_fatal", None)
+    if fatal is None:
+        await stop.wait()
+        return
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(fatal())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+    if engine.fatal_error is not None:
+        raise EngineFatalError(f"the engine stopped for good: {engine.fatal_error}")
+
+
+class EngineFatalError(RuntimeError):
+    """The engine cannot recover (its model no longer loads); the server exits."""
 
 
 def _log_banner(engine: Any, urls: list[str]) -> None:
@@ -383,7 +482,12 @@ def run_server(engine_config: EngineConfig) -> int:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(engine_config))
+        run = asyncio.run
     else:
-        uvloop.run(serve(engine_config))
+        run = uvloop.run
+    try:
+        run(serve(engine_config))
+    except EngineFatalError as e:
+        log.error("%s", e)
+        return 1
     return 0

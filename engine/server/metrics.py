@@ -13,6 +13,8 @@ process never share or double-register series. Two sources feed it:
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -146,6 +148,12 @@ class ServerMetrics:
         self.preemptions = counter(
             "num_preemptions", "Cumulative number of preemptions by the scheduler."
         )
+        # Leak watch (the soak benchmark reads these): both must stay flat under steady load.
+        self.loop_tasks = gauge("event_loop_tasks", "asyncio tasks alive in the server process.")
+        self.threads = gauge("process_threads", "Threads alive in the server process.")
+        self.restarts = counter(
+            "worker_restarts", "Worker groups the engine's supervisor restarted after a failure."
+        )
         self.prompt_tokens = counter("prompt_tokens", "Number of prefill tokens processed.")
         self.generation_tokens = counter(
             "generation_tokens", "Number of generation tokens processed."
@@ -190,7 +198,7 @@ class ServerMetrics:
         # dashboards work before the first event of each kind.
         for metric in (
             self.running, self.waiting, self.swapped, self.kv_usage, self.host_usage, self.serving,
-            self.preemptions, self.prompt_tokens, self.generation_tokens, self.demotions,
+            self.preemptions, self.restarts, self.prompt_tokens, self.generation_tokens, self.demotions,
             self.promotions, self.swapped_time, self.ttft, self.itl, self.e2e, self.queue_time,
             *self.memory_counters.values(),
         ):  # fmt: skip
@@ -221,7 +229,13 @@ class ServerMetrics:
         self.kv_usage.labels(m).set(_usage(mem.get("kv_cache_usage"), stats, "gpu"))
         self.host_usage.labels(m).set(_usage(mem.get("host_cache_usage"), stats, "host"))
         self.serving.labels(m).set(1 if serving else 0)
+        self.threads.labels(m).set(threading.active_count())
+        try:
+            self.loop_tasks.labels(m).set(len(asyncio.all_tasks()))
+        except RuntimeError:  # refreshed outside an event loop (tests)
+            pass
         self._mirror("num_preemptions", self.preemptions, stats.get("num_preemptions"))
+        self._mirror("num_restarts", self.restarts, stats.get("num_restarts"))
         for key, c in self.memory_counters.items():
             self._mirror("memory." + key, c, mem.get(key))
 

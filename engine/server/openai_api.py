@@ -9,6 +9,7 @@ the wrong type, or an OpenAI field this server cannot honour (e.g. ``echo: true`
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -82,6 +83,9 @@ class GenerationRequest:
     # completions: ``logprobs`` (top-k count); chat: ``top_logprobs`` (0 if only
     # ``logprobs: true``). None: no logprobs in the response.
     logprobs: int | None
+    # The field the client sent for the output cap, so an engine refusal of ``max_tokens``
+    # names it (chat: ``max_completion_tokens`` when given).
+    max_tokens_field: str = "max_tokens"
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -96,12 +100,13 @@ def _is_int(v: object) -> bool:
 
 
 def _is_num(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    # JSON parsers accept NaN and Infinity literals; no field of this API means them.
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 _TYPES: dict[str, tuple[Callable[[object], bool], str]] = {
     "int": (_is_int, "an integer"),
-    "num": (_is_num, "a number"),
+    "num": (_is_num, "a finite number"),
     "bool": (lambda v: isinstance(v, bool), "a boolean"),
     "str": (lambda v: isinstance(v, str), "a string"),
     "dict": (lambda v: isinstance(v, dict), "an object"),
@@ -171,7 +176,8 @@ def check_fields(body: dict, fields: dict[str, str], neutral: dict[str, tuple]) 
             continue
         ok, what = _TYPES[fields[name]]
         if not ok(value):
-            raise bad(name, f"must be {what}, got {type(value).__name__}")
+            got = repr(value) if isinstance(value, float) else type(value).__name__
+            raise bad(name, f"must be {what}, got {got}")
         out[name] = value
     return out
 
@@ -213,10 +219,17 @@ def _stream_opts(f: dict) -> tuple[bool, bool]:
     return stream, include
 
 
-def _base_params(f: dict, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def _base_params(
+    f: dict, max_tokens: int, logprobs: int | None, *, clamp: bool = False
+) -> SamplingParams:
     if "stop_token_ids" in f and not all(_is_int(t) for t in f["stop_token_ids"]):
         raise bad("stop_token_ids", "must be an array of integers")
-    kw: dict[str, Any] = {"max_tokens": max_tokens, "stop": _stop(f), "logprobs": logprobs}
+    kw: dict[str, Any] = {
+        "max_tokens": max_tokens,
+        "stop": _stop(f),
+        "logprobs": logprobs,
+        "clamp_max_tokens": clamp,
+    }
     for name in (
         "temperature",
         "top_p",
@@ -244,10 +257,14 @@ def _fan_out(prompts: list, messages: list[dict] | None, base: SamplingParams) -
     for p, prompt in enumerate(prompts):
         for i in range(n):
             index = p * n + i
-            seed = None if base.seed is None else base.seed + index
+            seed = None if base.seed is None else _wrap_int64(base.seed + index)
             params = dataclasses.replace(base, n=1, seed=seed)
             choices.append(ChoiceSpec(index, p, prompt, messages, params))
     return choices
+
+
+def _wrap_int64(v: int) -> int:
+    return (v + 2**63) % 2**64 - 2**63
 
 
 def _prompts(value: object) -> list[str | list[int]]:
@@ -267,7 +284,22 @@ def _prompts(value: object) -> list[str | list[int]]:
     )
 
 
+# Chat roles this server renders, and the keys each message may carry besides role/content.
+# ``content`` is required except for an assistant turn (OpenAI allows null there).
+_MESSAGE_KEYS = {
+    "system": {"name"},
+    "developer": {"name"},
+    "user": {"name"},
+    "assistant": {"name", "refusal", "tool_calls"},
+    "tool": {"tool_call_id"},
+}
+_CONTENT_OPTIONAL = {"assistant"}
+
+
 def parse_messages(value: list) -> list[dict]:
+    """OpenAI chat messages -> ``[{role, content[, name]}]``. Unknown roles, unknown keys,
+    missing content and content parts other than text are refused, naming the exact field
+    (``messages[2].content[0].type``)."""
     if not value:
         raise bad("messages", "must not be empty")
     out = []
@@ -275,29 +307,54 @@ def parse_messages(value: list) -> list[dict]:
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise bad(where, "must be an object")
-        role, content = m.get("role"), m.get("content")
-        if not isinstance(role, str) or not role:
-            raise bad(f"{where}.role", "must be a non-empty string")
-        if isinstance(content, list):  # content parts: only text can reach a text model
-            texts = []
-            for part in content:
-                if (
-                    not isinstance(part, dict)
-                    or part.get("type") != "text"
-                    or not isinstance(part.get("text"), str)
-                ):
-                    raise bad(f"{where}.content", "only text content parts are supported")
-                texts.append(part["text"])
-            content = "".join(texts)
-        elif content is None:
-            content = ""
-        elif not isinstance(content, str):
-            raise bad(f"{where}.content", "must be a string or an array of text parts")
+        role = m.get("role")
+        if role not in _MESSAGE_KEYS:
+            raise bad(f"{where}.role", f"must be one of {sorted(_MESSAGE_KEYS)}, got {role!r}")
+        for key in m:
+            if key not in ("role", "content") and key not in _MESSAGE_KEYS[role]:
+                raise bad(f"{where}.{key}", f"unknown field for a {role} message")
+        if m.get("tool_calls") or m.get("refusal"):
+            raise bad(
+                f"{where}.{'tool_calls' if m.get('tool_calls') else 'refusal'}",
+                "not supported by this server (allowed: null or empty)",
+            )
+        content = _content(m.get("content"), f"{where}.content", role)
         msg = {"role": role, "content": content}
-        if isinstance(m.get("name"), str):
-            msg["name"] = m["name"]
+        name = m.get("name")
+        if name is not None:
+            if not isinstance(name, str) or not name:
+                raise bad(f"{where}.name", "must be a non-empty string")
+            msg["name"] = name
+        if role == "tool" and not isinstance(m.get("tool_call_id"), (str, type(None))):
+            raise bad(f"{where}.tool_call_id", "must be a string")
         out.append(msg)
     return out
+
+
+def _content(content: object, where: str, role: str) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None:
+        if role in _CONTENT_OPTIONAL:
+            return ""
+        raise bad(where, f"required for a {role} message")
+    if not isinstance(content, list):
+        raise bad(where, "must be a string or an array of content parts")
+    texts = []  # content parts: only text can reach a text model
+    for j, part in enumerate(content):
+        at = f"{where}[{j}]"
+        if not isinstance(part, dict):
+            raise bad(at, "must be an object")
+        kind = part.get("type")
+        if kind != "text":
+            raise bad(f"{at}.type", f"only 'text' content parts are supported, got {kind!r}")
+        unknown = set(part) - {"type", "text"}
+        if unknown:
+            raise bad(f"{at}.{min(unknown)}", "unknown field for a text part")
+        if not isinstance(part.get("text"), str):
+            raise bad(f"{at}.text", "must be a string")
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def _params_error(e: InvalidRequestError, renames: dict[str, str]) -> ApiError:
@@ -317,8 +374,12 @@ def parse_completion(body: dict, model_name: str) -> GenerationRequest:
     prompts = _prompts(f["prompt"])
     stream, include_usage = _stream_opts(f)
     try:
+        # Without max_tokens, OpenAI's default of 16, cut to what the context leaves.
         base = _base_params(
-            f, f.get("max_tokens", DEFAULT_COMPLETION_MAX_TOKENS), f.get("logprobs")
+            f,
+            f.get("max_tokens", DEFAULT_COMPLETION_MAX_TOKENS),
+            f.get("logprobs"),
+            clamp="max_tokens" not in f,
         )
     except InvalidRequestError as e:
         raise _params_error(e, {}) from None
@@ -343,10 +404,18 @@ def parse_chat(body: dict, model_name: str, max_model_len: int) -> GenerationReq
         max_tokens, renames["max_tokens"] = f["max_completion_tokens"], "max_completion_tokens"
     else:
         max_tokens = f.get("max_tokens", max_model_len)
+    # Without a cap, chat generates until EOS or the context is full.
+    clamp = "max_completion_tokens" not in f and "max_tokens" not in f
     try:
-        base = _base_params(f, max_tokens, logprobs)
+        base = _base_params(f, max_tokens, logprobs, clamp=clamp)
     except InvalidRequestError as e:
         raise _params_error(e, renames) from None
     return GenerationRequest(
-        True, model, _fan_out([None], messages, base), stream, include_usage, logprobs
+        True,
+        model,
+        _fan_out([None], messages, base),
+        stream,
+        include_usage,
+        logprobs,
+        max_tokens_field=renames.get("max_tokens", "max_tokens"),
     )

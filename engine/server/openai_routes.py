@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 from typing import Any
@@ -56,9 +57,28 @@ def client_gone(request: web.Request) -> bool:
     return t is None or t.is_closing()
 
 
+# Deepest nesting a body may have (chat content parts sit at depth 5); deeper is refused
+# before any field is read, so no walk over a body can recurse without bound.
+MAX_JSON_DEPTH = 32
+
+
 async def read_json(request: web.Request, max_bytes: int) -> dict:
+    """The body as a JSON object, or an ``ApiError``: 413 over ``max_bytes`` (checked before
+    reading when Content-Length says so), 415 unless the Content-Type is JSON, 400 for bytes
+    that are not UTF-8, text that is not JSON, nesting deeper than ``MAX_JSON_DEPTH``, or a
+    string anywhere (key or value) that is not valid Unicode (a lone surrogate written as a
+    ``\\ud800`` escape): such a string cannot be tokenized or echoed back."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise _too_large(request.content_length, max_bytes)
+    ctype = request.content_type
+    if ctype != "application/json" and not (
+        ctype.startswith("application/") and ctype.endswith("+json")
+    ):
+        raise ApiError(
+            415,
+            f"Content-Type must be application/json, got {ctype!r}",
+            code="unsupported_media_type",
+        )
     try:
         raw = await request.read()  # the app's client_max_size enforces the cap for chunked bodies
     except web.HTTPRequestEntityTooLarge:
@@ -66,12 +86,56 @@ async def read_json(request: web.Request, max_bytes: int) -> dict:
     if len(raw) > max_bytes:
         raise _too_large(len(raw), max_bytes)
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(
+            400, f"body is not valid UTF-8: {e.reason} at byte {e.start}", code="invalid_json"
+        ) from None
+    try:
+        body = json.loads(text)
+    except RecursionError:
+        raise ApiError(400, "body is nested too deeply", code="invalid_json") from None
+    except ValueError as e:  # JSONDecodeError, and integers past Python's digit limit
         raise ApiError(400, f"body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "body must be a JSON object", code="invalid_json")
+    check_json_values(body)
     return body
+
+
+def check_json_values(body: dict) -> None:
+    """Refuse, naming the field, a string that is not valid Unicode or nesting deeper
+    than ``MAX_JSON_DEPTH`` (iterative: the check itself cannot overflow the stack)."""
+    stack: list[tuple[Any, str, int]] = [(body, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise _bad_at(path, f"nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(value, str):
+            if not _valid_unicode(value):
+                raise _bad_at(path, "is not valid Unicode (lone surrogate)")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                at = f"{path}.{k}" if path else str(k)
+                if not _valid_unicode(k):
+                    raise _bad_at(path or None, "has a key that is not valid Unicode")
+                stack.append((v, at, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value))
+
+
+def _valid_unicode(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _bad_at(path: str | None, message: str) -> ApiError:
+    if not path:
+        return ApiError(400, f"body: {message}", code="invalid_json")
+    return ApiError(400, f"{path}: {message}", param=path)
 
 
 def _too_large(size: int | None, limit: int) -> ApiError:
@@ -85,8 +149,13 @@ def dumps(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def error_from_exception(exc: BaseException, engine: EngineLike, chat: bool = False) -> ApiError:
+def error_from_exception(
+    exc: BaseException, engine: EngineLike, chat: bool = False, max_tokens_field: str = "max_tokens"
+) -> ApiError:
     info = classify_error(exc, engine, chat=chat)
+    if info.param == "max_tokens" and max_tokens_field != "max_tokens":
+        message = info.message.replace("max_tokens", max_tokens_field)
+        info = dataclasses.replace(info, param=max_tokens_field, message=message)
     if info.status >= 500 and info.kind == "Internal":
         log.error("request failed", exc_info=exc)
     headers = {"Retry-After": str(RETRY_AFTER_S)} if info.status == 503 else None
@@ -109,7 +178,7 @@ class _FanOut:
     async def _pump(self, c: ChoiceSpec) -> None:
         tracker = self.metrics.track() if self.metrics is not None else None
         gen = self.engine.generate(
-            c.prompt, c.params, messages=c.messages, request_id=f"{self.req.id}-{c.index}"
+            c.prompt, c.params, messages=c.messages, request_id=self.request_id(c)
         )
         try:
             async with contextlib.aclosing(gen) as outputs:
@@ -123,6 +192,9 @@ class _FanOut:
             self.queue.put_nowait((c.index, e))
             return
         self.queue.put_nowait((c.index, None))
+
+    def request_id(self, c: ChoiceSpec) -> str:
+        return f"{self.req.id}-{c.index}"
 
     async def get(self, request: web.Request) -> tuple[int, Any]:
         while True:
@@ -158,18 +230,41 @@ class GenerationRoutes:
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
         self.tok = TokenText(engine.tokenizer)
+        # Shutdown: ``admitting`` False refuses new generations with 503 while the requests
+        # in ``live`` drain; ``abort_live`` ends the ones still running at the deadline.
+        self.admitting = True
+        self.live: set[_FanOut] = set()
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
+        self._check_admitting()
         body = await read_json(request, self.max_body_bytes)
         return await self._run(request, parse_completion(body, self.model_name))
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        self._check_admitting()
         body = await read_json(request, self.max_body_bytes)
         return await self._run(
             request, parse_chat(body, self.model_name, self.engine.max_model_len)
         )
 
+    def _check_admitting(self) -> None:
+        if not self.admitting:
+            raise ApiError(
+                503,
+                "the server is shutting down",
+                type="service_unavailable",
+                code="shutting_down",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+
+    async def abort_live(self) -> None:
+        """Abort every running engine request; each ends with finish_reason ``abort``."""
+        for fan in list(self.live):
+            for c in fan.req.choices:
+                await self.engine.abort(fan.request_id(c))
+
     async def _run(self, request: web.Request, req: GenerationRequest) -> web.StreamResponse:
+        self._check_admitting()
         if not self.engine.is_serving:
             raise ApiError(
                 503,
@@ -179,6 +274,7 @@ class GenerationRoutes:
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
         fan = _FanOut(self.engine, req, self.metrics)
+        self.live.add(fan)
         states = {c.index: ChoiceState() for c in req.choices}
         try:
             if req.stream:
@@ -188,6 +284,7 @@ class GenerationRoutes:
             log.info("client went away; aborted %s", req.id)
             return web.Response(status=499)  # never sent: the connection is gone
         finally:
+            self.live.discard(fan)
             await fan.close()
 
     async def _collect(
@@ -201,7 +298,7 @@ class GenerationRoutes:
         while remaining:
             index, item = await fan.get(request)
             if isinstance(item, BaseException):
-                raise error_from_exception(item, self.engine, req.chat)
+                raise error_from_exception(item, self.engine, req.chat, req.max_tokens_field)
             if item is None:
                 remaining -= 1
                 continue
@@ -225,7 +322,7 @@ class GenerationRoutes:
         while len(answered) < len(req.choices):
             index, item = await fan.get(request)
             if isinstance(item, BaseException):
-                raise error_from_exception(item, self.engine, req.chat)
+                raise error_from_exception(item, self.engine, req.chat, req.max_tokens_field)
             answered.add(index)
             early.append((index, item))
         resp = web.StreamResponse(
@@ -252,7 +349,7 @@ class GenerationRoutes:
             while remaining:
                 index, item = pending.pop(0) if pending else await fan.get(request)
                 if isinstance(item, BaseException):
-                    err = error_from_exception(item, self.engine, req.chat)
+                    err = error_from_exception(item, self.engine, req.chat, req.max_tokens_field)
                     await resp.write(b"data: " + dumps(err.body()) + b"\n\n")
                     break
                 if item is None:

@@ -55,6 +55,7 @@ class EngineLike(Protocol):
 
     tokenizer: TokenizerLike
     max_model_len: int
+    vocab_size: int  # the model's; token ids must be below it
 
     @property
     def is_serving(self) -> bool: ...

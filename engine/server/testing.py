@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from engine.actors.frontend import fit_max_tokens
 from engine.sampling import InvalidRequestError, SamplingParams
 from engine.scheduler import QueueFullError
 
@@ -67,6 +68,7 @@ class FakeEngine:
     ) -> None:
         self.tokenizer = FakeTokenizer()
         self.max_model_len = max_model_len
+        self.vocab_size = MAX_TOKEN_ID + 1
         self.token_delay_s = token_delay_s
         self.first_token_delay_s = first_token_delay_s
         self.serving = True
@@ -125,6 +127,7 @@ class FakeEngine:
         if not self.serving:
             raise FakeEngineDeadError("engine is not serving")
         prompt_ids = self._validate(prompt, messages)
+        params = fit_max_tokens(params, len(prompt_ids), self.max_model_len)
         if self.queue_full:
             raise QueueFullError("4096 jobs waiting (max_waiting=4096)")
         if rid in self.live:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import hmac
 import logging
 import os
 from typing import Any
@@ -56,6 +57,7 @@ class ZmqFrontend:
         metrics: ServerMetrics | None = None,
         heartbeat_interval_s: float = wire.HEARTBEAT_INTERVAL_S,
         max_message_bytes: int = 4 * 1024**2,
+        api_key: str | None = None,
     ) -> None:
         self.engine = engine
         self.address = address  # after start(): the bound endpoint (a "*" port resolved)
@@ -63,6 +65,9 @@ class ZmqFrontend:
         self.metrics = metrics
         self.heartbeat_interval_s = heartbeat_interval_s
         self.max_message_bytes = max_message_bytes
+        self._api_key = api_key.encode() if api_key else None
+        self.admitting = True  # False while draining for shutdown: new generates get 503s
+        self.num_dropped = 0  # malformed, oversized or unauthorized messages (tests, logs)
         self.live: dict[tuple[bytes, str], asyncio.Task] = {}
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
@@ -75,7 +80,9 @@ class ZmqFrontend:
         # Unroutable replies raise EHOSTUNREACH instead of vanishing: that is how a
         # departed client is noticed and its jobs aborted.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        # Past twice the limit libzmq itself drops the peer, so no frame of any size is
+        # buffered whole; up to there a message over the limit is refused here, with a log line.
+        sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_message_bytes)
         sock.bind(self.address)
         self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._sock = sock
@@ -83,6 +90,11 @@ class ZmqFrontend:
             asyncio.ensure_future(self._recv_loop()),
             asyncio.ensure_future(self._heartbeat_loop()),
         ]
+
+    async def abort_live(self) -> None:
+        """Abort every running request; each stream ends with finish_reason ``abort``."""
+        for _identity, rid in list(self.live):
+            await self.engine.abort(rid)
 
     async def stop(self) -> None:
         tasks = self._loops + list(self.live.values())
@@ -125,13 +137,38 @@ class ZmqFrontend:
         assert self._sock is not None
         while True:
             frames = await self._sock.recv_multipart()
-            if len(frames) < 2:
+            if len(frames) != 2:  # [identity, body] is the only shape a DEALER client sends
+                self._drop(frames[0] if frames else b"", f"{len(frames)} frames")
                 continue
-            identity, body = frames[0], frames[-1]
+            identity, body = frames
+            if len(body) > self.max_message_bytes:
+                self._drop(identity, f"{len(body)} bytes (limit {self.max_message_bytes})")
+                await self._reply(
+                    identity,
+                    wire.error_message(
+                        None,
+                        wire.BAD_MESSAGE,
+                        f"message too large: {len(body)} bytes (limit {self.max_message_bytes})",
+                    ),
+                )
+                continue
             try:
-                msg = wire.decode(body)
+                msg = wire.decode(body)  # msgpack only: nothing read here is ever unpickled
             except wire.WireError as e:
+                self._drop(identity, str(e))
                 await self._reply(identity, wire.error_message(None, wire.BAD_MESSAGE, str(e)))
+                continue
+            if not self._authorized(msg):
+                self._drop(identity, "missing or wrong api_key")
+                await self._reply(
+                    identity,
+                    wire.error_message(
+                        _id(msg),
+                        wire.UNAUTHORIZED,
+                        "missing or incorrect API key (send it as the 'api_key' field)",
+                        "api_key",
+                    ),
+                )
                 continue
             try:
                 await self._handle(identity, msg)
@@ -141,6 +178,20 @@ class ZmqFrontend:
                     identity,
                     wire.error_message(_id(msg), wire.INTERNAL, f"{type(e).__name__}: {e}"),
                 )
+
+    def _drop(self, identity: bytes, why: str) -> None:
+        self.num_dropped += 1
+        # The identity is libzmq's or the client's choice of bytes: log a bounded hex prefix.
+        log.warning("zmq frontend dropped a message from %s: %s", identity[:16].hex(), why[:200])
+
+    def _authorized(self, msg: dict) -> bool:
+        """Every kind but ``health`` needs the key when one is set (constant-time compare)."""
+        if self._api_key is None or msg.get("kind") == wire.HEALTH:
+            return True
+        got = msg.get("api_key")
+        if isinstance(got, str):
+            got = got.encode("utf-8", "replace")
+        return isinstance(got, bytes) and hmac.compare_digest(got, self._api_key)
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -155,6 +206,7 @@ class ZmqFrontend:
     async def _handle(self, identity: bytes, msg: dict) -> None:
         kind, rid = msg["kind"], _id(msg)
         if rid is None:
+            self._drop(identity, "no valid 'id'")
             await self._reply(
                 identity,
                 wire.error_message(
@@ -196,13 +248,23 @@ class ZmqFrontend:
             ]
             await self._reply(identity, {"kind": wire.MODELS, "id": rid, "data": data})
         else:
+            self._drop(identity, f"unknown kind {kind[:64]!r}")
             await self._reply(
-                identity, wire.error_message(rid, wire.BAD_MESSAGE, f"unknown kind {kind!r}")
+                identity,
+                wire.error_message(rid, wire.BAD_MESSAGE, f"unknown kind {kind[:64]!r}"),
             )
 
     async def _generate(self, identity: bytes, rid: str, msg: dict) -> None:
         key = (identity, rid)
         try:
+            if not self.admitting:
+                await self._reply(
+                    identity,
+                    wire.error_message(
+                        rid, wire.ENGINE_UNAVAILABLE, "the server is shutting down"
+                    ),
+                )
+                return
             if key in self.live:
                 raise InvalidRequestError(f"id {rid!r} is already running", "id")
             prompt, messages = _prompt(msg)
@@ -252,7 +314,13 @@ def _id(msg: dict) -> str | None:
     return rid if isinstance(rid, str) and 0 < len(rid) <= MAX_ID_CHARS else None
 
 
+_GENERATE_KEYS = {"kind", "id", "api_key", "prompt", "prompt_token_ids", "messages", "params"}
+
+
 def _prompt(msg: dict) -> tuple[Any, list[dict] | None]:
+    unknown = [k for k in msg if k not in _GENERATE_KEYS]
+    if unknown:
+        raise InvalidRequestError(f"{unknown[0]!s:.64}: unknown field", f"{unknown[0]!s:.64}")
     given = [k for k in ("prompt", "prompt_token_ids", "messages") if msg.get(k) is not None]
     if len(given) != 1:
         raise InvalidRequestError(

@@ -161,7 +161,7 @@ async def test_leaving_the_stream_early_or_abort_stops_the_engine_request() -> N
         AsyncClient(srv.address, timeout=5) as c,
     ):
         async with contextlib.aclosing(
-            c.generate("x", max_tokens=10_000, request_id="early")
+            c.generate("x", max_tokens=4_000, request_id="early")
         ) as it:
             async for _ in it:
                 break
@@ -170,7 +170,7 @@ async def test_leaving_the_stream_early_or_abort_stops_the_engine_request() -> N
         outs = []
 
         async def consume() -> None:
-            async for o in c.generate("x", max_tokens=10_000, request_id="explicit"):
+            async for o in c.generate("x", max_tokens=4_000, request_id="explicit"):
                 outs.append(o)
 
         task = asyncio.ensure_future(consume())
@@ -195,7 +195,7 @@ async def test_server_stopped_mid_stream_raises_instead_of_hanging() -> None:
         def sync_stream() -> BaseException | None:
             with Client(srv.address, timeout=0.5) as c:
                 try:
-                    for _ in c.generate("x", max_tokens=100_000):
+                    for _ in c.generate("x", max_tokens=4_000):
                         got_one.set()
                 except EngineUnavailable as e:
                     return e
@@ -203,7 +203,7 @@ async def test_server_stopped_mid_stream_raises_instead_of_hanging() -> None:
 
         sync_task = asyncio.ensure_future(asyncio.to_thread(sync_stream))
         async with AsyncClient(srv.address, timeout=0.5) as c:
-            stream = c.generate("y", max_tokens=100_000)
+            stream = c.generate("y", max_tokens=4_000)
             await stream.__anext__()
             await wait_for(got_one.is_set)
             await srv.zmq.stop()  # the frontend goes away without a word
@@ -245,7 +245,7 @@ async def test_client_that_vanishes_gets_its_request_aborted_and_garbage_is_answ
         assert reply["kind"] == "error" and reply["type"] == "BadMessage"
         await sock.send(
             wire.encode(
-                {"kind": "generate", "id": "r1", "prompt": "x", "params": {"max_tokens": 10_000}}
+                {"kind": "generate", "id": "r1", "prompt": "x", "params": {"max_tokens": 4_000}}
             )
         )
         assert wire.decode(await asyncio.wait_for(sock.recv(), 5))["kind"] == "output"

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.timeout(60)
 
 MODEL = "fake-model"
 CHAT = [{"role": "user", "content": "Say something."}]
+JSON = {"Content-Type": "application/json"}
 
 
 @contextlib.asynccontextmanager
@@ -239,7 +240,7 @@ async def test_each_invalid_request_gets_its_4xx_and_the_server_keeps_serving() 
     async with running(max_body_bytes=8192) as (_, base), aiohttp.ClientSession() as s:
         for path, body, status, param in cases:
             data = body if isinstance(body, bytes) else json.dumps(body).encode()
-            async with s.post(base + path, data=data) as r:
+            async with s.post(base + path, data=data, headers=JSON) as r:
                 err = (await r.json())["error"]
                 assert (r.status, err["param"]) == (status, param), (path, body, err)
                 assert err["message"] and err["type"]
@@ -295,7 +296,7 @@ async def test_client_disconnect_mid_stream_aborts_the_engine_request() -> None:
     engine = FakeEngine(token_delay_s=0.02)
     async with running(engine) as (_, base):
         async with aiohttp.ClientSession() as s:
-            body = {"prompt": "x", "max_tokens": 10_000, "stream": True}
+            body = {"prompt": "x", "max_tokens": 4_000, "stream": True}
             async with s.post(base + "/v1/completions", json=body) as r:
                 assert (await r.content.readline()).startswith(b"data: ")
         # the session is closed: the server must notice and close the engine generator

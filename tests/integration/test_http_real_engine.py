@@ -378,7 +378,8 @@ async def test_each_invalid_request_gets_its_4xx_and_the_server_keeps_serving(se
             for _ in range(MAX_BODY // 1024 + 4):
                 yield b" " * 1024
 
-        async with s.post(server.base + "/v1/completions", data=chunked_oversized()) as r:
+        async with s.post(server.base + "/v1/completions", data=chunked_oversized(),
+                          headers={"Content-Type": "application/json"}) as r:
             assert r.status == 413 and (await r.json())["error"]["code"] == "request_too_large"
         await still_serving()
         async with s.get(server.base + "/v1/completions") as r:
@@ -448,53 +449,101 @@ async def test_sdk_streams_the_same_tokens_as_http(server, oai):
     assert "".join(o.text for o in chat_outs) == chat.choices[0].message.content
 
 
-def _kill_worker(engine: Engine) -> None:
-    # The executor keeps no public handle on its process; a crash is what is being tested.
-    os.kill(engine._executor._proc.pid, signal.SIGKILL)
-
-
-@pytest.mark.parametrize("stop_engine", [
-    "shutdown",
-    "kill_worker",
-])
-async def test_engine_stopped_mid_stream_fails_sdk_and_http_streams_without_hanging(
-    model_path, stop_engine
-):
+async def test_engine_shut_down_mid_stream_fails_sdk_and_http_streams_without_hanging(model_path):
     engine = await start_engine(model_path)
     try:
         async with serving(engine) as srv, AsyncClient(srv.zmq, timeout=10) as c:
-            sdk_outs = c.generate(PROMPTS[0], max_tokens=240, temperature=0, ignore_eos=True)
-            assert not (await asyncio.wait_for(sdk_outs.__anext__(), 10)).finished
-
-            body = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 240, "ignore_eos": True,
-                    "stream": True}
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
-                async with s.post(srv.base + "/v1/completions", json=body) as r:
-                    assert r.status == 200
-                    assert (await r.content.readline()).startswith(b"data: ")
-
-                    if stop_engine == "shutdown":
-                        await engine.shutdown()
-                    else:
-                        _kill_worker(engine)
-
-                    async def drain() -> None:
-                        async for _ in sdk_outs:
-                            pass
-
-                    with pytest.raises(EngineUnavailable):
-                        await asyncio.wait_for(drain(), 15)
-                    events = await asyncio.wait_for(sse_events(r), 15)
-                assert events[-1] == "[DONE]"
-                err = json.loads(events[-2])["error"]
-                assert err["code"] == "engine_unavailable", err
-                async with s.get(srv.base + "/health") as h:
+            async with _open_streams(srv, c) as (sdk_outs, session, resp):
+                await engine.shutdown()
+                await _assert_streams_fail(sdk_outs, resp)
+                async with session.get(srv.base + "/health") as h:
                     assert h.status == 503 and h.headers["Retry-After"] == "1"
-                async with s.post(srv.base + "/v1/completions", json={"prompt": "x"}) as r:
+                async with session.post(srv.base + "/v1/completions", json={"prompt": "x"}) as r:
                     assert r.status == 503
             assert await asyncio.wait_for(c.health(), 15) is False
     finally:
         await engine.shutdown()
+
+
+# A backoff long enough that the 503 window is seen, short enough for a quick test.
+RESTART_BACKOFF_S = 3.0
+
+
+@pytest.mark.parametrize("failure", ["sigkill", "hang"])
+@pytest.mark.timeout(150)
+async def test_worker_killed_or_hung_mid_stream_fails_streams_then_engine_heals(model_path, failure):
+    """SIGKILL of the worker, or a worker that stops answering (SIGSTOP: alive, silent,
+    caught by the step deadline): every in-flight stream ends with an error (SSE error event
+    and [DONE]; the SDK raises) within 5 s of detection, /health turns 503, and the engine's
+    supervisor starts a new worker, so /health is 200 again and new requests are served
+    within 60 s; /metrics counts the restart."""
+    config = tiny_engine_config(model_path).replace(parallel=ParallelConfig(
+        torch_threads=1, step_timeout_s=3.0, restart_backoff_s=RESTART_BACKOFF_S))
+    engine = await Engine.create(config)
+    old_pid = engine.worker_info["pid"]
+    try:
+        async with serving(engine) as srv, AsyncClient(srv.zmq, timeout=10) as c:
+            async with _open_streams(srv, c) as (sdk_outs, session, resp):
+                os.kill(old_pid, signal.SIGKILL if failure == "sigkill" else signal.SIGSTOP)
+                detect = 0.0 if failure == "sigkill" else 3.0  # the step deadline
+                await _assert_streams_fail(sdk_outs, resp, within=5 + detect)
+                async with session.get(srv.base + "/health") as h:
+                    assert h.status == 503
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 60
+                while loop.time() < deadline:
+                    async with session.get(srv.base + "/health") as h:
+                        if h.status == 200:
+                            break
+                    await asyncio.sleep(0.2)
+                else:
+                    pytest.fail("the engine did not heal within 60 s")
+                body = {"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 4, "ignore_eos": True}
+                async with session.post(srv.base + "/v1/completions", json=body) as r:
+                    assert r.status == 200
+                    assert (await r.json())["usage"]["completion_tokens"] == 4
+                async with session.get(srv.base + "/metrics") as r:
+                    metrics = _scrape(await r.text())
+            assert [o async for o in c.generate(PROMPTS[3], max_tokens=3, ignore_eos=True)][-1].finished
+        assert metrics[("fastserve:worker_restarts_total", ())] == 1
+        assert engine.num_restarts == 1 and engine.worker_info["pid"] != old_pid
+        assert_pools_whole(await wait_all_blocks_free(engine))
+    finally:
+        await engine.shutdown()
+    # The old worker was reaped: killed outright, or killed when it missed its deadline.
+    with pytest.raises(ProcessLookupError):
+        os.kill(old_pid, 0)
+
+
+@contextlib.asynccontextmanager
+async def _open_streams(
+    srv: Served, c: AsyncClient
+) -> AsyncIterator[tuple[AsyncIterator, aiohttp.ClientSession, aiohttp.ClientResponse]]:
+    """A long SDK stream and a long HTTP stream, each past its first token."""
+    sdk_outs = c.generate(PROMPTS[0], max_tokens=240, temperature=0, ignore_eos=True)
+    assert not (await asyncio.wait_for(sdk_outs.__anext__(), 10)).finished
+    body = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 240, "ignore_eos": True, "stream": True}
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
+        session.post(srv.base + "/v1/completions", json=body) as resp,
+    ):
+        assert resp.status == 200
+        assert (await resp.content.readline()).startswith(b"data: ")
+        yield sdk_outs, session, resp
+
+
+async def _assert_streams_fail(sdk_outs: AsyncIterator, resp: aiohttp.ClientResponse,
+                               within: float = 15) -> None:
+    async def drain() -> None:
+        async for _ in sdk_outs:
+            pass
+
+    with pytest.raises(EngineUnavailable):
+        await asyncio.wait_for(drain(), within)
+    events = await asyncio.wait_for(sse_events(resp), within)
+    assert events[-1] == "[DONE]"
+    err = json.loads(events[-2])["error"]
+    assert err["code"] == "engine_unavailable", err
 
 
 # -- 6: /metrics ---------------------------------------------------------------------------

@@ -26,14 +26,14 @@ async def test_second_start_reads_the_cached_profile_instead_of_measuring(
         parallel=ParallelConfig(torch_threads=1))
     first = await Engine.create(config, progress_bars=False)
     try:
-        measured = first._scheduler.core.policy.profile
+        measured = first._workers.scheduler.core.policy.profile
         assert first.profile_source.startswith("measured at start-up, cached in " + str(tmp_path))
     finally:
         await first.shutdown()
     caplog.clear()
     second = await Engine.create(config, progress_bars=False)
     try:
-        policy = second._scheduler.core.policy
+        policy = second._workers.scheduler.core.policy
         assert second.profile_source.startswith("cached " + str(tmp_path))
         assert isinstance(policy.profile, PrefillProfile) and policy.profile == measured
         assert not [r for r in caplog.records if "profiling" in r.getMessage()]

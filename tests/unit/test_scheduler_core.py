@@ -142,6 +142,28 @@ def test_abort_frees_blocks_and_tells_worker():
     assert [j.finish_reason for j in s.drain_finished()] == [FinishReason.ABORT]
 
 
+def test_abort_of_a_swapped_job_is_idempotent_and_returns_its_host_blocks():
+    s = make_scheduler(FCFSPolicy(), ReactivePolicy(), gpu_blocks=4, host_blocks=8, block_size=4)
+    clock = VirtualClock()
+    a, b = make_job("a", 4, 8), make_job("b", 4, 8)
+    s.add(a, 0.0)
+    s.add(b, 0.0)
+    for _ in range(50):  # until b's KV sits in the host pool
+        run_step(s, clock)
+        if b.state is JobState.SWAPPED:
+            break
+    assert b.state is JobState.SWAPPED and s.blocks.num_free_host_blocks < 8
+    assert s.abort("b", clock.now) is b
+    assert s.abort("b", clock.now) is None  # a second abort changes nothing
+    assert s.blocks.num_free_host_blocks == 8
+    s.check_integrity()
+    run_until_idle(s, clock)
+    assert s.abort("a", clock.now) is None  # after its last token: a no-op
+    assert a.finish_reason is FinishReason.LENGTH and b.finish_reason is FinishReason.ABORT
+    assert s.blocks.num_free_gpu_blocks == 4 and s.blocks.num_free_host_blocks == 8
+    s.check_integrity()
+
+
 def test_prompt_larger_than_pool_is_refused():
     s = make_scheduler(FCFSPolicy(), RecomputePolicy(), gpu_blocks=2, block_size=4)
     with pytest.raises(AdmissionError):
@@ -154,6 +176,23 @@ def test_queue_full_is_refused():
     s.add(make_job("a", 4, 1), 0.0)
     with pytest.raises(QueueFullError):
         s.add(make_job("b", 4, 1), 0.0)
+
+
+def test_waiting_prompt_tokens_past_the_cap_are_refused_and_running_ones_do_not_count():
+    s = make_scheduler(FCFSPolicy(), RecomputePolicy(), max_waiting_tokens=10)
+    s.add(make_job("a", 6, 1), 0.0)
+    with pytest.raises(QueueFullError, match="max_waiting_tokens=10"):
+        s.add(make_job("b", 5, 1), 0.0)
+    s.add(make_job("c", 4, 1), 0.0)  # 6 + 4 fits exactly
+    s.schedule(0.0)  # a and c start running: the waiting queue is empty again
+    s.add(make_job("b", 5, 1), 0.0)
+    assert set(s.jobs) == {"a", "b", "c"}
+
+
+def test_prompt_larger_than_the_waiting_token_cap_can_never_be_admitted():
+    s = make_scheduler(FCFSPolicy(), RecomputePolicy(), max_waiting_tokens=10)
+    with pytest.raises(AdmissionError, match="max_waiting_tokens"):
+        s.add(make_job("a", 11, 1), 0.0)
 
 
 def test_job_that_outgrows_the_whole_pool_finishes_with_length():
