@@ -12,6 +12,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from engine.actors.frontend import FrontendActor, RequestOutput
 from engine.actors.memory import MemoryManagerActor
@@ -66,10 +67,18 @@ class Engine:
         # Worker groups started after the first one; and why the engine stopped for good.
         self.num_restarts = 0
         self.fatal_error: BaseException | None = None
+        self.profile_source: str | None = None  # where the policy's cost profile came from
+        self._progress: Any = None
 
     @classmethod
-    async def create(cls, config: EngineConfig | None = None) -> Engine:
+    async def create(
+        cls, config: EngineConfig | None = None, *, progress_bars: bool | None = None
+    ) -> Engine:
+        """Start the workers, load the model, profile it if the policy needs a profile.
+        ``progress_bars``: tqdm bars for loading/profiling (None: when stderr is a tty;
+        otherwise one INFO line per stage)."""
         from engine.models.loader import load_model_info, resolve_model_path
+        from engine.progress import StartupProgress
 
         self = cls()
         config = config or EngineConfig()
@@ -80,6 +89,7 @@ class Engine:
         create_scheduling_policy(config.scheduler.policy, dict(config.scheduler.policy_options))
         create_swap_policy(config.scheduler.swap_policy, dict(config.scheduler.swap_policy_options))
         self.config = config
+        self._progress = StartupProgress(progress_bars)
         self._init = {
             "version": PROTOCOL_VERSION,
             "model": {**config_to_dict(config.model), "path": path},
@@ -101,7 +111,8 @@ class Engine:
         self.model_info = workers.ready["model"]
         max_len = info.max_model_len
         if config.model.max_model_len:
-            max_len = min(max_len, config.model.max_model_len)
+            max_len = (config.model.max_model_len if config.model.allow_long_context
+                       else min(max_len, config.model.max_model_len))
         eos = frozenset(info.eos_token_ids) | self.tokenizer.eos_token_ids
         self._frontend = FrontendActor(self.tokenizer, max_len, eos, info.vocab_size, workers.scheduler)
         self.max_model_len = max_len
@@ -120,17 +131,22 @@ class Engine:
         swap_policy = create_swap_policy(config.scheduler.swap_policy, dict(config.scheduler.swap_policy_options))
         executor = WorkerExecutor(config.parallel.step_timeout_s, config.parallel.startup_timeout_s,
                                   config.parallel)
+        executor.on_progress = self._progress
         try:
             ready = await executor.start(self._init)
+            self._progress.close()
             if wants_profile(policy):
                 if self._profile is None:
-                    self._profile = await self._profile_for_policy(config, executor)
-                policy.set_profile(self._profile)
+                    self._profile = await self._profile_for_policy(config, executor, ready)
+                if self._profile is not None:
+                    policy.set_profile(self._profile)
         except BaseException as e:
             await executor.shutdown()
             if isinstance(e, WorkerError) and e.type == "ModelLoadError":
                 raise ModelLoadError(e.detail) from None
             raise
+        finally:
+            self._progress.close()
         blocks = BlockManager(ready["num_gpu_blocks"], ready["num_host_blocks"], config.cache.block_size)
         bind_memory(policy, blocks)
         # One batch in flight per pipeline stage.
@@ -197,20 +213,76 @@ class Engine:
         await workers.memory.stop()
         await workers.executor.shutdown()
 
-    async def _profile_for_policy(self, config: EngineConfig, executor: WorkerExecutor) -> dict:
+    async def _profile_for_policy(
+        self, config: EngineConfig, executor: WorkerExecutor, ready: dict
+    ) -> dict | None:
         """A cost profile for a policy that wants one and was given none in its options:
-        the stored one (``profile_path``), else measured now on the idle worker."""
+        the stored one (``profile_path``), else the cached one, else measured now on the
+        idle worker (and cached); None when measuring is off (``measure_profile``)."""
+        from engine import profile_cache
         from engine.policies.profile import PrefillProfile
 
         if config.scheduler.profile_path:
+            self.profile_source = f"file {config.scheduler.profile_path}"
             return PrefillProfile.load(config.scheduler.profile_path).to_dict()
-        log.info("profiling the model for the scheduling policy (pass a stored profile to skip)")
-        return await executor.call("profile", timeout=config.parallel.startup_timeout_s)
+        directory = profile_cache.cache_dir(config.scheduler.profile_cache_dir)
+        key = profile_cache.profile_key(ready["model"]["path"], ready, config.cache.block_size)
+        cached = profile_cache.load(directory, key) if directory else None
+        if cached is not None:
+            profile, path = cached
+            self.profile_source = f"cached {path}"
+            return profile
+        if not config.scheduler.measure_profile:
+            self.profile_source = "none cached; the policy's own estimate (measure_profile off)"
+            return None
+        log.info("profiling the model once for the scheduling policy (cached afterwards)")
+        reply = await executor.call("profile", timeout=config.parallel.startup_timeout_s)
+        profile = {"prefill": reply["prefill"], "decode": reply["decode"]}
+        path = profile_cache.store(directory, key, profile) if directory else None
+        self.profile_source = "measured at start-up" + (f", cached in {path}" if path else "")
+        return profile
 
     async def profile(self, **args: object) -> dict:
         """Measure prefill time by input length and step time by batch size on the worker.
         The engine must be idle."""
-        return await self._workers.scheduler.ask("profile", args)
+        try:
+            return await self._workers.scheduler.ask("profile", args)
+        finally:
+            self._progress.close()
+
+    def describe(self) -> dict:
+        """What is running and how it is configured (the start-up banner's content)."""
+        from engine import version
+
+        ready, cfg = self.worker_info, self.config
+        bs, per_block = cfg.cache.block_size, ready["block_bytes"]
+        n_dev, n_host = ready["num_gpu_blocks"], ready["num_host_blocks"]
+        core = self._workers.scheduler.core
+        return {
+            "version": version(),
+            "model": self.model_info["path"],
+            "architecture": self.model_info["architecture"],
+            "format": self.model_info["format"],
+            "device": ready["device"],
+            "dtype": ready["dtype"],
+            "num_params": ready.get("num_params"),
+            "weight_bytes": ready.get("weight_bytes"),
+            "kv": {
+                "block_size": bs, "block_bytes": per_block,
+                "device_blocks": n_dev, "device_tokens": n_dev * bs,
+                "device_bytes": n_dev * per_block,
+                "host_blocks": n_host, "host_tokens": n_host * bs,
+                "host_bytes": n_host * per_block,
+            },
+            "max_model_len": self.max_model_len,
+            # Requests of max_model_len tokens whose KV fits the device pool at once.
+            "max_concurrency": n_dev * bs / self.max_model_len,
+            "max_num_seqs": cfg.scheduler.max_num_seqs,
+            "max_num_batched_tokens": cfg.scheduler.max_num_batched_tokens,
+            "policy": core.policy.describe(),
+            "swap_policy": core.swap_policy.describe(),
+            "profile": self.profile_source,
+        }
 
     # Scheduler -> frontend wiring: plain tells, no shared state.
     def _emit(self, events: list) -> None:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import errno
 import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
+from engine import cli_checks as ck
+from engine import version
 from engine.config import (
     CacheConfig,
     EngineConfig,
@@ -18,16 +22,6 @@ from engine.config import (
     SchedulerConfig,
     ServerConfig,
 )
-
-
-def _size(text: str) -> int:
-    """'512M', '2G', '1048576' -> bytes."""
-    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
-
 
 EAGER_RECOMPUTE_HELP = (
     "when the host pool cannot take a victim's KV, drop it for recompute at once (strict "
@@ -51,53 +45,90 @@ def _ranks(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated ranks, got {text!r}") from None
 
 
+def add_logging_args(p: argparse.ArgumentParser, level: str = "WARNING") -> None:
+    from engine.logs import LOG_FORMATS
+
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-level", type=ck.log_level, default=level,
+                   help="DEBUG | INFO | WARNING | ERROR")
+    g.add_argument("--log-format", default="text", choices=LOG_FORMATS,
+                   help="json: one JSON object per line, for log shippers")
+
+
+def _installed(group: str) -> str:
+    from engine.policies.registry import available
+
+    return ", ".join(available(group)) or "none"
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
+    from engine.policies.registry import SCHEDULING_GROUP, SWAP_GROUP
+
     d = EngineConfig()
+    p.add_argument("model_arg", nargs="?", default=None, metavar="MODEL",
+                   help="same as --model")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help="HF directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    g.add_argument("--model", default=None, help="HF directory or .gguf file (default: bundled "
+                   "SmolLM2-135M-Instruct); a local path: nothing is ever downloaded")
     g.add_argument("--dtype", default=d.model.dtype, choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights, activations and KV cache; auto: bf16 on CUDA and on CPUs with native "
                         "bf16 (AVX-512 BF16, AMX), else float32")
     g.add_argument("--device", default=d.model.device, help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
+    g.add_argument("--max-model-len", type=ck.positive_int, default=None,
+                   help="cap the context length (default: the model's)")
+    g.add_argument("--allow-long-context", action="store_true",
+                   help="accept a --max-model-len above the model's own context length")
     g.add_argument("--quantization", default=d.model.quantization, choices=["auto", "none", "int8", "int4"],
                    help="weights of linear layers: auto keeps a GGUF's own precision packed; none "
-                   "dequantizes; int8/int4 quantize at load (default %(default)s)")
+                   "dequantizes; int8/int4 quantize at load")
     g = p.add_argument_group("KV cache")
-    g.add_argument("--block-size", type=int, default=d.cache.block_size, help="tokens per KV block")
-    g.add_argument("--kv-cache-memory", type=_size, default=d.cache.kv_cache_memory,
-                   help="KV pool size on CPU, e.g. 512M (default %(default)s bytes)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=d.cache.gpu_memory_utilization,
-                   help="fraction of free GPU memory for the KV pool")
-    g.add_argument("--host-kv-cache-memory", type=_size, default=d.cache.host_kv_cache_memory,
+    g.add_argument("--block-size", type=ck.positive_int, default=d.cache.block_size,
+                   help="tokens per KV block")
+    g.add_argument("--kv-cache-memory", type=ck.positive_size,
+                   default=ck.format_size(d.cache.kv_cache_memory),
+                   help="device KV pool size on CPU, e.g. 512M")
+    g.add_argument("--gpu-memory-utilization", type=ck.fraction, default=d.cache.gpu_memory_utilization,
+                   help="fraction of free GPU memory for the KV pool, in (0, 1]")
+    g.add_argument("--host-kv-cache-memory", type=ck.parse_size,
+                   default=ck.format_size(d.cache.host_kv_cache_memory),
                    help="host (swap) pool size, e.g. 1G; 0 disables swapping")
-    g.add_argument("--num-gpu-blocks", type=int, default=None, help="exact KV pool size in blocks")
+    g.add_argument("--num-gpu-blocks", type=ck.positive_int, default=None,
+                   help="exact KV pool size in blocks (default: from the memory flags)")
+    g.add_argument("--num-host-blocks", type=ck.non_negative_int, default=None,
+                   help="exact host (swap) pool size in blocks (default: from the memory flags)")
     g = p.add_argument_group("scheduling")
-    g.add_argument("--scheduling-policy", default=d.scheduler.policy)
-    g.add_argument("--swap-policy", default=d.scheduler.swap_policy)
+    g.add_argument("--scheduling-policy", default=d.scheduler.policy,
+                   help=f"installed: {_installed(SCHEDULING_GROUP)}")
+    g.add_argument("--swap-policy", default=d.scheduler.swap_policy,
+                   help=f"installed: {_installed(SWAP_GROUP)}")
     g.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE", type=_option,
                    help="a scheduling-policy knob, e.g. base_quantum_s=0.05 (VALUE is JSON, else a string)")
     g.add_argument("--swap-policy-option", action="append", default=[], metavar="KEY=VALUE", type=_option,
                    help="a swap-policy knob, e.g. headroom_frac=0.2")
     g.add_argument("--profile", default=None, dest="profile_path",
                    help="stored cost profile (from `fastserve profile`) for skip-join")
+    g.add_argument("--profile-cache-dir", default=None,
+                   help="where measured profiles are cached (default: $FASTSERVE_CACHE_DIR, "
+                        "else ~/.cache/fastserve); '' disables the cache")
     g.add_argument("--eager-recompute", action="store_true", help=EAGER_RECOMPUTE_HELP)
-    g.add_argument("--max-num-seqs", type=int, default=d.scheduler.max_num_seqs, help="batch-size cap")
-    g.add_argument("--max-num-batched-tokens", type=int, default=d.scheduler.max_num_batched_tokens,
-                   help="token budget per iteration")
-    g.add_argument("--max-waiting", type=int, default=d.scheduler.max_waiting,
+    g.add_argument("--max-num-seqs", type=ck.positive_int, default=d.scheduler.max_num_seqs,
+                   help="batch-size cap")
+    g.add_argument("--max-num-batched-tokens", type=ck.positive_int,
+                   default=d.scheduler.max_num_batched_tokens, help="token budget per iteration")
+    g.add_argument("--max-waiting", type=ck.positive_int, default=d.scheduler.max_waiting,
                    help="waiting jobs beyond which new requests get 503 + Retry-After")
-    g.add_argument("--max-waiting-tokens", type=int, default=d.scheduler.max_waiting_tokens,
+    g.add_argument("--max-waiting-tokens", type=ck.positive_int,
+                   default=d.scheduler.max_waiting_tokens,
                    help="prompt tokens of all waiting jobs beyond which new requests get 503")
     g = p.add_argument_group("parallelism (see docs/distributed.md)")
-    g.add_argument("--torch-threads", type=int, default=None,
+    g.add_argument("--torch-threads", type=ck.positive_int, default=None,
                    help="torch threads per worker rank (default: one per physical core; several local "
                         "ranks: an equal share)")
     g.add_argument("--omp-wait-policy", choices=["passive", "active"], default=d.parallel.omp_wait_policy,
                    help="worker OpenMP threads sleep (passive) or spin (active) between ops")
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.parallel.tensor_parallel_size,
+    g.add_argument("--tensor-parallel-size", "-tp", type=ck.positive_int, default=d.parallel.tensor_parallel_size,
                    help="ranks per pipeline stage, each holding a slice of every layer")
-    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=d.parallel.pipeline_parallel_size,
+    g.add_argument("--pipeline-parallel-size", "-pp", type=ck.positive_int, default=d.parallel.pipeline_parallel_size,
                    help="pipeline stages, each holding a contiguous range of layers")
     g.add_argument("--engine-address", default=None,
                    help="control socket to bind, e.g. tcp://0.0.0.0:5555, for workers on other hosts "
@@ -107,19 +138,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dist-host", default=d.parallel.dist_host,
                    help="address of rank 0's torch.distributed store, reachable from every rank")
     g.add_argument("--dist-port", type=int, default=d.parallel.dist_port, help="its port (0: a free one)")
-    p.add_argument("--log-level", default="WARNING")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=ModelConfig(path=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                          quantization=args.quantization),
+        model=ModelConfig(path=args.model, dtype=args.dtype, device=args.device,
+                          max_model_len=args.max_model_len, quantization=args.quantization,
+                          allow_long_context=args.allow_long_context),
         cache=CacheConfig(
             block_size=args.block_size,
             kv_cache_memory=args.kv_cache_memory,
             gpu_memory_utilization=args.gpu_memory_utilization,
             host_kv_cache_memory=args.host_kv_cache_memory,
             num_gpu_blocks_override=args.num_gpu_blocks,
+            num_host_blocks_override=args.num_host_blocks,
         ),
         scheduler=SchedulerConfig(
             policy=args.scheduling_policy,
@@ -129,6 +161,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             max_waiting=args.max_waiting,
             max_waiting_tokens=args.max_waiting_tokens,
             profile_path=args.profile_path,
+            profile_cache_dir=args.profile_cache_dir,
             eager_recompute=args.eager_recompute,
             policy_options=tuple(args.policy_option),
             swap_policy_options=tuple(args.swap_policy_option),
@@ -150,8 +183,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 def add_server_args(p: argparse.ArgumentParser) -> None:
     d = ServerConfig()
     g = p.add_argument_group("server")
-    g.add_argument("--host", default=d.host, help="address to bind (default: loopback only)")
-    g.add_argument("--port", type=int, default=d.port)
+    g.add_argument("--host", default=d.host, help="address to bind (loopback only by default)")
+    g.add_argument("--port", type=ck.port, default=d.port, help="0: any free port")
     g.add_argument("--zmq-address", default=d.zmq_address,
                    help="ZeroMQ frontend address (default: an ipc:// path; 'off' disables it)")
     key = g.add_mutually_exclusive_group()
@@ -160,31 +193,37 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                           "(every route but /health)")
     key.add_argument("--api-key-file", default=None,
                      help="read the API key from this file (keeps it out of the process list)")
-    g.add_argument("--served-model-name", default=d.served_model_name)
-    g.add_argument("--max-body-bytes", type=_size, default=d.max_body_bytes)
-    g.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout_s,
+    g.add_argument("--served-model-name", default=d.served_model_name,
+                   help="model id in the API (default: the model file's name)")
+    g.add_argument("--max-body-bytes", type=ck.positive_size, default=ck.format_size(d.max_body_bytes),
+                   help="largest request body accepted (HTTP and ZeroMQ)")
+    g.add_argument("--shutdown-timeout", type=ck.non_negative_float, default=d.shutdown_timeout_s,
                    help="on SIGTERM, seconds in-flight requests may take before they are aborted")
     g.add_argument("--record-trace", default=None, metavar="FILE",
                    help="append arrival time and lengths of every finished request to FILE "
                         "(JSONL), replayable with `bench`/`simulate --workload trace:FILE`")
     g.add_argument("--record-trace-prompts", action="store_true",
                    help="also write each prompt's text into the trace")
+    g.add_argument("--disable-log-requests", action="store_true",
+                   help="no access line per request")
+    g.add_argument("--log-stats-interval", type=ck.non_negative_float, default=d.log_stats_interval_s,
+                   help="seconds between stats lines while busy; 0 disables them")
 
 
 def _server_config(args: argparse.Namespace) -> ServerConfig:
     if not hasattr(args, "port"):
         return ServerConfig()
     api_key = args.api_key
-    if args.api_key_file:
+    if args.api_key_file:  # checked readable and non-empty by cli_checks
         with open(args.api_key_file, encoding="utf-8") as f:
             api_key = f.read().strip()
-        if not api_key:
-            raise SystemExit(f"--api-key-file {args.api_key_file}: the file is empty")
     return ServerConfig(host=args.host, port=args.port, zmq_address=args.zmq_address, api_key=api_key,
                         served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes,
                         shutdown_timeout_s=args.shutdown_timeout,
                         record_trace=args.record_trace,
-                        record_trace_prompts=args.record_trace_prompts)
+                        record_trace_prompts=args.record_trace_prompts,
+                        log_requests=not args.disable_log_requests,
+                        log_stats_interval_s=args.log_stats_interval)
 
 
 async def _generate(args: argparse.Namespace) -> int:
@@ -193,7 +232,11 @@ async def _generate(args: argparse.Namespace) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
-    engine = await Engine.create(engine_config_from_args(args))
+    # One request: scheduling order cannot matter, so no start-up profiling (a cached
+    # profile is still used).
+    cfg = engine_config_from_args(args)
+    cfg = cfg.replace(scheduler=dataclasses.replace(cfg.scheduler, measure_profile=False))
+    engine = await Engine.create(cfg)
     try:
         messages = [{"role": "user", "content": args.prompt}] if args.chat else None
         prompt = None if args.chat else args.prompt
@@ -233,36 +276,39 @@ async def _profile(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args_in = list(sys.argv[1:] if argv is None else argv)
-    if args_in[:1] == ["worker"]:
-        # The worker parses its own flags (argparse's REMAINDER would not pass on leading ones).
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["worker"]:  # its own parser, --help included
         from engine.parallel.worker import main as worker_main
 
-        return worker_main(args_in[1:])
-    parser = argparse.ArgumentParser(prog="fastserve", description="FastServe LLM inference server.")
+        return worker_main(argv[1:])
+    parser = ck.Parser(prog="fastserve", description="FastServe LLM inference server.")
+    parser.add_argument("--version", action="version", version=f"fastserve {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server (and ZeroMQ frontend)",
                        description="Serve a model over HTTP (OpenAI-compatible routes) and ZeroMQ.")
     add_server_args(s)
     add_engine_args(s)
+    add_logging_args(s, level="INFO")
 
     g = sub.add_parser("generate", help="generate once from a prompt and print it",
                        description="Generate a completion for one prompt.")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--max-tokens", type=ck.positive_int, default=64)
+    g.add_argument("--temperature", type=ck.non_negative_float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=ck.fraction, default=1.0)
+    g.add_argument("--top-k", type=ck.non_negative_int, default=0, help="0 = off")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     add_engine_args(g)
+    add_logging_args(g)
 
     pr = sub.add_parser("profile", help="measure prefill time by input length and step time by batch",
                         description="Profile the model on its worker; the JSON feeds --profile.")
     pr.add_argument("--out", default=None, help="write the profile here (default: print it)")
     add_engine_args(pr)
+    add_logging_args(pr)
 
     sm = sub.add_parser("simulate", help="run policies on a workload on a virtual clock",
                         add_help=False)
@@ -272,19 +318,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                        add_help=False)
     b.add_argument("rest", nargs=argparse.REMAINDER)
 
-    w = sub.add_parser("worker", help="run a worker process (started by the engine)", add_help=False)
-    w.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("worker", help="run a worker process (started by the engine; see "
+                   "`fastserve worker --help`)", add_help=False)
 
-    argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["bench"], ["simulate"]):  # their own parsers (engine/bench, engine/sim)
-        args = argparse.Namespace(command=argv[0], rest=argv[1:], log_level="WARNING")
+        args = argparse.Namespace(command=argv[0], rest=argv[1:], log_level="WARNING",
+                                  log_format="text")
     else:
         args = parser.parse_args(argv)
-    if args.command == "worker":
-        from engine.parallel.worker import main as worker_main
+    from engine.logs import setup_logging
 
-        return worker_main(args.rest)
-    logging.basicConfig(level=getattr(args, "log_level", "WARNING").upper(), stream=sys.stderr)
+    setup_logging(args.log_level, args.log_format)
+    prog = f"fastserve {args.command}"
+    try:  # every user mistake is refused here, before a model or a worker is loaded
+        if args.command in ("serve", "generate", "profile"):
+            ck.check_engine_args(args)
+        if args.command == "serve":
+            ck.check_server_args(args)
+    except ck.UsageError as e:
+        return ck.fail(prog, e)
     from engine.models.loader import ModelLoadError
     from engine.sampling import InvalidRequestError
 
@@ -312,8 +364,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return bench_main(args.rest)
         return _run(_generate(args))
     except (InvalidRequestError, ModelLoadError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return ck.fail(prog, e)
+    except OSError as e:  # e.g. the port was taken between the check and the bind
+        if e.errno == errno.EADDRINUSE:
+            return ck.fail(prog, ck.UsageError("--port", str(e)))
+        raise
 
 
 def _run(coro) -> int:

@@ -23,6 +23,9 @@ class ModelConfig:
     # How linear layers hold weights: auto (a GGUF keeps its own precision in the nearest
     # packed format; floats for safetensors) | none (dequantize to dtype) | int8 | int4.
     quantization: str = "auto"
+    # max_model_len may exceed the model's own context length (RoPE models extrapolate;
+    # quality past the trained length is the user's call). False: it is capped to it.
+    allow_long_context: bool = False
     seed: int = 0  # seeds torch in the worker (used by random-init test models only)
 
 
@@ -45,8 +48,12 @@ class CacheConfig:
 class SchedulerConfig:
     """Batch formation budgets and policy choice."""
 
-    policy: str = "fcfs"  # name in the fastserve.scheduling_policies entry-point group
-    swap_policy: str = "reactive"  # name in the fastserve.swap_policies entry-point group
+    # The paper's design by default: skip-join MLFQ (its quantum and first-queue choice
+    # come from the model's cost profile, measured once per model/device/dtype and cached)
+    # with proactive swapping. Names in the fastserve.scheduling_policies and
+    # fastserve.swap_policies entry-point groups.
+    policy: str = "skip-join-mlfq"
+    swap_policy: str = "proactive"
     max_num_seqs: int = 64  # batch-size cap per iteration
     max_num_batched_tokens: int = 2048  # token budget per iteration (prefill + decode tokens)
     max_waiting: int = 4096  # admission cap; more waiting jobs are refused (503, Retry-After)
@@ -62,6 +69,13 @@ class SchedulerConfig:
     # Stored cost profile (`fastserve profile --out`) for policies that use one (skip-join);
     # None: such a policy has the worker profile the model at start-up.
     profile_path: str | None = None
+    # Where measured profiles are cached (engine/profile_cache.py); None: $FASTSERVE_CACHE_DIR
+    # or ~/.cache/fastserve; "": never cache (measure at every start).
+    profile_cache_dir: str | None = None
+    # No stored or cached profile: measure one at start-up (seconds on a CPU). False: the
+    # policy's own estimate (skip-join: linear in the prompt length), e.g. for one-shot
+    # `fastserve generate`, where the order of one request's steps does not matter.
+    measure_profile: bool = True
     # Service charged to each job per iteration, in seconds, instead of the step's measured
     # duration; None: measured. Set, quanta count iterations, so demotions do not depend on
     # how fast (or how loaded) the machine is: reproducible experiments and tests.
@@ -134,6 +148,9 @@ class ServerConfig:
     api_key: str | None = None  # required by every route but /health, HTTP and ZeroMQ alike
     served_model_name: str | None = None
     max_body_bytes: int = 4 * 1024**2
+    log_requests: bool = True  # one access line per HTTP request (INFO; probes at DEBUG)
+    # Seconds between stats lines while the engine is busy (throughput, queues, KV); 0: none.
+    log_stats_interval_s: float = 10.0
     # SIGTERM/SIGINT: seconds in-flight requests may take to finish before they are aborted.
     shutdown_timeout_s: float = 10.0
     # JSONL file to append one row per finished request to (arrival, lengths), replayable

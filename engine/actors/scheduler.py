@@ -63,6 +63,9 @@ class SchedulerActor(Actor):
         self.num_steps = 0
         # Batches sent and not yet applied, oldest first: (plan, answer, time sent).
         self._in_flight: deque[tuple[StepPlan, Awaitable[dict], float]] = deque()
+        # Tokens fed to prefill (prompts, recomputed KV) and sampled: the stats line's rates.
+        self.num_prompt_tokens_total = 0
+        self.num_generation_tokens_total = 0
 
     async def run(self) -> None:
         busy = False
@@ -146,6 +149,10 @@ class SchedulerActor(Actor):
         logprobs = reply.get("logprobs") or [None] * len(tokens)
         sampled = dict(zip(reply["ids"], tokens))
         lp_by_id = dict(zip(reply["ids"], logprobs))
+        self.num_prompt_tokens_total += sum(
+            s.num_tokens for s in plan.seqs
+            if s.num_tokens > 1 or s.start < s.job.num_prompt_tokens)
+        self.num_generation_tokens_total += len(tokens)
         # Service: the worker's step time; with several batches in flight, the time this
         # batch spent in the pipeline (queued behind another stage included).
         service = float(reply["elapsed"]) if core.pipeline_depth == 1 else now - sent
@@ -240,6 +247,8 @@ class SchedulerActor(Actor):
             "num_host_blocks": core.blocks.num_host_blocks,
             "num_preemptions": core.num_preemptions,
             "num_steps": self.num_steps,
+            "num_prompt_tokens_total": self.num_prompt_tokens_total,
+            "num_generation_tokens_total": self.num_generation_tokens_total,
             "policy": core.policy.describe(),
             "swap_policy": core.swap_policy.describe(),
         }

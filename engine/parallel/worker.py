@@ -14,16 +14,22 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import zmq
 
+from engine.logs import LOG_FORMATS, setup_logging
 from engine.parallel.protocol import PROTOCOL_VERSION, decode, encode
 
 log = logging.getLogger("fastserve.worker")
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16", "half": "float16"}
+
+
+def _no_progress(stage: str, done: int, total: int) -> None:
+    pass
 
 
 class Worker:
@@ -34,6 +40,10 @@ class Worker:
         self.moved_blocks = 0  # KV blocks this rank copied for swap plans (all kinds)
         self.step_s = 0.0  # time spent running steps (benchmarks: per-stage busy time)
         self.num_steps = 0
+        self.max_model_len: int | None = None
+        # progress(stage, done, total): reported to the engine while a long command runs
+        # (model loading, profiling); set per command by serve().
+        self.progress: Callable[[str, int, int], None] = _no_progress
 
     @property
     def replies_to_steps(self) -> bool:
@@ -62,13 +72,19 @@ class Worker:
         if kind == "profile":
             from engine.parallel.profile import profile_runner
 
-            result = {"kind": "profiled", **profile_runner(self.runner, **msg.get("args", {}))}
+            args = msg.get("args", {})
+            result = {"kind": "profiled",
+                      **profile_runner(self.runner, **args, progress=self._profile_progress,
+                                       max_len=self.max_model_len)}
             return result if self.replies_to_steps else None
         if kind == "shutdown":
             if self.dist is not None:
                 self.dist.close()
             return {"kind": "bye"}
         raise ValueError(f"unknown command kind {kind!r}")
+
+    def _profile_progress(self, done: int, total: int) -> None:
+        self.progress("profile", done, total)
 
     def init(self, msg: dict[str, Any]) -> dict[str, Any]:
         set_omp_wait_policy(msg["parallel"].get("omp_wait_policy"))
@@ -77,7 +93,12 @@ class Worker:
         from engine.memory.kv_cache import block_bytes
         from engine.models.base import PipelineStage
         from engine.models.linear import SINGLE_DEVICE, TPInfo
-        from engine.models.loader import load_hf_config, load_model, resolve_model_path
+        from engine.models.loader import (
+            count_tensors,
+            load_hf_config,
+            load_model,
+            resolve_model_path,
+        )
         from engine.parallel.cpu import physical_cores
         from engine.parallel.distributed import Distributed, RankLayout
 
@@ -105,9 +126,16 @@ class Worker:
         tp = SINGLE_DEVICE
         if layout.tp_size > 1:
             tp = TPInfo(layout.tp_rank, layout.tp_size, self.dist.tp_group)
-        model, info = load_model(mcfg.get("path"), dtype, device, tp,
-                                 quantization=mcfg.get("quantization", "auto"), stage=stage)
+        path = mcfg.get("path")
+        what = "load" if not str(path).endswith(".gguf") else "load+dequantize"
+        total = count_tensors(path)  # a pipeline stage reads fewer: the bar ends early
+        loaded = iter(range(1, total + 1))
+        self.progress(what, 0, total)
+        model, info = load_model(path, dtype, device, tp,
+                                 quantization=mcfg.get("quantization", "auto"), stage=stage,
+                                 on_tensor=lambda _name: self.progress(what, next(loaded), total))
         model.eval()
+        self.max_model_len = info.max_model_len
         self._model, self._device, self._dtype = model, device, dtype
         bs = int(ccfg["block_size"])
         # This rank's share of a block: its stage's layers, its KV heads.
@@ -134,6 +162,11 @@ class Worker:
             "num_gpu_blocks": n_gpu,
             "num_host_blocks": n_host,
             "block_bytes": per_block,
+            "device_name": device_name(device),
+            "torch_version": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "num_params": sum(p.numel() for p in model.parameters()),
+            "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             "model": {k: (list(v) if isinstance(v, tuple) else v) for k, v in info.__dict__.items()},
         }
 
@@ -180,6 +213,24 @@ def resolve_device(name: str, layout: Any = None) -> Any:
     return device
 
 
+def device_name(device: Any) -> str:
+    """What the device is, for cache keys and the banner: the GPU model, or the CPU's."""
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def resolve_dtype(name: str, device: Any) -> Any:
     import torch
 
@@ -222,6 +273,7 @@ def serve(engine_addr: str, rank: int, parent_pid: int | None, idle_exit_s: floa
             try:
                 msg = decode(sock.recv_multipart(copy=False))
                 call = msg.get("call")
+                worker.progress = _reporter(sock, call, rank)
                 reply = worker.handle(msg)
             except Exception as e:  # noqa: BLE001 -- reported to the engine, which fails the owning requests
                 log.error("rank %d: command failed: %s", rank, traceback.format_exc())
@@ -242,6 +294,22 @@ def rank_identity(rank: int) -> bytes:
     return f"rank-{rank}".encode()
 
 
+def _reporter(out: Any, call: Any, rank: int) -> Callable[[str, int, int], None]:
+    """Progress of command ``call`` over the result channel, at most ~10 messages/s."""
+    last = [0.0]
+
+    def report(stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done not in (0, total) and now - last[0] < 0.1:
+            return
+        last[0] = now
+        msg = {"kind": "progress", "call": call, "rank": rank, "stage": stage, "done": done,
+               "total": total}
+        out.send_multipart(encode(msg), copy=False)
+
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fastserve worker", description="Run one FastServe worker process.")
     p.add_argument("--engine", required=True,
@@ -252,9 +320,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="exit after this many seconds without a message from the engine (default: 60 "
                         "without --parent-pid; the engine pings remote ranks every few seconds)")
     p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--log-format", default="text", choices=LOG_FORMATS)
     args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format=f"%(asctime)s worker[rank {args.rank} pid %(process)d] %(levelname)s %(message)s")
+    setup_logging(args.log_level, args.log_format)
     idle_exit = args.idle_exit if args.idle_exit is not None or args.parent_pid else 60.0
     return serve(args.engine, args.rank, args.parent_pid, idle_exit)
 

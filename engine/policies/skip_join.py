@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.policies.mlfq import MLFQPolicy, check_number
+from engine.policies.mlfq import MLFQPolicy, check_int, check_number
 from engine.policies.profile import PrefillProfile, ProfileLike
 from engine.request import Job
 
@@ -21,6 +21,15 @@ from engine.request import Job
 # prefill cost per prompt token on a few CPU cores (~0.5 ms), so a 100-token prompt
 # estimates at 0.05 s (queue 0 at the default quantum) and a 1000-token one at 0.5 s.
 DEFAULT_PREFILL_S_PER_TOKEN = 5e-4
+# With a profile and no explicit base_quantum_s, queue 0's quantum is this many decode
+# iterations at this batch size, as the profile prices them: a short job gets about two
+# busy iterations before anything that has already run longer, on whatever device the
+# profile was measured (a constant in seconds would suit one machine only).
+DEFAULT_QUANTUM_STEPS = 2.0
+DEFAULT_QUANTUM_BATCH = 8
+# ...and with no explicit starvation_limit_s, the guard waits this many times the last
+# queue's quantum, so it only rescues jobs stuck behind a stream of short ones.
+DEFAULT_STARVATION_QUANTA = 2.0
 
 
 class SkipJoinMLFQPolicy(MLFQPolicy):
@@ -28,8 +37,12 @@ class SkipJoinMLFQPolicy(MLFQPolicy):
 
     Knobs: ``profile`` (``None``): a :class:`PrefillProfile`, its dict form, or a path to
     its JSON file; ``prefill_s_per_token`` (5e-4): the linear estimate used while no
-    profile is set; plus every :class:`MLFQPolicy` knob (``base_quantum_s``,
-    ``quantum_ratio``, ``num_queues``, ``starvation_limit_s``).
+    profile is set; ``quantum_steps`` (2) and ``quantum_batch`` (8): without an explicit
+    ``base_quantum_s``, a profile with decode points sets it to ``quantum_steps`` decode
+    iterations at batch ``quantum_batch``, and (without an explicit
+    ``starvation_limit_s``) the starvation limit to twice the last queue's quantum; plus
+    every :class:`MLFQPolicy` knob (``base_quantum_s``, ``quantum_ratio``, ``num_queues``,
+    ``starvation_limit_s``, ``pin_promoted``).
     """
 
     name = "skip-join-mlfq"
@@ -38,17 +51,37 @@ class SkipJoinMLFQPolicy(MLFQPolicy):
         self,
         profile: ProfileLike = None,
         prefill_s_per_token: float = DEFAULT_PREFILL_S_PER_TOKEN,
+        quantum_steps: float = DEFAULT_QUANTUM_STEPS,
+        quantum_batch: int = DEFAULT_QUANTUM_BATCH,
         **mlfq_options: Any,
     ) -> None:
         super().__init__(**mlfq_options)
         self.prefill_s_per_token = check_number("prefill_s_per_token", prefill_s_per_token)
+        self.quantum_steps = check_number("quantum_steps", quantum_steps)
+        self.quantum_batch = check_int("quantum_batch", quantum_batch, minimum=1)
+        self._derive_quantum = "base_quantum_s" not in mlfq_options
+        self._derive_starvation = (
+            "starvation_limit_s" not in mlfq_options and self.num_queues is not None)
+        self.quantum_source = "option" if not self._derive_quantum else "default"
         self.profile: PrefillProfile | None = None
         self.set_profile(profile)
 
     def set_profile(self, profile: ProfileLike) -> None:
         """Use ``profile`` (e.g. measured by the worker at start-up) for jobs admitted from
-        now on; jobs already queued keep their level. ``None`` restores the linear estimate."""
+        now on; jobs already queued keep their level. ``None`` restores the linear estimate.
+        Knobs left to their defaults are derived from the profile (see the class notes)."""
         self.profile = PrefillProfile.coerce(profile)
+        if self.profile is None or not self.profile.decode_points:
+            return
+        step = self.profile.decode_step_time(self.quantum_batch)
+        if self._derive_quantum and step > 0:
+            self.base_quantum_s = self.quantum_steps * step
+            self.quantum_source = (
+                f"profile: {self.quantum_steps:g} decode steps at batch {self.quantum_batch}")
+            if self._derive_starvation:
+                assert self.num_queues is not None
+                self.starvation_limit_s = (
+                    DEFAULT_STARVATION_QUANTA * self.quantum(self.num_queues - 1))
 
     def estimate_prefill_s(self, num_tokens: int) -> float:
         if self.profile is not None:
@@ -64,4 +97,5 @@ class SkipJoinMLFQPolicy(MLFQPolicy):
             **super().describe(),
             "prefill_estimate": "profile" if self.profile is not None else "linear",
             "prefill_s_per_token": self.prefill_s_per_token,
+            "quantum_source": self.quantum_source,
         }

@@ -27,6 +27,7 @@ from engine.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from engine.server.openai_api import ApiError, bad, check_fields, check_model, parse_messages
 from engine.server.openai_routes import RETRY_AFTER_S, GenerationRoutes, read_json
 from engine.server.openapi import openapi_document
+from engine.server.oplog import access_middleware, log_stats_forever
 from engine.server.protocol import EngineLike
 
 log = logging.getLogger("fastserve.server")
@@ -110,6 +111,8 @@ def build_app(
 ) -> web.Application:
     """The HTTP application. ``metrics`` may be shared with the ZeroMQ frontend."""
     middlewares: list = [_errors]
+    if server_config.log_requests:  # outermost: it sees the status _errors turned errors into
+        middlewares.insert(0, access_middleware())
     if server_config.api_key:
         middlewares.append(_auth(server_config.api_key))
     # client_max_size makes aiohttp itself stop reading a chunked body past the cap.
@@ -123,6 +126,7 @@ def build_app(
     app.router.add_post("/v1/completions", gen.completions)
     app.router.add_post("/v1/chat/completions", gen.chat)
     app.router.add_get("/v1/models", misc.models)
+    app.router.add_get("/v1/models/{model_id:.+}", misc.model)  # ids may hold a '/'
     app.router.add_get("/health", misc.health)
     app.router.add_get("/version", misc.version)
     app.router.add_post("/tokenize", misc.tokenize)
@@ -156,8 +160,8 @@ class _MiscRoutes:
         self.metrics = metrics
         self.created = int(time.time())
 
-    async def models(self, request: web.Request) -> web.Response:
-        card = {
+    def _card(self) -> dict:
+        return {
             "id": self.model_name,
             "object": "model",
             "created": self.created,
@@ -167,7 +171,16 @@ class _MiscRoutes:
             "max_model_len": self.engine.max_model_len,
             "permission": [],
         }
-        return web.json_response({"object": "list", "data": [card]})
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [self._card()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        model_id = request.match_info["model_id"]
+        if model_id != self.model_name:
+            raise ApiError(404, f"The model '{model_id}' does not exist", param="model",
+                           code="model_not_found")
+        return web.json_response(self._card())
 
     async def health(self, request: web.Request) -> web.Response:
         if self.engine.is_serving and self.gen.admitting:
@@ -347,7 +360,7 @@ async def serve(
             pass
     name = default_model_name(engine_config)
     metrics = ServerMetrics(name)
-    runner = zmq = app = trace = None
+    runner = zmq = app = trace = stats_task = None
     try:
         if own_engine:  # after the handlers: a SIGTERM while loading still shuts down cleanly
             from engine.api import Engine
@@ -382,13 +395,20 @@ async def serve(
         if exposed and not sc.api_key:
             log.warning("listening beyond loopback (%s) without --api-key: anyone who can "
                         "reach it can use it (docs/security.md)", ", ".join(exposed))
-        # WARNING so it shows at the CLI's default log level: it is the one line users need.
-        log.warning("serving %s on %s%s", name, url, f" and {address}" if address else "")
+        _log_banner(engine, [f"{url}/v1 (OpenAI API; {url}/metrics, {url}/health)",
+                             *([f"{address} (ZeroMQ SDK)"] if address else [])])
+        log.info("serving %s on %s%s", name, url, f" and {address}" if address else "",
+                 extra={"fields": {"event": "ready", "model": name, "url": url,
+                                   "zmq_address": address}})
+        if sc.log_stats_interval_s > 0:
+            stats_task = asyncio.ensure_future(log_stats_forever(engine, sc.log_stats_interval_s))
         if on_ready is not None:
             on_ready(url, address)
         await _until_stopped(stop, engine)
         await _drain(app[ROUTES_KEY], zmq, sc.shutdown_timeout_s, hurry)
     finally:
+        if stats_task is not None:
+            stats_task.cancel()
         for sig in handled:
             loop.remove_signal_handler(sig)
         if zmq is not None:
@@ -399,7 +419,7 @@ async def serve(
             await engine.shutdown()
         if trace is not None:
             trace.close()
-        log.warning("server stopped")
+        log.info("server stopped")
 
 
 def _is_loopback(address: str) -> bool:
@@ -461,6 +481,16 @@ async def _until_stopped(stop: asyncio.Event, engine: Any) -> None:
 
 class EngineFatalError(RuntimeError):
     """The engine cannot recover (its model no longer loads); the server exits."""
+
+
+def _log_banner(engine: Any, urls: list[str]) -> None:
+    describe = getattr(engine, "describe", None)
+    if describe is None:  # a stand-in engine (tests)
+        return
+    from engine.banner import format_banner
+
+    info = describe()
+    log.info("%s", format_banner(info, urls), extra={"fields": {"event": "banner", **info}})
 
 
 def run_server(engine_config: EngineConfig) -> int:

@@ -22,6 +22,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from engine.server.oplog import CURRENT
+
 __all__ = ["CONTENT_TYPE_LATEST", "RequestTracker", "ServerMetrics"]
 
 # vLLM's buckets, so dashboards built for vLLM read these histograms the same way.
@@ -266,11 +268,16 @@ class RequestTracker:
         self.arrival = arrival
         self.last_token: float | None = None
         self.done = False
+        self.access = CURRENT.get()  # the HTTP request's access-line record, if any
+        self.seen = False
 
     def on_output(self, out: Any) -> None:
         if self.done:
             return
         m, name, now = self.m, self.m.model_name, self.m.clock()
+        if self.access is not None:
+            self.access.on_output(out, now, first_of_choice=not self.seen)
+        self.seen = True
         n = len(out.token_ids)
         if n:
             if self.last_token is None:

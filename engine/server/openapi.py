@@ -313,6 +313,17 @@ def openapi_document(model_name: str, max_model_len: int, version: str) -> dict:
                                              "data": {"type": "array"}}}, "model cards"),
                 **_errors(401),
             }),
+            "/v1/models/{model_id}": {"get": {
+                "summary": "The served model's card; 404 for any other id",
+                "parameters": [{"name": "model_id", "in": "path", "required": True,
+                                "schema": {"type": "string"}}],
+                "responses": {
+                    "200": _json({"type": "object", "required": ["id", "object"],
+                                  "properties": {"id": {"type": "string"},
+                                                 "object": {"const": "model"}}}, "model card"),
+                    **_errors(401, 404),
+                },
+            }},
             "/health": get("Liveness (never needs the API key)", {
                 "200": {"description": "the engine serves"},
                 **_errors(503),

@@ -12,7 +12,7 @@ import torch
 
 from engine.api import Engine
 from engine.bench.hf_reference import transformers_model_from_gguf
-from engine.config import CacheConfig, EngineConfig, ModelConfig
+from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.models.loader import default_model_path
 from engine.sampling import SamplingParams
 from tests.integration.engine_utils import assert_pools_whole, collect, wait_all_blocks_free
@@ -33,9 +33,11 @@ NEW_TOKENS = 32
 async def engine():
     # fp32 weights and compute: compared token for token with transformers' fp32 (``auto``
     # may pick bf16 here, and packed int4 weights for the GGUF). The default path is checked
-    # by the CLI test below and tests/unit/test_quant.py.
+    # by the CLI test below and tests/unit/test_quant.py. Default policies, no start-up
+    # profiling (its cost is not what this tests).
     eng = await Engine.create(EngineConfig(model=ModelConfig(dtype="float32", quantization="none"),
-                                           cache=CacheConfig(kv_cache_memory=64 * 1024**2)))
+                                           cache=CacheConfig(kv_cache_memory=64 * 1024**2),
+                                           scheduler=SchedulerConfig(measure_profile=False)))
     yield eng
     assert_pools_whole(await wait_all_blocks_free(eng))
     await eng.shutdown()

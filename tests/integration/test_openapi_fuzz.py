@@ -89,7 +89,7 @@ def test_openapi_document_lists_every_route(schema) -> None:
     labels = {op.ok().label for op in schema.get_all_operations()}
     assert labels == {
         "POST /v1/completions", "POST /v1/chat/completions", "POST /tokenize",
-        "POST /detokenize", "GET /v1/models", "GET /health", "GET /version", "GET /metrics",
+        "POST /detokenize", "GET /v1/models", "GET /v1/models/{model_id}", "GET /health", "GET /version", "GET /metrics",
         "GET /v1/scheduler", "GET /openapi.json",
     }
 

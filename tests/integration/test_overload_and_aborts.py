@@ -76,8 +76,11 @@ FLOOD = 10 * (MAX_SEQS + MAX_WAITING)  # ten times what the engine may hold at o
 async def test_overload_gets_503_with_retry_after_and_every_admitted_request_finishes(
     model_path,
 ):
-    sched = SchedulerConfig(max_num_seqs=MAX_SEQS, max_waiting=MAX_WAITING,
-                            max_waiting_tokens=64)
+    # FCFS: a job waits until it runs to completion, so the engine holds at most
+    # MAX_SEQS + MAX_WAITING jobs. A preemptive policy (the default) also holds the jobs it
+    # preempted, as many as the KV pools fit resident or swapped; only the rest wait.
+    sched = SchedulerConfig(policy="fcfs", swap_policy="reactive", max_num_seqs=MAX_SEQS,
+                            max_waiting=MAX_WAITING, max_waiting_tokens=64)
     async with serving(sched, model_path) as (engine, base, _), session() as s:
         peak = 0
         done = asyncio.Event()

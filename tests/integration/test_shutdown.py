@@ -87,7 +87,11 @@ def start_server(model_path: str, tmp: str, shutdown_timeout: float) -> Server:
         "--dtype", "float32", "--block-size", "4", "--num-gpu-blocks", "256",
         "--host-kv-cache-memory", "16M", "--torch-threads", "1", "--max-num-seqs", "1",
         "--port", "0", "--zmq-address", f"ipc://{tmp}/front.ipc", "--served-model-name", "tiny",
-        "--shutdown-timeout", str(shutdown_timeout), "--log-level", "WARNING",
+        "--shutdown-timeout", str(shutdown_timeout), "--log-level", "INFO",
+        # Pinned: the drain scenario assumes jobs run to completion one at a time. Under
+        # the default (skip-join MLFQ, a tiny model's sub-millisecond quantum) the probe
+        # request overtakes the streams and the loop is busy swapping them.
+        "--scheduling-policy", "fcfs", "--swap-policy", "reactive",
     ]
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
