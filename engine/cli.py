@@ -208,6 +208,12 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="no access line per request")
     g.add_argument("--log-stats-interval", type=ck.non_negative_float, default=d.log_stats_interval_s,
                    help="seconds between stats lines while busy; 0 disables them")
+    from engine import tool_parsers
+
+    g.add_argument("--tool-call-parser", default=d.tool_call_parser, choices=tool_parsers.available(),
+                   help="how tool calls are read from the model's text (and offered to a chat "
+                        "template without tool support); default: by model family "
+                        "(smollm2 for SmolLM2, llama3_json for Llama 3, else hermes)")
 
 
 def _server_config(args: argparse.Namespace) -> ServerConfig:
@@ -223,7 +229,8 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
                         record_trace=args.record_trace,
                         record_trace_prompts=args.record_trace_prompts,
                         log_requests=not args.disable_log_requests,
-                        log_stats_interval_s=args.log_stats_interval)
+                        log_stats_interval_s=args.log_stats_interval,
+                        tool_call_parser=args.tool_call_parser)
 
 
 async def _generate(args: argparse.Namespace) -> int:

@@ -157,6 +157,8 @@ class ServerConfig:
     # by `fastserve bench`/`simulate --workload trace:FILE`; None: no trace.
     record_trace: str | None = None
     record_trace_prompts: bool = False  # also write each prompt's text into the trace
+    # Tool-call parser by name (engine.tool_parsers); None: the model family's default.
+    tool_call_parser: str | None = None
 
 
 @dataclass(frozen=True)

@@ -120,7 +120,13 @@ def build_app(
     metrics = metrics or ServerMetrics(model_name)
     app[ENGINE_KEY] = engine
     app[METRICS_KEY] = metrics
-    gen = GenerationRoutes(engine, model_name, server_config.max_body_bytes, metrics)
+    gen = GenerationRoutes(
+        engine,
+        model_name,
+        server_config.max_body_bytes,
+        metrics,
+        tool_call_parser=server_config.tool_call_parser,
+    )
     app[ROUTES_KEY] = gen
     misc = _MiscRoutes(engine, model_name, server_config.max_body_bytes, metrics, gen)
     app.router.add_post("/v1/completions", gen.completions)
@@ -386,6 +392,7 @@ async def serve(
                 metrics=metrics,
                 max_message_bytes=sc.max_body_bytes,
                 api_key=sc.api_key,
+                tool_call_parser=sc.tool_call_parser,
             )
             await zmq.start()
             frontends.append(zmq)

@@ -17,6 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.sampling import InvalidRequestError, SamplingParams
+from engine.server.tools import (
+    TOOL_FIELDS,
+    ToolRequest,
+    check_message_tool_calls,
+    parse_tool_request,
+)
 
 # Upper bound on engine requests one HTTP request may fan out to (prompts x n), so a
 # single body cannot flood the waiting queue.
@@ -86,6 +92,7 @@ class GenerationRequest:
     # The field the client sent for the output cap, so an engine refusal of ``max_tokens``
     # names it (chat: ``max_completion_tokens`` when given).
     max_tokens_field: str = "max_tokens"
+    tools: ToolRequest | None = None  # chat: the checked tools / tool_choice (server/tools.py)
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -138,6 +145,7 @@ CHAT_FIELDS = {
     "max_completion_tokens": "int",
     "logprobs": "bool",
     "top_logprobs": "int",
+    **TOOL_FIELDS,
 }
 
 # OpenAI fields this server does not implement, accepted only at their no-op value so
@@ -151,9 +159,6 @@ COMPLETION_NEUTRAL = {**_NEUTRAL_COMMON, "echo": (False,), "best_of": (1,), "suf
 CHAT_NEUTRAL = {
     **_NEUTRAL_COMMON,
     "response_format": ({"type": "text"},),
-    "tools": ([],),
-    "tool_choice": ("none", "auto"),
-    "parallel_tool_calls": (True, False),
     "store": (False,),
     "metadata": ({},),
     "modalities": (["text"],),
@@ -313,13 +318,15 @@ def parse_messages(value: list) -> list[dict]:
         for key in m:
             if key not in ("role", "content") and key not in _MESSAGE_KEYS[role]:
                 raise bad(f"{where}.{key}", f"unknown field for a {role} message")
-        if m.get("tool_calls") or m.get("refusal"):
-            raise bad(
-                f"{where}.{'tool_calls' if m.get('tool_calls') else 'refusal'}",
-                "not supported by this server (allowed: null or empty)",
-            )
+        if m.get("refusal"):
+            raise bad(f"{where}.refusal", "not supported by this server (allowed: null or empty)")
         content = _content(m.get("content"), f"{where}.content", role)
-        msg = {"role": role, "content": content}
+        msg: dict = {"role": role, "content": content}
+        if m.get("tool_calls"):
+            try:
+                msg["tool_calls"] = check_message_tool_calls(m["tool_calls"], f"{where}.tool_calls")
+            except InvalidRequestError as e:
+                raise _params_error(e, {}) from None
         name = m.get("name")
         if name is not None:
             if not isinstance(name, str) or not name:
@@ -327,6 +334,8 @@ def parse_messages(value: list) -> list[dict]:
             msg["name"] = name
         if role == "tool" and not isinstance(m.get("tool_call_id"), (str, type(None))):
             raise bad(f"{where}.tool_call_id", "must be a string")
+        if role == "tool" and m.get("tool_call_id"):
+            msg["tool_call_id"] = m["tool_call_id"]
         out.append(msg)
     return out
 
@@ -394,6 +403,12 @@ def parse_chat(body: dict, model_name: str, max_model_len: int) -> GenerationReq
     if "messages" not in f:
         raise bad("messages", "required")
     messages = parse_messages(f["messages"])
+    try:
+        tools = parse_tool_request(
+            f.get("tools"), f.get("tool_choice"), f.get("parallel_tool_calls")
+        )
+    except InvalidRequestError as e:
+        raise _params_error(e, {}) from None
     stream, include_usage = _stream_opts(f)
     top = f.get("top_logprobs")
     if top is not None and not f.get("logprobs", False):
@@ -418,4 +433,5 @@ def parse_chat(body: dict, model_name: str, max_model_len: int) -> GenerationReq
         include_usage,
         logprobs,
         max_tokens_field=renames.get("max_tokens", "max_tokens"),
+        tools=tools,
     )

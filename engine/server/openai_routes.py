@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from engine.sampling import InvalidRequestError
 from engine.server.metrics import ServerMetrics
 from engine.server.openai_api import (
     ApiError,
@@ -36,6 +37,7 @@ from engine.server.openai_responses import (
     usage,
 )
 from engine.server.protocol import EngineLike, classify_error
+from engine.server.tools import ToolOutput, finish_response, prepare_choices, stream_choices
 
 log = logging.getLogger("fastserve.server")
 
@@ -174,6 +176,7 @@ class _FanOut:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.tasks = [asyncio.ensure_future(self._pump(c)) for c in req.choices]
         self._getter: asyncio.Future | None = None
+        self.tools: dict[int, ToolOutput] = {}  # by choice index, when tools are in play
 
     async def _pump(self, c: ChoiceSpec) -> None:
         tracker = self.metrics.track() if self.metrics is not None else None
@@ -224,8 +227,10 @@ class GenerationRoutes:
         model_name: str,
         max_body_bytes: int,
         metrics: ServerMetrics | None,
+        tool_call_parser: str | None = None,
     ) -> None:
         self.engine = engine
+        self.tool_call_parser = tool_call_parser  # None: the default for the model's family
         self.model_name = model_name
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
@@ -243,9 +248,12 @@ class GenerationRoutes:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         self._check_admitting()
         body = await read_json(request, self.max_body_bytes)
-        return await self._run(
-            request, parse_chat(body, self.model_name, self.engine.max_model_len)
-        )
+        req = parse_chat(body, self.model_name, self.engine.max_model_len)
+        try:
+            tools = prepare_choices(req, self.engine.tokenizer, self.tool_call_parser)
+        except InvalidRequestError as e:
+            raise error_from_exception(e, self.engine, True, req.max_tokens_field) from None
+        return await self._run(request, req, tools)
 
     def _check_admitting(self) -> None:
         if not self.admitting:
@@ -263,7 +271,12 @@ class GenerationRoutes:
             for c in fan.req.choices:
                 await self.engine.abort(fan.request_id(c))
 
-    async def _run(self, request: web.Request, req: GenerationRequest) -> web.StreamResponse:
+    async def _run(
+        self,
+        request: web.Request,
+        req: GenerationRequest,
+        tools: dict[int, ToolOutput] | None = None,
+    ) -> web.StreamResponse:
         self._check_admitting()
         if not self.engine.is_serving:
             raise ApiError(
@@ -274,6 +287,7 @@ class GenerationRoutes:
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
         fan = _FanOut(self.engine, req, self.metrics)
+        fan.tools = tools or {}
         self.live.add(fan)
         states = {c.index: ChoiceState() for c in req.choices}
         try:
@@ -306,7 +320,10 @@ class GenerationRoutes:
             st.add(item)
             if req.logprobs is not None:
                 st.logprobs.extend(logprob_pairs(item))
-        return web.json_response(final_response(req, states, self.tok), dumps=_json_str)
+        body = final_response(req, states, self.tok)
+        if fan.tools:
+            finish_response(body, fan.tools)
+        return web.json_response(body, dumps=_json_str)
 
     async def _stream(
         self,
@@ -355,8 +372,7 @@ class GenerationRoutes:
                 if item is None:
                     remaining -= 1
                     continue
-                choice = self._choice_chunk(req, states[index], index, item)
-                if choice is not None:
+                for choice in self._choice_chunks(req, states[index], index, item, fan.tools):
                     await self._send(resp, req, [choice])
             else:
                 if req.include_usage:
@@ -368,6 +384,25 @@ class GenerationRoutes:
         except (ConnectionResetError, ClientGone):  # aiohttp's ClientConnectionResetError included
             log.info("client went away mid-stream; aborted %s", req.id)
         return resp
+
+    def _choice_chunks(
+        self,
+        req: GenerationRequest,
+        st: ChoiceState,
+        index: int,
+        out: Any,
+        tools: dict[int, ToolOutput],
+    ) -> list[dict]:
+        tool_out = tools.get(index)
+        if tool_out is None:
+            choice = self._choice_chunk(req, st, index, out)
+            return [] if choice is None else [choice]
+        st.add(out)
+        lp = None
+        if req.logprobs is not None and out.token_ids:
+            lp = render_logprobs(req, self.tok, logprob_pairs(out), st)
+        reason = out.finish_reason if out.finished else None
+        return stream_choices(tool_out, index, out.text, reason, lp)
 
     def _choice_chunk(
         self, req: GenerationRequest, st: ChoiceState, index: int, out: Any

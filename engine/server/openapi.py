@@ -47,7 +47,73 @@ _TEXT_PART = {
     "required": ["type", "text"],
     "additionalProperties": False,
 }
-_NO_TOOL_CALLS = {"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}]}
+# Tool calling (engine/server/tools.py).
+_FUNCTION_NAME = {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"}
+_TOOL = {
+    "type": "object",
+    "properties": {
+        "type": {"const": "function"},
+        "function": {
+            "type": "object",
+            "properties": {
+                "name": _FUNCTION_NAME,
+                "description": {"type": "string"},
+                "parameters": {"type": "object"},  # a JSON schema whose type is "object"
+                "strict": {"type": "boolean"},
+            },
+            "required": ["name"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["type", "function"],
+    "additionalProperties": False,
+}
+_TOOL_CHOICE = {
+    "anyOf": [
+        {"enum": ["none", "auto", "required"]},
+        {
+            "type": "object",
+            "properties": {
+                "type": {"const": "function"},
+                "function": {
+                    "type": "object",
+                    "properties": {"name": _FUNCTION_NAME},
+                    "required": ["name"],
+                    "additionalProperties": False,
+                },
+            },
+            "required": ["type", "function"],
+            "additionalProperties": False,
+        },
+    ]
+}
+_TOOL_CALLS = {  # an assistant message's earlier calls
+    "anyOf": [
+        {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string"},
+                    "type": {"const": "function"},
+                    "index": {"type": "integer"},
+                    "function": {
+                        "type": "object",
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "arguments": {"anyOf": [{"type": "string"}, {"type": "object"}]},
+                        },
+                        "required": ["name"],
+                        "additionalProperties": False,
+                    },
+                },
+                "required": ["function"],
+                "additionalProperties": False,
+            },
+        },
+        {"type": "null"},
+    ]
+}
 _MESSAGE = {
     "type": "object",
     "properties": {
@@ -57,7 +123,7 @@ _MESSAGE = {
         },
         "name": {"type": "string", "minLength": 1},
         "tool_call_id": {"type": "string"},  # tool messages
-        "tool_calls": _NO_TOOL_CALLS,  # assistant messages: tools are not supported
+        "tool_calls": _TOOL_CALLS,  # assistant messages
         "refusal": {"type": "null"},
     },
     "required": ["role", "content"],
@@ -142,6 +208,23 @@ _USAGE = {
                    for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
 }
 _FINISH = _nullable({"enum": ["stop", "length", "abort"]})
+_CHAT_FINISH = _nullable({"enum": ["stop", "length", "abort", "tool_calls"]})
+_OUT_TOOL_CALLS = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "required": ["id", "type", "function"],
+        "properties": {
+            "id": {"type": "string"},
+            "type": {"const": "function"},
+            "function": {
+                "type": "object",
+                "required": ["name", "arguments"],
+                "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}},
+            },
+        },
+    },
+}
 
 
 def _completion_response(chat: bool) -> dict:
@@ -154,10 +237,14 @@ def _completion_response(chat: bool) -> dict:
                 "message": {
                     "type": "object",
                     "required": ["role", "content"],
-                    "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}},
+                    "properties": {
+                        "role": {"const": "assistant"},
+                        "content": _nullable({"type": "string"}),  # null: only tool calls
+                        "tool_calls": _OUT_TOOL_CALLS,
+                    },
                 },
                 "logprobs": _nullable({"type": "object"}),
-                "finish_reason": _FINISH,
+                "finish_reason": _CHAT_FINISH,
             },
         }
     else:
@@ -216,8 +303,10 @@ def openapi_document(model_name: str, max_model_len: int, version: str) -> dict:
         {**ranges, "prompt": prompt, "logprobs": {"type": "integer", "minimum": 0, "maximum": 20}},
         ["prompt"],
     )
-    chat_req = _request(CHAT_FIELDS, CHAT_NEUTRAL, {**ranges, "messages": _MESSAGES},
-                        ["messages"])
+    tools = {"type": "array", "maxItems": 128, "items": _TOOL}
+    chat_req = _request(CHAT_FIELDS, CHAT_NEUTRAL,
+                        {**ranges, "messages": _MESSAGES, "tools": tools,
+                         "tool_choice": _TOOL_CHOICE}, ["messages"])
     tokenize_req = {
         "type": "object",
         "additionalProperties": False,

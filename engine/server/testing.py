@@ -4,7 +4,7 @@ Deterministic: one token per character (token id = code point), and the text gen
 a prompt is a function of its token ids and seed (``FakeEngine.expected``). It validates
 like the real frontend (empty / too-long prompt -> ``InvalidRequestError``), honours stop
 strings, stop token ids, ``max_tokens`` and logprobs, and records every request, finish and
-abort. Failures are injected through attributes: ``queue_full``, ``fail_after_tokens``,
+abort. ``script`` (a string) makes every request generate that text instead, then stop. Failures are injected through attributes: ``queue_full``, ``fail_after_tokens``,
 ``serving``; delays through ``first_token_delay_s`` / ``token_delay_s``.
 """
 
@@ -74,6 +74,7 @@ class FakeEngine:
         self.serving = True
         self.queue_full = False
         self.fail_after_tokens: int | None = None  # the "worker" dies after this many tokens
+        self.script: str | None = None  # when set: the text every request generates
         self.requests: list[dict] = []  # every accepted request: id, prompt_ids, params
         self.finished: list[str] = []
         self.aborted: list[str] = []  # closed early or abort()ed
@@ -103,7 +104,12 @@ class FakeEngine:
         ids: list[int] = []
         text = ""
         for i in range(budget):
-            tid = ord(VOCAB[(start + i) % len(VOCAB)])
+            if self.script is not None:
+                if i >= len(self.script):
+                    return ids, text, "stop"
+                tid = ord(self.script[i])
+            else:
+                tid = ord(VOCAB[(start + i) % len(VOCAB)])
             ids.append(tid)
             text += chr(tid)
             if tid in params.stop_token_ids:

@@ -26,6 +26,7 @@ from engine.sampling import InvalidRequestError, SamplingParams
 from engine.server.metrics import ServerMetrics
 from engine.server.openai_api import ApiError, parse_messages
 from engine.server.protocol import EngineLike, classify_error
+from engine.server.tools import ToolOutput, prepare_wire, wire_output
 
 log = logging.getLogger("fastserve.zmq")
 
@@ -58,8 +59,10 @@ class ZmqFrontend:
         heartbeat_interval_s: float = wire.HEARTBEAT_INTERVAL_S,
         max_message_bytes: int = 4 * 1024**2,
         api_key: str | None = None,
+        tool_call_parser: str | None = None,
     ) -> None:
         self.engine = engine
+        self.tool_call_parser = tool_call_parser  # None: the default for the model's family
         self.address = address  # after start(): the bound endpoint (a "*" port resolved)
         self.model_name = model_name
         self.metrics = metrics
@@ -269,12 +272,20 @@ class ZmqFrontend:
                 raise InvalidRequestError(f"id {rid!r} is already running", "id")
             prompt, messages = _prompt(msg)
             params = _params(msg.get("params"))
+            chat = messages is not None
+            rendered, params, tool_out = prepare_wire(
+                msg, messages, params, self.engine.tokenizer, self.tool_call_parser
+            )
+            if rendered is not None:
+                prompt, messages = rendered, None
         except InvalidRequestError as e:
             await self._reply(
                 identity, wire.error_message(rid, wire.INVALID_REQUEST, str(e), e.param)
             )
             return
-        self.live[key] = asyncio.ensure_future(self._run(identity, rid, prompt, messages, params))
+        self.live[key] = asyncio.ensure_future(
+            self._run(identity, rid, prompt, messages, params, chat, tool_out)
+        )
 
     async def _run(
         self,
@@ -283,6 +294,8 @@ class ZmqFrontend:
         prompt: Any,
         messages: list[dict] | None,
         params: SamplingParams,
+        chat: bool = False,
+        tool_out: ToolOutput | None = None,
     ) -> None:
         tracker = self.metrics.track() if self.metrics is not None else None
         try:
@@ -291,14 +304,17 @@ class ZmqFrontend:
                 async for out in outputs:
                     if tracker is not None:
                         tracker.on_output(out)
-                    await self._send(identity, wire.output_message(rid, out))
+                    reply = wire.output_message(rid, out)
+                    if tool_out is not None:
+                        wire_output(reply, tool_out)
+                    await self._send(identity, reply)
         except _Unreachable:
             log.info("zmq client went away; aborted %s", rid)
             self._drop_client(identity)
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            info = classify_error(e, self.engine, chat=messages is not None)
+            info = classify_error(e, self.engine, chat=chat)
             if info.kind == wire.INTERNAL:
                 log.error("request %s failed", rid, exc_info=e)
             await self._reply(
@@ -314,7 +330,10 @@ def _id(msg: dict) -> str | None:
     return rid if isinstance(rid, str) and 0 < len(rid) <= MAX_ID_CHARS else None
 
 
-_GENERATE_KEYS = {"kind", "id", "api_key", "prompt", "prompt_token_ids", "messages", "params"}
+_GENERATE_KEYS = {
+    "kind", "id", "api_key", "prompt", "prompt_token_ids", "messages", "params",
+    "tools", "tool_choice", "parallel_tool_calls",  # chat only (engine/server/tools.py)
+}
 
 
 def _prompt(msg: dict) -> tuple[Any, list[dict] | None]:
