@@ -20,6 +20,7 @@ from engine.api import Engine
 from engine.client import AsyncClient, join_tool_calls
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig
 from engine.server import build_app, start_http
+from engine.server.tools import resolve_parser
 from engine.server.zmq_frontend import ZmqFrontend
 from tests.integration.engine_utils import assert_pools_whole, wait_all_blocks_free
 
@@ -89,7 +90,7 @@ async def served():
         base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120
     )
     try:
-        yield client, front.address
+        yield client, front.address, engine
     finally:
         await client.close()
         await front.stop()
@@ -115,8 +116,14 @@ async def collect_stream(client: openai.AsyncOpenAI, **kw) -> tuple[str, list[di
     return content, [calls[i] for i in sorted(calls)], reason
 
 
+async def test_bundled_model_gets_the_smollm2_format_in_its_system_message(served):
+    *_, engine = served
+    assert not engine.tokenizer.supports_tools  # plain ChatML: the server writes the offer
+    assert resolve_parser(None, engine.tokenizer).name == "smollm2"
+
+
 async def test_named_tool_choice_gives_a_valid_call(served):
-    client, _ = served
+    client, _, _ = served
     r = await client.chat.completions.create(
         model=MODEL, messages=ASK, tools=TOOLS, tool_choice=NAMED,
         max_tokens=MAX_TOKENS, temperature=0,
@@ -130,7 +137,7 @@ async def test_named_tool_choice_gives_a_valid_call(served):
 
 
 async def test_named_tool_choice_streamed_equals_the_response(served):
-    client, _ = served
+    client, _, _ = served
     r = await client.chat.completions.create(
         model=MODEL, messages=ASK, tools=TOOLS, tool_choice=NAMED,
         max_tokens=MAX_TOKENS, temperature=0,
@@ -148,7 +155,7 @@ async def test_named_tool_choice_streamed_equals_the_response(served):
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 async def test_required_gives_valid_calls_of_offered_tools(served, temperature):
-    client, _ = served
+    client, _, _ = served
     r = await client.chat.completions.create(
         model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
         parallel_tool_calls=False, max_tokens=MAX_TOKENS, temperature=temperature, seed=7,
@@ -160,7 +167,7 @@ async def test_required_gives_valid_calls_of_offered_tools(served, temperature):
 
 
 async def test_required_streamed(served):
-    client, _ = served
+    client, _, _ = served
     content, calls, reason = await collect_stream(
         client, messages=ASK, tools=TOOLS, tool_choice="required",
         max_tokens=2 * MAX_TOKENS, temperature=0,
@@ -171,7 +178,7 @@ async def test_required_streamed(served):
 
 
 async def test_auto_is_content_or_valid_calls(served):
-    client, _ = served
+    client, _, _ = served
     r = await client.chat.completions.create(
         model=MODEL, messages=ASK, tools=TOOLS, max_tokens=MAX_TOKENS, temperature=0,
     )
@@ -185,7 +192,7 @@ async def test_auto_is_content_or_valid_calls(served):
 
 
 async def test_sdk_named_call(served):
-    _, address = served
+    _, address, _ = served
     async with AsyncClient(address, timeout=120) as c:
         outs = [o async for o in c.generate(
             messages=ASK, tools=TOOLS, tool_choice=NAMED, max_tokens=MAX_TOKENS, temperature=0,

@@ -202,3 +202,24 @@ async def test_sdk_gets_tool_call_pieces_and_joins_them() -> None:
     assert call["id"].startswith("call_") and call["function"]["name"] == "get_weather"
     assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
     assert e.value.param == "tool_choice"
+
+
+async def test_each_choice_is_read_on_its_own() -> None:
+    async with running(CALL_TEXT) as (_, client, _):
+        r = await client.chat.completions.create(
+            model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=200, n=2
+        )
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=200, n=2, stream=True,
+            logprobs=True,
+        )
+        chunks = [c async for c in stream]
+    ids = [c.message.tool_calls[0].id for c in r.choices]
+    assert len(set(ids)) == 2 and all(c.finish_reason == "tool_calls" for c in r.choices)
+    for index in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        assert mine[-1].finish_reason == "tool_calls"
+        headers = [t for ch in mine for t in ch.delta.tool_calls or [] if t.id]
+        assert [t.function.name for t in headers] == ["get_weather"]
+        # Every generated token's logprob arrives once, calls or not.
+        assert sum(len(ch.logprobs.content) for ch in mine if ch.logprobs) == len(CALL_TEXT)
