@@ -21,6 +21,7 @@ from engine.config import (
     ParallelConfig,
     SchedulerConfig,
     ServerConfig,
+    StructuredOutputConfig,
 )
 
 EAGER_RECOMPUTE_HELP = (
@@ -138,6 +139,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dist-host", default=d.parallel.dist_host,
                    help="address of rank 0's torch.distributed store, reachable from every rank")
     g.add_argument("--dist-port", type=int, default=d.parallel.dist_port, help="its port (0: a free one)")
+    g = p.add_argument_group("structured output (response_format, guided_*)")
+    g.add_argument("--structured-any-whitespace", action="store_true",
+                   help="JSON output may put any whitespace between tokens (default: compact JSON, "
+                        "so a small model cannot stall in endless newlines)")
+    g.add_argument("--grammar-cache-size", type=ck.positive_int, default=d.structured.cache_size,
+                   help="compiled grammars kept for reuse, keyed by the request's spec")
+    g.add_argument("--grammar-compile-threads", type=ck.positive_int,
+                   default=d.structured.compile_threads,
+                   help="threads compiling grammars, off the event loop")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -177,6 +187,11 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             dist_port=args.dist_port,
         ),
         server=_server_config(args),
+        structured=StructuredOutputConfig(
+            any_whitespace=args.structured_any_whitespace,
+            cache_size=args.grammar_cache_size,
+            compile_threads=args.grammar_compile_threads,
+        ),
     )
 
 

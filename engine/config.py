@@ -162,12 +162,27 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class StructuredOutputConfig:
+    """Structured output (``response_format``, ``guided_*``; engine/structured/)."""
+
+    # JSON from a schema or json_object: False allows no whitespace outside strings (compact
+    # JSON, ", " and ": " separators), so a small model cannot stall in endless newlines;
+    # True allows any whitespace between tokens (xgrammar's own default).
+    any_whitespace: bool = False
+    # Compiled grammars kept for reuse, keyed by the spec (least recently used dropped).
+    cache_size: int = 256
+    # Threads compiling grammars, off the event loop.
+    compile_threads: int = 1
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    structured: StructuredOutputConfig = field(default_factory=StructuredOutputConfig)
 
     def replace(self, **sections: object) -> EngineConfig:
         return dataclasses.replace(self, **sections)

@@ -40,6 +40,10 @@ class SamplingParams:
     # edge's rule, as vLLM's) or cut to what is left (True: "generate until the context is
     # full", e.g. a chat request without max_tokens).
     clamp_max_tokens: bool = False
+    # Output constraint (engine.structured.spec): {"type": "json_object" | "json_schema" |
+    # "regex" | "choice" | "grammar", ...}; None: free text. Its shape is checked here; what
+    # it means (a schema, regex or grammar that compiles) before the job is queued.
+    structured: dict | None = field(default=None, hash=False)
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -87,6 +91,10 @@ class SamplingParams:
             raise bad("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} token ids")
         if not isinstance(self.clamp_max_tokens, bool):
             raise bad("clamp_max_tokens", "must be a boolean")
+        if self.structured is not None:
+            from engine.structured.spec import validate_spec  # imports this module
+
+            validate_spec(self.structured)
 
     @property
     def greedy(self) -> bool:
@@ -182,8 +190,16 @@ class Sampler:
     def remove(self, job_id: str) -> None:
         self._jobs.pop(job_id, None)
 
-    def sample(self, logits: torch.Tensor, job_ids: list[str]) -> SampleResult:
-        """``logits`` is [B, V] (float32); row i belongs to ``job_ids[i]``."""
+    def sample(
+        self, logits: torch.Tensor, job_ids: list[str],
+        token_bitmask: tuple[list[int], torch.Tensor] | None = None,
+    ) -> SampleResult:
+        """``logits`` is [B, V] (float32); row i belongs to ``job_ids[i]``.
+
+        ``token_bitmask`` (rows, int32 [len(rows), ceil(V / 32)]): the grammar's allowed
+        next tokens of those rows (engine.structured); refused tokens get -inf before
+        temperature and the filters, so greedy and random rows alike pick an allowed one.
+        Logprobs stay those of the raw logits."""
         import torch
 
         if logits.dim() != 2 or logits.shape[0] != len(job_ids):
@@ -194,6 +210,13 @@ class Sampler:
             raise KeyError(f"sampler has no parameters for job {e.args[0]!r} (never added?)") \
                 from None
         dev = logits.device
+        raw = logits
+        if token_bitmask is not None and len(token_bitmask[0]):
+            from engine.structured.bitmask import apply_token_bitmask
+
+            rows, mask = token_bitmask
+            logits = apply_token_bitmask(
+                logits, torch.tensor(rows, device=dev), torch.as_tensor(mask), raw=raw)
         random_rows = [i for i, j in enumerate(jobs) if not j.greedy]
         if not random_rows:
             tokens = logits.argmax(dim=-1)
@@ -207,7 +230,7 @@ class Sampler:
             tokens[r] = self._sample_random(logits[r], [jobs[i] for i in random_rows])
         result = SampleResult(token_ids=tokens.tolist())
         if any(j.logprobs is not None for j in jobs):
-            result.logprobs, result.top_logprobs = _logprobs(logits, tokens, jobs)
+            result.logprobs, result.top_logprobs = _logprobs(raw, tokens, jobs)
         return result
 
     def _sample_random(self, logits: torch.Tensor, jobs: list[_JobSampling]) -> torch.Tensor:

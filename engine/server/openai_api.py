@@ -23,6 +23,7 @@ from engine.server.tools import (
     check_message_tool_calls,
     parse_tool_request,
 )
+from engine.structured.spec import spec_from_openai
 
 # Upper bound on engine requests one HTTP request may fan out to (prompts x n), so a
 # single body cannot flood the waiting queue.
@@ -93,6 +94,9 @@ class GenerationRequest:
     # names it (chat: ``max_completion_tokens`` when given).
     max_tokens_field: str = "max_tokens"
     tools: ToolRequest | None = None  # chat: the checked tools / tool_choice (server/tools.py)
+    # The field the output constraint came from (``response_format``, ``guided_json``...),
+    # so the engine's refusal of ``structured`` (a schema that does not compile) names it.
+    structured_field: str | None = None
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -138,9 +142,19 @@ _COMMON = {
     "user": "str",
     "skip_special_tokens": "bool",
 }
-COMPLETION_FIELDS = {**_COMMON, "prompt": "any", "logprobs": "int"}
+# Output constraints (engine.structured.spec): OpenAI's response_format and vLLM's extras,
+# on both routes. At most one may be given.
+STRUCTURED_FIELDS = {
+    "response_format": "dict",
+    "guided_json": "any",  # a schema object, or its JSON text
+    "guided_regex": "str",
+    "guided_choice": "list",
+    "guided_grammar": "str",
+}
+COMPLETION_FIELDS = {**_COMMON, **STRUCTURED_FIELDS, "prompt": "any", "logprobs": "int"}
 CHAT_FIELDS = {
     **_COMMON,
+    **STRUCTURED_FIELDS,
     "messages": "list",
     "max_completion_tokens": "int",
     "logprobs": "bool",
@@ -158,7 +172,6 @@ _NEUTRAL_COMMON: dict[str, tuple] = {
 COMPLETION_NEUTRAL = {**_NEUTRAL_COMMON, "echo": (False,), "best_of": (1,), "suffix": ("",)}
 CHAT_NEUTRAL = {
     **_NEUTRAL_COMMON,
-    "response_format": ({"type": "text"},),
     "store": (False,),
     "metadata": ({},),
     "modalities": (["text"],),
@@ -375,6 +388,13 @@ def _params_error(e: InvalidRequestError, renames: dict[str, str]) -> ApiError:
     return ApiError(400, msg, param=param)
 
 
+def _structured(f: dict) -> tuple[dict | None, str | None]:
+    try:
+        return spec_from_openai(f)
+    except InvalidRequestError as e:
+        raise ApiError(400, str(e), param=e.param) from None
+
+
 def parse_completion(body: dict, model_name: str) -> GenerationRequest:
     f = check_fields(body, COMPLETION_FIELDS, COMPLETION_NEUTRAL)
     model = check_model(f, model_name)
@@ -382,6 +402,7 @@ def parse_completion(body: dict, model_name: str) -> GenerationRequest:
         raise bad("prompt", "required")
     prompts = _prompts(f["prompt"])
     stream, include_usage = _stream_opts(f)
+    structured, structured_field = _structured(f)
     try:
         # Without max_tokens, OpenAI's default of 16, cut to what the context leaves.
         base = _base_params(
@@ -390,10 +411,12 @@ def parse_completion(body: dict, model_name: str) -> GenerationRequest:
             f.get("logprobs"),
             clamp="max_tokens" not in f,
         )
+        base = dataclasses.replace(base, structured=structured)
     except InvalidRequestError as e:
         raise _params_error(e, {}) from None
     return GenerationRequest(
-        False, model, _fan_out(prompts, None, base), stream, include_usage, f.get("logprobs")
+        False, model, _fan_out(prompts, None, base), stream, include_usage, f.get("logprobs"),
+        structured_field=structured_field,
     )
 
 
@@ -410,6 +433,7 @@ def parse_chat(body: dict, model_name: str, max_model_len: int) -> GenerationReq
     except InvalidRequestError as e:
         raise _params_error(e, {}) from None
     stream, include_usage = _stream_opts(f)
+    structured, structured_field = _structured(f)
     top = f.get("top_logprobs")
     if top is not None and not f.get("logprobs", False):
         raise bad("top_logprobs", "requires logprobs to be true")
@@ -423,6 +447,7 @@ def parse_chat(body: dict, model_name: str, max_model_len: int) -> GenerationReq
     clamp = "max_completion_tokens" not in f and "max_tokens" not in f
     try:
         base = _base_params(f, max_tokens, logprobs, clamp=clamp)
+        base = dataclasses.replace(base, structured=structured)
     except InvalidRequestError as e:
         raise _params_error(e, renames) from None
     return GenerationRequest(
@@ -434,4 +459,5 @@ def parse_chat(body: dict, model_name: str, max_model_len: int) -> GenerationReq
         logprobs,
         max_tokens_field=renames.get("max_tokens", "max_tokens"),
         tools=tools,
+        structured_field=structured_field,
     )

@@ -152,12 +152,19 @@ def dumps(obj: Any) -> bytes:
 
 
 def error_from_exception(
-    exc: BaseException, engine: EngineLike, chat: bool = False, max_tokens_field: str = "max_tokens"
+    exc: BaseException,
+    engine: EngineLike,
+    chat: bool = False,
+    max_tokens_field: str = "max_tokens",
+    structured_field: str | None = None,
 ) -> ApiError:
     info = classify_error(exc, engine, chat=chat)
     if info.param == "max_tokens" and max_tokens_field != "max_tokens":
         message = info.message.replace("max_tokens", max_tokens_field)
         info = dataclasses.replace(info, param=max_tokens_field, message=message)
+    if info.param == "structured" and structured_field:  # name the field the client sent
+        message = info.message.replace("structured", structured_field, 1)
+        info = dataclasses.replace(info, param=structured_field, message=message)
     if info.status >= 500 and info.kind == "Internal":
         log.error("request failed", exc_info=exc)
     headers = {"Retry-After": str(RETRY_AFTER_S)} if info.status == 503 else None
@@ -312,7 +319,8 @@ class GenerationRoutes:
         while remaining:
             index, item = await fan.get(request)
             if isinstance(item, BaseException):
-                raise error_from_exception(item, self.engine, req.chat, req.max_tokens_field)
+                raise error_from_exception(item, self.engine, req.chat, req.max_tokens_field,
+                                           req.structured_field)
             if item is None:
                 remaining -= 1
                 continue
@@ -339,7 +347,8 @@ class GenerationRoutes:
         while len(answered) < len(req.choices):
             index, item = await fan.get(request)
             if isinstance(item, BaseException):
-                raise error_from_exception(item, self.engine, req.chat, req.max_tokens_field)
+                raise error_from_exception(item, self.engine, req.chat, req.max_tokens_field,
+                                           req.structured_field)
             answered.add(index)
             early.append((index, item))
         resp = web.StreamResponse(
@@ -366,7 +375,8 @@ class GenerationRoutes:
             while remaining:
                 index, item = pending.pop(0) if pending else await fan.get(request)
                 if isinstance(item, BaseException):
-                    err = error_from_exception(item, self.engine, req.chat, req.max_tokens_field)
+                    err = error_from_exception(item, self.engine, req.chat,
+                                               req.max_tokens_field, req.structured_field)
                     await resp.write(b"data: " + dumps(err.body()) + b"\n\n")
                     break
                 if item is None:

@@ -19,6 +19,7 @@ from engine.server.openai_api import (
     COMPLETION_NEUTRAL,
     MAX_CHOICES,
 )
+from engine.structured.spec import MAX_CHOICES as MAX_GUIDED_CHOICES
 
 INT64 = {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}
 _TYPES: dict[str, dict] = {
@@ -165,7 +166,39 @@ def _ranges(max_model_len: int) -> dict[str, dict]:
             "additionalProperties": False,
         },
         "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+        **_STRUCTURED,
     }
+
+
+# Output constraints (engine.structured.spec); at most one per request. Whether a schema,
+# regex or grammar compiles is only known to the engine (400 when it does not).
+_JSON_SCHEMA_FORMAT = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+        "schema": {"anyOf": [{"type": "object"}, {"type": "null"}]},
+        "strict": {"anyOf": [{"type": "boolean"}, {"type": "null"}]},
+        "description": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+    },
+    "required": ["name"],
+    "additionalProperties": False,
+}
+
+
+def _format(kind: str, **props: dict) -> dict:
+    return {"type": "object", "properties": {"type": {"const": kind}, **props},
+            "required": ["type", *props], "additionalProperties": False}
+
+
+_STRUCTURED: dict[str, dict] = {
+    "response_format": {"anyOf": [_format("text"), _format("json_object"),
+                                  _format("json_schema", json_schema=_JSON_SCHEMA_FORMAT)]},
+    "guided_json": {"anyOf": [{"type": "object"}, {"type": "string"}]},
+    "guided_regex": {"type": "string", "minLength": 1},
+    "guided_choice": {"type": "array", "minItems": 1, "maxItems": MAX_GUIDED_CHOICES,
+                      "items": {"type": "string", "minLength": 1}},
+    "guided_grammar": {"type": "string", "minLength": 1},
+}
 
 
 def _request(

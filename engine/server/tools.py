@@ -371,6 +371,8 @@ def prepare_choices(req: Any, tokenizer: Any, parser_name: str | None) -> dict[i
         if tool_req is not None:
             c.params = constrain(c.params, tool_req)
             outs[c.index] = ToolOutput(tool_req, parser)
+    if tool_req is not None and tool_req.structured() is not None:
+        req.structured_field = "tools"  # a schema that does not compile is a tool's parameters
     return outs
 
 
