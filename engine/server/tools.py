@@ -166,7 +166,9 @@ def _parameters(schema: object, where: str) -> dict:
     if not isinstance(schema, dict):
         raise _bad(where, "must be a JSON schema object")
     if schema.get("type", "object") != "object":
-        raise _bad(f"{where}.type", f"arguments are an object: must be 'object', got {schema['type']!r}")
+        raise _bad(
+            f"{where}.type", f"arguments are an object: must be 'object', got {schema['type']!r}"
+        )
     for key, kind, what in (
         ("properties", dict, "an object"),
         ("required", list, "an array"),
@@ -184,7 +186,9 @@ def _choice(value: object, names: set[str]) -> tuple[str, str | None]:
         return "auto", None
     if isinstance(value, str):
         if value not in ("auto", "none", "required"):
-            raise _bad("tool_choice", f"must be 'auto', 'none', 'required' or a function, got {value!r}")
+            raise _bad(
+                "tool_choice", f"must be 'auto', 'none', 'required' or a function, got {value!r}"
+            )
         return value, None
     if not isinstance(value, dict):
         raise _bad("tool_choice", "must be a string or {type: 'function', function: {name}}")

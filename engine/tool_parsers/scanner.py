@@ -229,7 +229,10 @@ class CallStream:
     and dropped (``parallel_tool_calls: false`` keeps the first)."""
 
     def __init__(
-        self, fmt: CallFormat, tool_names: frozenset[str] | None = None, max_calls: int | None = None
+        self,
+        fmt: CallFormat,
+        tool_names: frozenset[str] | None = None,
+        max_calls: int | None = None,
     ) -> None:
         self.fmt = fmt
         self.tool_names = tool_names

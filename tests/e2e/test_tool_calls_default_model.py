@@ -201,3 +201,17 @@ async def test_sdk_named_call(served):
     assert "".join(o.text for o in outs) == ""
     calls = join_tool_calls(outs)
     assert_valid_calls([(c["function"]["name"], c["function"]["arguments"]) for c in calls])
+
+
+async def test_parameters_that_cannot_be_enforced_are_400_naming_tools(served):
+    client, _, _ = served
+    bad = {"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"q": {"type": "string", "pattern": "(unclosed"}},
+        "required": ["q"]}}}
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as e:
+            await client.chat.completions.create(
+                model=MODEL, messages=ASK, tools=[bad], tool_choice="required",
+                max_tokens=8, stream=stream,
+            )
+        assert e.value.body["param"] == "tools", e.value.body

@@ -44,7 +44,9 @@ CALL_TEXT = (
 
 
 @contextlib.asynccontextmanager
-async def running(script: str, parser: str = "hermes") -> AsyncIterator[tuple[FakeEngine, str, str]]:
+async def running(
+    script: str, parser: str = "hermes"
+) -> AsyncIterator[tuple[FakeEngine, openai.AsyncOpenAI, str]]:
     engine = FakeEngine()
     engine.script = script
     config = ServerConfig(host="127.0.0.1", port=0, tool_call_parser=parser)
@@ -174,7 +176,8 @@ async def test_a_conversation_with_calls_and_results_is_rendered() -> None:
         ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "x"}}},
          "tool_choice.function.name"),
         ({"tool_choice": "required"}, "tool_choice"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+        ({"tools": [{"type": "function",
+                     "function": {"name": "f", "parameters": {"type": "string"}}}]},
          "tools[0].function.parameters.type"),
     ],
 )
@@ -223,3 +226,47 @@ async def test_each_choice_is_read_on_its_own() -> None:
         assert [t.function.name for t in headers] == ["get_weather"]
         # Every generated token's logprob arrives once, calls or not.
         assert sum(len(ch.logprobs.content) for ch in mine if ch.logprobs) == len(CALL_TEXT)
+
+
+async def test_named_function_is_forced_by_its_schema_and_becomes_the_call() -> None:
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    async with running('{"city": "Paris"}') as (engine, client, _):
+        r = await client.chat.completions.create(
+            model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice=named, max_tokens=50
+        )
+    assert engine.requests[-1]["params"].structured == {
+        "type": "json_schema", "schema": WEATHER["function"]["parameters"], "strict": True}
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert (call.function.name, call.function.arguments) == ("get_weather", '{"city": "Paris"}')
+
+
+async def test_required_streams_the_forced_list_as_calls() -> None:
+    script = (
+        '[{"name": "get_time", "arguments": {}}, '
+        '{"name": "get_weather", "arguments": {"city": "Oslo"}}]'
+    )
+    async with running(script) as (engine, client, _):
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice="required",
+            max_tokens=200, stream=True,
+        )
+        chunks = [c async for c in stream]
+    spec = engine.requests[-1]["params"].structured
+    assert spec["schema"]["type"] == "array" and spec["schema"]["minItems"] == 1
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert not any(d.content for d in deltas)
+    names = [t.function.name for d in deltas for t in d.tool_calls or [] if t.id]
+    assert names == ["get_time", "get_weather"]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+async def test_forcing_a_call_and_a_response_format_together_is_refused() -> None:
+    async with running("{}") as (engine, client, _):
+        with pytest.raises(openai.BadRequestError) as e:
+            await client.chat.completions.create(
+                model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="required",
+                response_format={"type": "json_object"}, max_tokens=8,
+            )
+    assert e.value.body["param"] == "tool_choice" and engine.requests == []

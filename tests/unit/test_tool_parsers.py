@@ -109,11 +109,13 @@ def test_arguments_given_as_a_json_string_or_before_the_name():
         '<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Rome\\"}"}</tool_call>'
         '<tool_call>{"arguments": {"tz": "UTC"}, "name": "get_time"}</tool_call>'
     )
-    assert whole(HERMES, text) == (None, [("get_weather", {"city": "Rome"}), ("get_time", {"tz": "UTC"})])
+    want = [("get_weather", {"city": "Rome"}), ("get_time", {"tz": "UTC"})]
+    assert whole(HERMES, text) == (None, want)
 
 
 def test_call_without_arguments_gets_an_empty_object():
-    assert whole(HERMES, '<tool_call>{"name": "get_time"}</tool_call>') == (None, [("get_time", {})])
+    text = '<tool_call>{"name": "get_time"}</tool_call>'
+    assert whole(HERMES, text) == (None, [("get_time", {})])
 
 
 def test_text_without_calls_is_kept_exactly():

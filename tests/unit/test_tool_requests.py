@@ -140,7 +140,8 @@ def test_bad_message_tool_calls_are_refused(calls, param):
 
 # -- constrained decoding -------------------------------------------------------------------
 def test_named_function_is_forced_by_its_parameters_schema():
-    req = parse_tool_request([WEATHER, TIME], {"type": "function", "function": {"name": "get_weather"}})
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    req = parse_tool_request([WEATHER, TIME], named)
     spec = req.structured()
     assert spec["type"] == "json_schema"
     assert spec["schema"] == WEATHER["function"]["parameters"]
@@ -152,7 +153,8 @@ def test_required_is_a_non_empty_list_of_any_tool():
     assert schema["type"] == "array" and schema["minItems"] == 1 and "maxItems" not in schema
     names = [o["properties"]["name"]["enum"] for o in schema["items"]["anyOf"]]
     assert names == [["get_weather"], ["get_time"]]
-    assert schema["items"]["anyOf"][0]["properties"]["arguments"] == WEATHER["function"]["parameters"]
+    first = schema["items"]["anyOf"][0]
+    assert first["properties"]["arguments"] == WEATHER["function"]["parameters"]
     one = parse_tool_request([WEATHER], "required", False).structured()["schema"]
     assert one["maxItems"] == 1 and one["items"]["properties"]["name"]["enum"] == ["get_weather"]
 
