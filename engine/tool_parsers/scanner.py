@@ -184,7 +184,7 @@ class _CallObject:
         if self.key_name == "name":
             try:
                 name = json.loads(self.value.text)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise _Malformed() from None
             if not isinstance(name, str) or self.name is not None:
                 raise _Malformed()
@@ -205,14 +205,14 @@ class _CallObject:
         text = self.args.text
         try:
             value = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # nesting deeper than json can read
             raise _Malformed() from None
         if value is None:
             return "{}"
         if isinstance(value, str):  # arguments sent as a JSON string holding the object
             try:
                 inner = json.loads(value)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise _Malformed() from None
             if not isinstance(inner, dict):
                 raise _Malformed()

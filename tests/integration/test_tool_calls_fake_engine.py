@@ -207,6 +207,14 @@ async def test_sdk_gets_tool_call_pieces_and_joins_them() -> None:
     assert e.value.param == "tool_choice"
 
 
+async def test_sdk_refuses_tools_without_messages() -> None:
+    async with running(CALL_TEXT) as (engine, _, address), AsyncClient(address, timeout=10) as c:
+        with pytest.raises(InvalidRequest) as e:
+            async for _ in c.generate("Weather?", tools=[WEATHER], max_tokens=8):
+                pass
+    assert e.value.param == "tools" and engine.requests == []
+
+
 async def test_each_choice_is_read_on_its_own() -> None:
     async with running(CALL_TEXT) as (_, client, _):
         r = await client.chat.completions.create(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -292,3 +293,31 @@ def test_default_parser_follows_the_model_family():
     assert default_parser_name("/m/SmolLM2-135M-Instruct.Q4_1.gguf", chatml) == "smollm2"
     assert default_parser_name("/m/llama", "<|start_header_id|>{{ tools }}") == "llama3_json"
     assert default_parser_name("/m/qwen2.5", chatml) == "hermes"
+
+
+PIECES = ['<tool_call>', '</tool_call>', '<|python_tag|>', '{', '}', '[', ']', '"name"',
+          '"arguments"', '"parameters"', '"get_time"', '"nope"', ':', ',', ';', ' ', '\n',
+          '"x"', '1', 'null', '"', '\\', 'text', '<', '"{}"']
+
+
+@settings(max_examples=300, deadline=None)
+@given(tokens=st.lists(st.sampled_from(PIECES), max_size=40),
+       parser=st.sampled_from([HERMES, SMOL, LLAMA]))
+def test_any_text_parses_without_error_and_streams_like_the_whole(tokens, parser):
+    text = "".join(tokens)
+    want = parser.parse(text, TOOLS)  # never raises, whatever the model wrote
+    if not re.search(r"\[\s*\]", text):  # (an empty list of calls is consumed: "no call")
+        assert want.calls or want.content == text  # no calls: the text comes back untouched
+    stream = parser.stream(TOOLS)
+    content, calls, _ = stream_pieces(stream, tokens)
+    if not stream.broken:
+        assert content == (want.content or "")
+        assert [(c["name"], c["arguments"]) for c in calls] == [
+            (c.name, c.arguments) for c in want.calls]
+    for c in want.calls:
+        assert isinstance(json.loads(c.arguments), dict)
+
+
+def test_arguments_nested_deeper_than_json_reads_are_content():
+    text = '<tool_call>{"name": "get_time", "arguments": {"a": ' + "[" * 5000 + "]" * 5000 + "}}"
+    assert whole(HERMES, text) == (text, [])
