@@ -350,6 +350,7 @@ def openapi_document(model_name: str, max_model_len: int, version: str) -> dict:
             "add_special_tokens": _nullable({"type": "boolean"}),
             "add_generation_prompt": _nullable({"type": "boolean"}),
             "return_token_strs": _nullable({"type": "boolean"}),
+            "tools": _nullable(tools),
         },
     }
     detokenize_req = {

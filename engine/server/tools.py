@@ -32,6 +32,7 @@ __all__ = [  # the output side is re-exported: the routes import everything from
     "TOOL_FIELDS",
     "ToolOutput",
     "ToolRequest",
+    "chat_prompt_ids",
     "check_message_tool_calls",
     "finish_response",
     "parse_tool_request",
@@ -261,7 +262,11 @@ def template_takes_tools(tokenizer: Any) -> bool:
 
 
 def render_prompt(
-    tokenizer: Any, messages: list[dict], req: ToolRequest | None, parser: ToolParser
+    tokenizer: Any,
+    messages: list[dict],
+    req: ToolRequest | None,
+    parser: ToolParser,
+    add_generation_prompt: bool = True,
 ) -> list[int]:
     """Prompt ids for a chat with tools offered (``req.offered``) and/or tool turns.
     Raises ``InvalidRequestError`` (param ``messages``) if the template refuses them."""
@@ -269,11 +274,28 @@ def render_prompt(
     if template_takes_tools(tokenizer):
         tools = [{"type": "function", "function": f} for f in functions] or None
         return tokenizer.apply_chat_template(
-            [_native(m) for m in messages], add_generation_prompt=True, tools=tools
+            [_native(m) for m in messages], add_generation_prompt=add_generation_prompt,
+            tools=tools,
         )
     return tokenizer.apply_chat_template(
-        plain_messages(messages, functions, parser), add_generation_prompt=True
+        plain_messages(messages, functions, parser), add_generation_prompt=add_generation_prompt
     )
+
+
+def chat_prompt_ids(
+    tokenizer: Any,
+    messages: list[dict],
+    tools: object,
+    parser_name: str | None,
+    add_generation_prompt: bool = True,
+) -> list[int]:
+    """The ids a chat request's messages (and ``tools``, offered as with ``tool_choice``
+    auto) render to, as the chat route renders them (``POST /tokenize``)."""
+    req = parse_tool_request(tools)
+    if req is None and not has_tool_turns(messages):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    parser = resolve_parser(parser_name, tokenizer)
+    return render_prompt(tokenizer, messages, req, parser, add_generation_prompt)
 
 
 def _native(m: dict) -> dict:

@@ -278,3 +278,23 @@ async def test_forcing_a_call_and_a_response_format_together_is_refused() -> Non
                 response_format={"type": "json_object"}, max_tokens=8,
             )
     assert e.value.body["param"] == "tool_choice" and engine.requests == []
+
+
+async def test_tokenize_counts_the_prompt_the_chat_route_renders() -> None:
+    import aiohttp
+
+    async with running("Fine.") as (engine, client, _):
+        await client.chat.completions.create(
+            model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=8
+        )
+        base = str(client.base_url).removesuffix("/v1/")
+        async with aiohttp.ClientSession() as s:
+            async with s.post(base + "/tokenize", json={"messages": ASK, "tools": [WEATHER]}) as r:
+                with_tools = await r.json()
+            async with s.post(base + "/tokenize", json={"messages": ASK}) as r:
+                without = await r.json()
+            async with s.post(base + "/tokenize", json={"prompt": "x", "tools": [WEATHER]}) as r:
+                refused = (r.status, (await r.json())["error"]["param"])
+    assert with_tools["tokens"] == engine.requests[-1]["prompt_ids"]
+    assert with_tools["count"] > without["count"]
+    assert refused == (400, "tools")
