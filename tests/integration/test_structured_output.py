@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 from collections.abc import AsyncIterator
 
@@ -26,13 +27,17 @@ from pydantic import BaseModel, Field
 
 from engine.api import Engine
 from engine.client import AsyncClient
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
+from engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, ServerConfig
+from engine.sampling import SamplingParams
 from engine.server import build_app, start_http
 from engine.server.zmq_frontend import ZmqFrontend
+from tests.tiny_models import make_tiny_model_dir
 
-from .engine_utils import assert_pools_whole, wait_all_blocks_free
+from .engine_utils import assert_pools_whole, collect, tiny_engine_config, wait_all_blocks_free
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300)]
+
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the pipeline test's ranks talk over loopback
 
 MODEL = "smollm2"
 MAX_TOKENS = 96  # every schema below finishes well within it
@@ -271,11 +276,13 @@ async def test_bad_constraints_are_400_naming_the_field_and_queue_nothing(engine
 STEP_S = 0.002
 
 
-async def test_jobs_preempted_and_swapped_mid_answer_still_validate():
+@pytest.mark.parametrize("swap", ["reactive", "recompute"])
+async def test_jobs_preempted_and_swapped_mid_answer_still_validate(swap):
     """Six constrained answers on a KV pool that holds about two of them, two at a time, with
-    a one-iteration quantum: jobs are demoted, preempted and swapped to host and back while
-    they answer; each answer still validates (the matcher stays with the job)."""
-    config = smollm_config(policy="mlfq", swap_policy="reactive", max_num_seqs=2,
+    a one-iteration quantum: jobs are demoted, preempted and swapped to host and back (or
+    dropped and recomputed: prompt and answer so far fed again) while they answer; each
+    answer still validates (the matcher stays with the job and moves once per token)."""
+    config = smollm_config(policy="mlfq", swap_policy=swap, max_num_seqs=2,
                            policy_options=(("base_quantum_s", STEP_S), ("quantum_ratio", 2.0)),
                            fixed_step_time_s=STEP_S)
     config = config.replace(cache=CacheConfig(block_size=4, num_gpu_blocks_override=64,
@@ -301,7 +308,49 @@ async def test_jobs_preempted_and_swapped_mid_answer_still_validate():
         stats = await wait_all_blocks_free(engine)
         assert_pools_whole(stats)
         assert stats["num_preemptions"] > 0
-        assert stats["memory"]["swap_out_blocks"] > 0
-        assert stats["memory"]["swap_in_blocks"] == stats["memory"]["swap_out_blocks"]
+        if swap == "reactive":
+            assert stats["memory"]["swap_out_blocks"] > 0
+            assert stats["memory"]["swap_in_blocks"] == stats["memory"]["swap_out_blocks"]
+        else:
+            assert stats["memory"]["swap_out_blocks"] == 0
     finally:
         await engine.shutdown()
+
+
+TINY_REGEX = r"[a-z]{3,6}-[0-9]{2,4}"
+
+
+async def test_pipeline_stages_with_two_batches_in_flight_keep_every_grammar_exact(tmp_path):
+    """Two pipeline stages (two batches in flight, so a plan is built while another batch
+    computes) on a pool that forces swaps: every answer of a tiny random model still fits
+    its regex, and greedy answers equal those of a single process with a roomy pool."""
+    path = make_tiny_model_dir("llama", str(tmp_path / "llama"))
+    prompts = [[(7 * i + 3 * n) % 497 + 3 for i in range(n)] for n in (6, 19, 20, 20, 12, 9)]
+    params = [SamplingParams(max_tokens=24, temperature=0.0 if i % 2 else 1.0, seed=i,
+                             structured={"type": "regex", "pattern": TINY_REGEX})
+              for i in range(len(prompts))]
+
+    async def answers(config: EngineConfig) -> tuple[list, dict]:
+        engine = await Engine.create(config)
+        try:
+            got = await asyncio.wait_for(
+                asyncio.gather(*(collect(engine, p, sp) for p, sp in zip(prompts, params))), 120)
+            stats = await wait_all_blocks_free(engine)
+            assert_pools_whole(stats)
+            return got, stats
+        finally:
+            await engine.shutdown()
+
+    alone, _ = await answers(tiny_engine_config(path))
+    staged, stats = await answers(tiny_engine_config(path, gpu_blocks=16, host_blocks=256).replace(
+        scheduler=SchedulerConfig(policy="mlfq", swap_policy="reactive", max_num_seqs=2,
+                                  policy_options=(("base_quantum_s", STEP_S),
+                                                  ("quantum_ratio", 2.0)),
+                                  fixed_step_time_s=STEP_S),
+        parallel=ParallelConfig(pipeline_parallel_size=2, torch_threads=1, step_timeout_s=60.0,
+                                startup_timeout_s=120.0)))
+    for i, ((ids, text, reason), (ref_ids, _, _)) in enumerate(zip(staged, alone)):
+        assert reason == "stop" and re.fullmatch(TINY_REGEX, text), (i, text)
+        if params[i].temperature == 0.0:
+            assert ids == ref_ids
+    assert stats["memory"]["swap_out_blocks"] > 0
