@@ -150,6 +150,7 @@ STRUCTURED_FIELDS = {
     "guided_regex": "str",
     "guided_choice": "list",
     "guided_grammar": "str",
+    "structured_outputs": "dict",  # vLLM's successor of guided_*: {json|regex|choice|...}
 }
 COMPLETION_FIELDS = {**_COMMON, **STRUCTURED_FIELDS, "prompt": "any", "logprobs": "int"}
 CHAT_FIELDS = {

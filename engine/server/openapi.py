@@ -198,6 +198,16 @@ _STRUCTURED: dict[str, dict] = {
     "guided_choice": {"type": "array", "minItems": 1, "maxItems": MAX_GUIDED_CHOICES,
                       "items": {"type": "string", "minLength": 1}},
     "guided_grammar": {"type": "string", "minLength": 1},
+    "structured_outputs": {"type": "object", "minProperties": 1, "maxProperties": 1,
+                           "properties": {"json": {"anyOf": [{"type": "object"},
+                                                             {"type": "string"}]},
+                                          "regex": {"type": "string", "minLength": 1},
+                                          "choice": {"type": "array", "minItems": 1,
+                                                     "items": {"type": "string",
+                                                               "minLength": 1}},
+                                          "grammar": {"type": "string", "minLength": 1},
+                                          "json_object": {"const": True}},
+                           "additionalProperties": False},
 }
 
 

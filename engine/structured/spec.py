@@ -37,9 +37,10 @@ _REQUIRED = {
     "grammar": {"grammar"},
 }
 MAX_CHOICES = 1024  # guided_choice alternatives: each becomes a branch of the grammar
-# vLLM's guided_* extras and OpenAI's response_format, in the order a refusal names them.
+# OpenAI's response_format, vLLM's guided_* extras and their successor structured_outputs,
+# in the order a refusal names them.
 OPENAI_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice",
-                 "guided_grammar")
+                 "guided_grammar", "structured_outputs")
 # OpenAI's rule for json_schema.name.
 _SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -183,10 +184,33 @@ def _guided_grammar(value: object, param: str) -> dict:
     return {"type": "grammar", "grammar": value}
 
 
+def _structured_outputs(value: object, param: str) -> dict:
+    """vLLM's newer form: ``{"json" | "regex" | "choice" | "grammar" | "json_object": …}``,
+    exactly one of them."""
+    if not isinstance(value, dict):
+        raise _bad(param, "must be an object with one of json, regex, choice, grammar, "
+                          "json_object")
+    kinds = {"json": _guided_json, "regex": _guided_regex, "choice": _guided_choice,
+             "grammar": _guided_grammar, "json_object": None}
+    unknown = sorted(str(k) for k in value if k not in kinds)
+    if unknown:
+        raise _bad(f"{param}.{unknown[0]:.80}", f"unknown field (one of {sorted(kinds)})")
+    given = [k for k in kinds if value.get(k) not in (None, False)]
+    if len(given) != 1:
+        raise _bad(param, f"give exactly one of {sorted(kinds)}, got {given or 'none'}")
+    kind = given[0]
+    if kind == "json_object":
+        if value[kind] is not True:
+            raise _bad(f"{param}.json_object", "must be true")
+        return {"type": "json_object"}
+    return kinds[kind](value[kind], f"{param}.{kind}")  # type: ignore[misc]
+
+
 _FROM_FIELD = {
     "response_format": _response_format,
     "guided_json": _guided_json,
     "guided_regex": _guided_regex,
     "guided_choice": _guided_choice,
     "guided_grammar": _guided_grammar,
+    "structured_outputs": _structured_outputs,
 }

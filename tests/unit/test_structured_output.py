@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import zlib
 
 import numpy as np
@@ -415,3 +416,30 @@ def test_schemas_are_strict_unless_they_allow_more(smollm):
     opened = compiler.compile_sync({"type": "json_schema", "strict": False, "schema": {
         "type": "object", "properties": props, "additionalProperties": True}})
     assert accepts(opened, '{"a": 1, "z": 2}')
+
+
+async def test_compilation_runs_off_the_event_loop(smollm, monkeypatch):
+    """A slow compilation (a large schema) must not stall the loop that serves everyone:
+    the compiler here waits until the loop releases it, which a compilation on the loop
+    itself would never allow."""
+    tok, real = smollm
+    compiler = GrammarCompiler(tok, real.vocab_size, real.stop_token_ids)
+    compile_started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    release = threading.Event()
+
+    def slow(spec: dict) -> object:
+        loop.call_soon_threadsafe(compile_started.set)
+        assert release.wait(10)
+        return "compiled"
+
+    monkeypatch.setattr(compiler, "compile_sync", slow)
+    try:
+        task = asyncio.ensure_future(compiler.compile({"type": "regex", "pattern": "x"}))
+        await asyncio.wait_for(compile_started.wait(), 10)  # the loop runs meanwhile
+        assert not task.done()
+        release.set()
+        assert await asyncio.wait_for(task, 10) == "compiled"
+    finally:
+        release.set()
+        compiler.close()

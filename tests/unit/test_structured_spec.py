@@ -74,6 +74,16 @@ def test_spec_key_is_canonical():
     ({"guided_choice": ["a", "b"]}, {"type": "choice", "choices": ["a", "b"]}, "guided_choice"),
     ({"guided_grammar": 'root ::= "x"'}, {"type": "grammar", "grammar": 'root ::= "x"'},
      "guided_grammar"),
+    ({"structured_outputs": {"json": SCHEMA}},
+     {"type": "json_schema", "schema": SCHEMA, "strict": True}, "structured_outputs"),
+    ({"structured_outputs": {"regex": "b+", "choice": None}}, {"type": "regex", "pattern": "b+"},
+     "structured_outputs"),
+    ({"structured_outputs": {"choice": ["x"]}}, {"type": "choice", "choices": ["x"]},
+     "structured_outputs"),
+    ({"structured_outputs": {"grammar": 'root ::= "x"'}},
+     {"type": "grammar", "grammar": 'root ::= "x"'}, "structured_outputs"),
+    ({"structured_outputs": {"json_object": True}}, {"type": "json_object"},
+     "structured_outputs"),
     # text is "no constraint", so it may accompany a guided_* field
     ({"response_format": {"type": "text"}, "guided_regex": "a"},
      {"type": "regex", "pattern": "a"}, "guided_regex"),
@@ -106,6 +116,13 @@ def test_openai_fields_map_to_the_spec(fields, spec, field):
     ({"guided_choice": []}, "guided_choice"),
     ({"guided_choice": ["a", ""]}, "guided_choice"),
     ({"guided_grammar": " "}, "guided_grammar"),
+    ({"structured_outputs": {}}, "structured_outputs"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+    ({"structured_outputs": {"regex": ""}}, "structured_outputs.regex"),
+    ({"structured_outputs": {"json_object": 1}}, "structured_outputs.json_object"),
+    ({"structured_outputs": {"yaml": "x"}}, "structured_outputs.yaml"),
+    ({"structured_outputs": "json"}, "structured_outputs"),
+    ({"guided_regex": "a", "structured_outputs": {"regex": "b"}}, "structured_outputs"),
 ])
 def test_bad_openai_fields_are_refused_naming_the_field(fields, param):
     with pytest.raises(InvalidRequestError) as e:
