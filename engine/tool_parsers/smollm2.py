@@ -1,9 +1,14 @@
 """SmolLM2 Instruct (the bundled model's family): all calls of a turn as one JSON list in
-a single ``<tool_call>[...]</tool_call>`` block; ``[]`` means "no call". This is the
-format of SmolLM2's function-calling data (Synth-APIGen, per the model card) and of the
-tool-enabled SmolLM2 chat templates; the bundled GGUF's own template has no tool support,
-so the server writes the offer into the system message itself. Reading it is Hermes'
-machine (which also reads a list in a block); what differs is the prompt."""
+a single ``<tool_call>[...]</tool_call>`` block; ``[]`` means "no call".
+
+Where the format comes from: SmolLM2's model card credits its function calling to
+Argilla's Synth-APIGen data, and the tool-enabled SmolLM2 chat template (Ollama's
+``smollm2`` library entry; ``instructions_function_calling.md`` in the 1.7B repository)
+offers the tools as JSON in ``<tools>...</tools>`` and asks for exactly this list, with
+results returned as a user turn in ``<tool_response>`` tags. The bundled 135M GGUF's own
+template is plain ChatML with no tool support, so the server writes the offer into the
+system message itself (in its own words, same format). Reading the output is Hermes'
+machine, which also reads a list in a block: the two parsers differ only in the prompt."""
 
 from __future__ import annotations
 
