@@ -40,17 +40,21 @@ def load_hf(path: str) -> torch.nn.Module:
 
 def greedy(model: torch.nn.Module, prompt: list[int], p: SamplingParams,
            eos: Iterable[int] = ()) -> list[int]:
-    """Greedy tokens under ``p``'s processors, from transformers' logits (no KV cache: the
-    whole sequence each step; tiny models only). Stops as the engine does: EOS (unless
-    ignore_eos) or a stop id once past min_tokens, or max_tokens."""
+    """Greedy tokens under ``p``'s processors, from transformers' logits (its own KV cache).
+    Stops as the engine does: EOS (unless ignore_eos) or a stop id once past min_tokens, or
+    max_tokens."""
     eos = set(eos)
-    ids, out = list(prompt), []
+    out: list[int] = []
+    feed, cache = list(prompt), {}
     while len(out) < p.max_tokens:
         with torch.inference_mode():
-            logits = model(torch.tensor([ids])).logits[0, -1].float().numpy()
-        t = int(np.argmax(process(logits, prompt, out, p, eos)))
+            res = model(torch.tensor([feed]), use_cache=True, **cache)
+        # transformers 5 names the cache ``cache``, earlier versions ``past_key_values``.
+        name = "cache" if res.get("cache") is not None else "past_key_values"
+        cache = {name: res[name]}
+        t = int(np.argmax(process(res.logits[0, -1].float().numpy(), prompt, out, p, eos)))
         out.append(t)
-        ids.append(t)
+        feed = [t]
         if len(out) > p.min_tokens and (
             (not p.ignore_eos and t in eos) or t in p.stop_token_ids
         ):

@@ -82,11 +82,11 @@ async def hf_greedy(hf, prompt: list[int], **params) -> list[int]:
     return await asyncio.to_thread(reference.greedy, hf, prompt, p)
 
 
-def fields(**params) -> dict:
+def fields(ignore_eos: bool = True, **params) -> dict:
     """OpenAI's own fields as arguments, vLLM's through ``extra_body``."""
     own = {k: params.pop(k) for k in ("presence_penalty", "frequency_penalty", "logit_bias")
            if k in params}
-    return {**own, "extra_body": {"ignore_eos": True, **params}}
+    return {**own, "extra_body": {"ignore_eos": ignore_eos, **params}}
 
 
 # -- penalties, logit_bias, min_tokens: exactly the reference ---------------------------------
@@ -101,10 +101,15 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "+".join(sorted(c)))
 async def test_completions_with_processors_equal_the_reference(server, oai, hf, case):
-    prompt = prompt_ids(len(CASES) + CASES.index(case))
-    want = await hf_greedy(hf, prompt, **case)
-    plain = await hf_greedy(hf, prompt)
-    assert want != plain  # the processors matter for this prompt
+    # A random model seldom repeats itself within N tokens: take the first prompt (of a
+    # fixed list) whose greedy output the processors change, so the comparison means something.
+    for seed in range(20):
+        prompt = prompt_ids(seed)
+        want = await hf_greedy(hf, prompt, **case)
+        if want != await hf_greedy(hf, prompt):
+            break
+    else:
+        pytest.fail(f"{case} changes no greedy output")
     r = await oai.completions.create(model=MODEL, prompt=prompt, max_tokens=N, temperature=0,
                                      **fields(**case))
     assert r.choices[0].text == server.engine.tokenizer.decode(want)
@@ -117,7 +122,7 @@ async def test_completions_with_processors_equal_the_reference(server, oai, hf, 
 
 async def test_chat_with_penalties_equals_the_engine_offline(server, oai):
     messages = [{"role": "user", "content": "Say something repetitive."}]
-    case = {"frequency_penalty": 1.5, "repetition_penalty": 1.3}
+    case = {"frequency_penalty": -2.0, "repetition_penalty": 0.5}  # favour repeating
     want = await offline(server.engine, messages=messages, max_tokens=N, temperature=0,
                          ignore_eos=True, **case)
     plain = await offline(server.engine, messages=messages, max_tokens=N, temperature=0,
@@ -179,7 +184,7 @@ async def test_neutral_values_give_todays_greedy_output(server, oai):
         plain = await oai.completions.create(model=MODEL, prompt=prompt, max_tokens=N,
                                              temperature=0)
         same = await oai.completions.create(model=MODEL, prompt=prompt, max_tokens=N,
-                                            temperature=0, **fields(**neutral))
+                                            temperature=0, **fields(False, **neutral))
         assert same.choices[0].text == plain.choices[0].text
         assert same.choices[0].finish_reason == plain.choices[0].finish_reason
 

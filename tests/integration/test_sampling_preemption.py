@@ -28,11 +28,13 @@ JOBS = 8
 PROMPT, OUTPUT = 24, 16  # 8 x 40 tokens = 2.5x the pool
 STEP_S = 0.002  # charged per iteration whatever it measured: quanta count iterations
 TINY_QUANTUM = (("base_quantum_s", STEP_S), ("quantum_ratio", 2.0))
+# Negative penalties (favouring repetition) change a random model's greedy output surely;
+# positive ones only once it repeats itself.
 VARIANTS = [
-    {"repetition_penalty": 1.8},
-    {"frequency_penalty": 1.2, "presence_penalty": 0.6},
-    {"presence_penalty": 2.0, "logit_bias": {"7": 3.0, "100": -100}},
-    {"repetition_penalty": 0.7, "frequency_penalty": -0.4},
+    {"repetition_penalty": 1.8, "frequency_penalty": -1.5},
+    {"frequency_penalty": 1.2, "presence_penalty": -2.0},
+    {"presence_penalty": 2.0, "logit_bias": {"7": 8.0, "100": -100}},
+    {"repetition_penalty": 0.5, "frequency_penalty": 0.4},
     {"frequency_penalty": 2.0, "min_tokens": 10},  # + a stop id, chosen per job below
 ]
 
@@ -65,7 +67,7 @@ def workload(model_path):
     return jobs
 
 
-def test_the_processors_change_the_reference(workload):
+async def test_the_processors_change_the_reference(workload):
     """Not vacuous: the penalised references differ from plain greedy decoding, and the
     min_tokens jobs generate past their stop id's first chance."""
     assert all(ref != plain for _, _, ref, plain in workload)
