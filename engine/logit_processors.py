@@ -29,6 +29,10 @@ class JobProcessors:
     prompt_ids: Any = None  # repetition penalty: the prompt, until the job has a counts row
     num_drawn: int = 0  # tokens drawn while min_tokens was pending
     slot: int | None = None  # the job's row in TokenCounts (penalised jobs, from first draw)
+    # The distinct ids a penalty can touch (generated; with a repetition penalty the
+    # prompt's too), on the device; ids first drawn since, still to be appended.
+    seen: Any = None
+    seen_new: list[int] = field(default_factory=list)
     device_tensors: dict[str, Any] = field(default_factory=dict)  # bias / min-token ids
 
     @classmethod
@@ -85,7 +89,8 @@ class TokenCounts:
 
     One row of a [capacity, vocab] table per job that asked for a penalty, on the logits'
     device. After each draw the rows of the batch are bumped in place (one scatter), and a
-    step reads them with one gather: nothing is rebuilt from token lists. The row belongs to
+    step reads the entries of the ids each job has seen (one gather): nothing is rebuilt
+    from token lists. The row belongs to
     the job until the sampler forgets it, so preemption does not touch it: a swapped job
     keeps it, and a recomputed job re-feeds tokens that were counted when they were drawn
     (only its final position samples, a new token). A job that sits out a step is not in
@@ -99,7 +104,9 @@ class TokenCounts:
         self.in_prompt: torch.Tensor | None = None  # [capacity, vocab] bool
         self._free: list[int] = []
 
-    def assign(self, vocab: int, device: torch.device, prompt_ids: Any = None) -> int:
+    def assign(self, vocab: int, device: torch.device, prompt_ids: Any = None
+               ) -> tuple[int, torch.Tensor]:
+        """A zeroed row for a job; returns it and the distinct valid ids of ``prompt_ids``."""
         import torch
 
         if self.counts is None or self.counts.shape[1] != vocab:
@@ -119,10 +126,12 @@ class TokenCounts:
         slot = self._free.pop()
         self.counts[slot].zero_()
         self.in_prompt[slot].zero_()
+        ids = torch.zeros(0, dtype=torch.int64, device=device)
         if prompt_ids is not None and len(prompt_ids):
             ids = torch.as_tensor(prompt_ids, dtype=torch.int64).to(device)
-            self.in_prompt[slot, ids[(ids >= 0) & (ids < vocab)]] = True
-        return slot
+            ids = torch.unique(ids[(ids >= 0) & (ids < vocab)])
+            self.in_prompt[slot, ids] = True
+        return slot, ids
 
     def release(self, slot: int) -> None:
         self._free.append(slot)
@@ -170,41 +179,61 @@ class BatchProcessors:
         return logits
 
     def _penalise(self, logits: torch.Tensor, procs: list[JobProcessors], rows: list[int]) -> None:
+        """Only the ids each job has seen can change, so only those are read and written:
+        O(distinct ids seen) per step, not O(vocab)."""
         import torch
 
         dev, vocab = logits.device, logits.shape[1]
         for p in procs:
             if p.slot is None:  # first draw: its counts row starts with the prompt
-                p.slot = self.counts.assign(vocab, dev, p.prompt_ids)
+                p.slot, p.seen = self.counts.assign(vocab, dev, p.prompt_ids)
                 p.prompt_ids = None
-        assert self.counts.counts is not None and self.counts.in_prompt is not None
-        slots = torch.tensor([p.slot for p in procs], device=dev)
-        r = torch.tensor(rows, device=dev)
-        counts = self.counts.counts[slots]
-        sub = logits[r]
-        reps = [p.repetition for p in procs]
-        if any(x != 1.0 for x in reps):
-            seen = (counts > 0) | self.counts.in_prompt[slots]
-            rep = torch.tensor(reps, dtype=sub.dtype, device=dev).unsqueeze(1)
-            sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-        # A row that did not ask for one of these subtracts exactly 0.0: its logits stay.
+            if p.seen_new:
+                p.seen = torch.cat([p.seen, torch.tensor(p.seen_new, device=dev)])
+                p.seen_new = []
+        table = self.counts.counts
+        assert table is not None
+        lengths = torch.tensor([len(p.seen) for p in procs], device=dev)
+        if not int(lengths.sum()):
+            return
+        ids = torch.cat([p.seen for p in procs])
+        k = torch.arange(len(procs), device=dev).repeat_interleave(lengths)  # element -> job
+        at = (torch.tensor(rows, device=dev)[k], ids)
+        slots = torch.tensor([p.slot for p in procs], device=dev)[k]
+        vals = logits[at]
+        counts = table[slots, ids].to(vals.dtype)
+
+        def per_job(xs: list[float]) -> torch.Tensor:
+            return torch.tensor(xs, dtype=vals.dtype, device=dev)[k]
+
+        # Every id here was seen; a job without a penalty divides / subtracts exactly
+        # nothing (r = 1, f = p = 0), so its logits stay as they were.
+        if any(p.repetition != 1.0 for p in procs):
+            rep = per_job([p.repetition for p in procs])
+            vals = torch.where(vals > 0, vals / rep, vals * rep)
         if any(p.frequency != 0.0 for p in procs):
-            freq = torch.tensor([p.frequency for p in procs], dtype=sub.dtype, device=dev)
-            sub = sub - freq.unsqueeze(1) * counts.to(sub.dtype)
+            vals = vals - per_job([p.frequency for p in procs]) * counts
         if any(p.presence != 0.0 for p in procs):
-            pres = torch.tensor([p.presence for p in procs], dtype=sub.dtype, device=dev)
-            sub = sub - pres.unsqueeze(1) * (counts > 0).to(sub.dtype)
-        logits[r] = sub
+            vals = vals - per_job([p.presence for p in procs]) * (counts > 0).to(vals.dtype)
+        logits[at] = vals
 
     def record(self, procs: list[JobProcessors | None], tokens: torch.Tensor) -> None:
-        """Count the drawn ``tokens`` (row i drew ``tokens[i]``) for the jobs that track them."""
+        """Count the drawn ``tokens`` (row i drew ``tokens[i]``) for the jobs that track them;
+        a job's first draw of an id adds it to the ids its penalties touch."""
         import torch
 
         rows = [i for i, p in enumerate(procs) if p is not None and p.slot is not None]
         if rows:
             dev = tokens.device
+            table, in_prompt = self.counts.counts, self.counts.in_prompt
+            assert table is not None and in_prompt is not None
             slots = torch.tensor([procs[i].slot for i in rows], device=dev)  # type: ignore[union-attr]
-            self.counts.add(slots, tokens[torch.tensor(rows, device=dev)])
+            drawn = tokens[torch.tensor(rows, device=dev)]
+            first = ((table[slots, drawn] == 0) & ~in_prompt[slots, drawn]).tolist()
+            self.counts.add(slots, drawn)
+            for i, is_first, tok in zip(rows, first, drawn.tolist()):
+                if is_first:
+                    procs[i].seen_new.append(tok)  # type: ignore[union-attr]
         for p in procs:
             if p is not None and p.masks_stops:
                 p.num_drawn += 1
