@@ -2,7 +2,7 @@
 
 Pure functions and dataclasses, no I/O: ``http.py`` / ``openai_routes.py`` do the serving.
 Validation is strict in the way vLLM's pydantic models are: an unknown field, a field of
-the wrong type, or an OpenAI field this server cannot honour (e.g. ``echo: true``) is a
+the wrong type, or an OpenAI field this server cannot honour (e.g. ``best_of: 3``) is a
 400 that names the field, instead of being silently ignored.
 """
 
@@ -97,6 +97,7 @@ class GenerationRequest:
     # The field the output constraint came from (``response_format``, ``guided_json``...),
     # so the engine's refusal of ``structured`` (a schema that does not compile) names it.
     structured_field: str | None = None
+    echo: bool = False  # completions: the prompt's text goes before each choice's text
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -141,6 +142,13 @@ _COMMON = {
     "priority": "int",
     "user": "str",
     "skip_special_tokens": "bool",
+    # Logit processors (SamplingParams validates the ranges; the frontend the token ids).
+    "presence_penalty": "num",
+    "frequency_penalty": "num",
+    "repetition_penalty": "num",
+    "min_p": "num",
+    "logit_bias": "dict",
+    "min_tokens": "int",
 }
 # Output constraints (engine.structured.spec): OpenAI's response_format and vLLM's extras,
 # on both routes. At most one may be given.
@@ -152,7 +160,8 @@ STRUCTURED_FIELDS = {
     "guided_grammar": "str",
     "structured_outputs": "dict",  # vLLM's successor of guided_*: {json|regex|choice|...}
 }
-COMPLETION_FIELDS = {**_COMMON, **STRUCTURED_FIELDS, "prompt": "any", "logprobs": "int"}
+COMPLETION_FIELDS = {**_COMMON, **STRUCTURED_FIELDS, "prompt": "any", "logprobs": "int",
+                     "echo": "bool"}
 CHAT_FIELDS = {
     **_COMMON,
     **STRUCTURED_FIELDS,
@@ -165,12 +174,8 @@ CHAT_FIELDS = {
 
 # OpenAI fields this server does not implement, accepted only at their no-op value so
 # clients that send defaults explicitly keep working.
-_NEUTRAL_COMMON: dict[str, tuple] = {
-    "frequency_penalty": (0, 0.0),
-    "presence_penalty": (0, 0.0),
-    "logit_bias": ({},),
-}
-COMPLETION_NEUTRAL = {**_NEUTRAL_COMMON, "echo": (False,), "best_of": (1,), "suffix": ("",)}
+_NEUTRAL_COMMON: dict[str, tuple] = {}
+COMPLETION_NEUTRAL = {**_NEUTRAL_COMMON, "best_of": (1,), "suffix": ("",)}
 CHAT_NEUTRAL = {
     **_NEUTRAL_COMMON,
     "store": (False,),
@@ -259,6 +264,12 @@ def _base_params(
         "ignore_eos",
         "priority",
         "skip_special_tokens",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "min_p",
+        "logit_bias",
+        "min_tokens",
     ):
         if name in f:
             kw[name] = f[name]
@@ -404,6 +415,10 @@ def parse_completion(body: dict, model_name: str) -> GenerationRequest:
     prompts = _prompts(f["prompt"])
     stream, include_usage = _stream_opts(f)
     structured, structured_field = _structured(f)
+    echo = f.get("echo", False)
+    if echo and f.get("logprobs") is not None:
+        # The prompt's own logprobs would need the worker to score every prompt position.
+        raise bad("echo", "echo together with logprobs is not supported by this server")
     try:
         # Without max_tokens, OpenAI's default of 16, cut to what the context leaves.
         base = _base_params(
@@ -418,6 +433,7 @@ def parse_completion(body: dict, model_name: str) -> GenerationRequest:
     return GenerationRequest(
         False, model, _fan_out(prompts, None, base), stream, include_usage, f.get("logprobs"),
         structured_field=structured_field,
+        echo=echo,
     )
 
 

@@ -101,7 +101,12 @@ class ToolOutput:
 
 # -- response shapes ------------------------------------------------------------------------
 def stream_choices(
-    tool_out: ToolOutput, index: int, text: str, finish_reason: str | None, logprobs: Any
+    tool_out: ToolOutput,
+    index: int,
+    text: str,
+    finish_reason: str | None,
+    logprobs: Any,
+    stop_reason: int | str | None = None,
 ) -> list[dict]:
     """The chat chunk choices for one engine output (``finish_reason`` set on the last
     output): content and each call piece in its own chunk, as OpenAI sends them, and the
@@ -121,6 +126,7 @@ def stream_choices(
             "delta": d,
             "logprobs": logprobs if i == 0 else None,
             "finish_reason": None,
+            "stop_reason": None,
         }
         for i, d in enumerate(pieces)
     ]
@@ -131,6 +137,7 @@ def stream_choices(
                 "delta": {},
                 "logprobs": None,
                 "finish_reason": tool_out.finish_reason(finish_reason),
+                "stop_reason": stop_reason,
             }
         )
     return choices

@@ -354,3 +354,24 @@ async def test_pipeline_stages_with_two_batches_in_flight_keep_every_grammar_exa
         if params[i].temperature == 0.0:
             assert ids == ref_ids
     assert stats["memory"]["swap_out_blocks"] > 0
+
+
+async def test_a_constraint_the_free_answer_already_meets_changes_no_token(engine):
+    """Greedy decoding under a constraint that the unconstrained greedy answer satisfies
+    gives that answer token for token: the mask removes only refused tokens and never
+    reorders the others, and it ends where the free answer ends."""
+    ask = user("What is the capital of France?")
+    free = await collect(engine, None, SamplingParams(max_tokens=40, temperature=0.0),
+                         messages=ask)
+    text = free[1]
+    assert "Paris" in text
+    # Letters become classes, so each constraint admits far more than this one answer.
+    letters = "".join("[A-Za-z]" if c.isalpha() else "[0-9]" if c.isdigit() else re.escape(c)
+                      for c in text)
+    grammar = "root ::= " + " ".join('[A-Za-z]' if c.isalpha() else json.dumps(c) for c in text)
+    for spec in ({"type": "regex", "pattern": letters},
+                 {"type": "choice", "choices": ["Paris.", text, "The capital is Rome."]},
+                 {"type": "grammar", "grammar": grammar}):
+        got = await collect(engine, None, SamplingParams(max_tokens=40, temperature=0.0,
+                                                         structured=spec), messages=ask)
+        assert got == free, spec

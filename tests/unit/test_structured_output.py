@@ -443,3 +443,23 @@ async def test_compilation_runs_off_the_event_loop(smollm, monkeypatch):
     finally:
         release.set()
         compiler.close()
+
+
+def test_grammar_mask_composes_with_min_tokens_and_wins_when_only_the_end_is_left():
+    vocab = 64
+    s = Sampler(seed=0)
+    s.add("j", SamplingParams(temperature=0.0, min_tokens=4, max_tokens=8).worker_view(
+        eos_token_ids=[EOS]))
+    logits = torch.zeros(1, vocab)
+    logits[0, EOS], logits[0, 9], logits[0, 5] = 5.0, 3.0, 1.0
+
+    def mask(*allowed: int) -> tuple[list[int], torch.Tensor]:
+        words = np.zeros((1, 2), dtype=np.uint32)
+        for t in allowed:
+            words[0, t // 32] |= np.uint32(1 << (t % 32))
+        return [0], torch.from_numpy(words.view(np.int32))
+
+    # min_tokens keeps EOS out, the grammar keeps 9 out: 5 is what both allow
+    assert s.sample(logits, ["j"], mask(EOS, 5)).token_ids == [5]
+    # the grammar allows only the end: it wins over min_tokens instead of leaving nothing
+    assert s.sample(logits, ["j"], mask(EOS)).token_ids == [EOS]
