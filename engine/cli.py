@@ -117,10 +117,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=ck.positive_int,
                    default=d.scheduler.max_num_batched_tokens, help="token budget per iteration")
     g.add_argument("--max-waiting", type=ck.positive_int, default=d.scheduler.max_waiting,
-                   help="waiting jobs beyond which new requests get 503 + Retry-After")
+                   help="jobs queued beyond one full batch (waiting or preempted) beyond which "
+                        "new requests get 503 + Retry-After")
     g.add_argument("--max-waiting-tokens", type=ck.positive_int,
                    default=d.scheduler.max_waiting_tokens,
-                   help="prompt tokens of all waiting jobs beyond which new requests get 503")
+                   help="prompt tokens of all queued jobs beyond which new requests get 503")
     g = p.add_argument_group("parallelism (see docs/distributed.md)")
     g.add_argument("--torch-threads", type=ck.positive_int, default=None,
                    help="torch threads per worker rank (default: one per physical core; several local "

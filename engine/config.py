@@ -56,9 +56,12 @@ class SchedulerConfig:
     swap_policy: str = "proactive"
     max_num_seqs: int = 64  # batch-size cap per iteration
     max_num_batched_tokens: int = 2048  # token budget per iteration (prefill + decode tokens)
-    max_waiting: int = 4096  # admission cap; more waiting jobs are refused (503, Retry-After)
-    # Admission cap on the prompt tokens of all waiting jobs together: bounds the memory a
-    # flood of long prompts can pin before any of them runs. None: no cap.
+    # Admission cap: jobs queued beyond one full batch. The engine holds at most
+    # max_num_seqs + max_waiting jobs in any state (running, waiting, or preempted by a
+    # preemptive policy); past that, new requests are refused (503, Retry-After).
+    max_waiting: int = 4096
+    # Admission cap on the prompt tokens of all queued jobs together (waiting, or swapped
+    # out to host): bounds the memory a flood of long prompts can pin. None: no cap.
     max_waiting_tokens: int | None = 1 << 20
     policy_options: tuple[tuple[str, object], ...] = ()  # extra knobs for the policy plugin
     swap_policy_options: tuple[tuple[str, object], ...] = ()  # extra knobs for the swap plugin

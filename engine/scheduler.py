@@ -117,10 +117,15 @@ class Scheduler:
                 f"prompt of {job.num_prompt_tokens} tokens does not fit the KV cache "
                 f"({self.blocks.num_gpu_blocks} blocks of {self.blocks.block_size} tokens)"
             )
-        waiting = [j for j in self.jobs.values() if j.state is JobState.WAITING]
-        if len(waiting) >= self.config.max_waiting:
+        # Admission bounds every job the engine holds, whatever the policy: one full batch
+        # (max_num_seqs) plus a queue (max_waiting) of jobs that are not running -- waiting
+        # for their first turn, or preempted (swapped to host, or dropped for recompute).
+        # A preemptive policy thus cannot pile up preempted jobs past the cap the user set.
+        held_cap = self.config.max_num_seqs + self.config.max_waiting
+        if len(self.jobs) >= held_cap:
             raise QueueFullError(
-                f"{len(waiting)} jobs waiting (max_waiting={self.config.max_waiting})"
+                f"{len(self.jobs)} jobs held, at most max_num_seqs={self.config.max_num_seqs} "
+                f"running + max_waiting={self.config.max_waiting} queued"
             )
         cap = self.config.max_waiting_tokens
         if cap is not None and job.num_prompt_tokens > cap:
@@ -128,10 +133,12 @@ class Scheduler:
                 f"prompt of {job.num_prompt_tokens} tokens exceeds max_waiting_tokens={cap}"
             )
         if cap is not None:
-            queued = sum(j.num_prompt_tokens for j in waiting)
+            # Queued work: jobs not resident on the GPU (waiting, or swapped out).
+            queued = sum(j.num_prompt_tokens for j in self.jobs.values()
+                         if j.state in (JobState.WAITING, JobState.SWAPPED))
             if queued + job.num_prompt_tokens > cap:
                 raise QueueFullError(
-                    f"{queued} prompt tokens waiting, {job.num_prompt_tokens} more would pass "
+                    f"{queued} prompt tokens queued, {job.num_prompt_tokens} more would pass "
                     f"max_waiting_tokens={cap}"
                 )
         job.state = JobState.WAITING

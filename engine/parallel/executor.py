@@ -36,7 +36,7 @@ import zmq.asyncio
 from engine.config import ParallelConfig
 from engine.logs import current_format
 from engine.parallel.protocol import ProtocolError, decode, driver_rank, encode
-from engine.parallel.worker import rank_identity
+from engine.parallel.worker import IPC_DIR_PREFIX, rank_identity
 
 log = logging.getLogger("fastserve.executor")
 
@@ -82,7 +82,9 @@ class WorkerExecutor:
         self.world_size = self.parallel.world_size
         self.driver = driver_rank(self.parallel.tensor_parallel_size, self.parallel.pipeline_parallel_size)
         self._ctx = zmq.asyncio.Context()
-        self._dir = tempfile.mkdtemp(prefix="fastserve-")
+        # A private directory for the ipc:// control socket (only when one is used): removed
+        # at shutdown, or by the orphaned workers if this process is killed outright.
+        self._dir = None if self.parallel.engine_address else tempfile.mkdtemp(prefix=IPC_DIR_PREFIX)
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a missing rank raises, never drops
@@ -97,6 +99,7 @@ class WorkerExecutor:
         self._procs: dict[int, subprocess.Popen] = {}
         self._reader: asyncio.Task | None = None
         self._dead: str | None = None
+        self._stopping = False  # shutdown() has begun: ranks exiting now are expected to
         self._last_send = time.monotonic()
         # Called with each progress message a worker sends while a command runs.
         self.on_progress: Callable[[dict[str, Any]], None] | None = None
@@ -210,6 +213,8 @@ class WorkerExecutor:
                 continue
             for rank, proc in self._procs.items():
                 if proc.poll() is not None:
+                    if self._stopping:  # it obeyed our `shutdown`: not a failure to report
+                        return
                     self._fail_all(f"worker rank {rank} exited with code {proc.returncode}")
                     return
             now = time.monotonic()
@@ -274,6 +279,7 @@ class WorkerExecutor:
 
     async def shutdown(self, timeout: float = 10.0) -> None:
         healthy = self._dead is None
+        self._stopping = True
         if healthy and self._procs:
             with contextlib.suppress(WorkerDiedError, WorkerError):
                 await self.call_all("shutdown", timeout=timeout)
@@ -297,7 +303,8 @@ class WorkerExecutor:
             await asyncio.get_running_loop().run_in_executor(None, _reap, procs, timeout if healthy else 0)
         self._sock.close()
         self._ctx.term()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
 
 def _reap(procs: list[subprocess.Popen], timeout: float) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -23,6 +24,8 @@ from engine.logs import LOG_FORMATS, setup_logging
 from engine.parallel.protocol import PROTOCOL_VERSION, decode, encode
 
 log = logging.getLogger("fastserve.worker")
+
+IPC_DIR_PREFIX = "fastserve-"  # the executor's private directory for its ipc:// socket
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16", "half": "float16"}
@@ -121,7 +124,8 @@ class Worker:
         if layout.world_size > 1:
             dist_cfg = msg["dist"]
             self.dist = Distributed(layout, device, pcfg.get("dist_backend", "auto"), dist_cfg["host"],
-                                    int(dist_cfg["port"]), float(pcfg.get("step_timeout_s", 120.0)))
+                                    int(dist_cfg["port"]), float(pcfg.get("step_timeout_s", 120.0)),
+                                    float(pcfg.get("startup_timeout_s", 300.0)))
             self.dist.dtype = dtype
         tp = SINGLE_DEVICE
         if layout.tp_size > 1:
@@ -263,6 +267,7 @@ def serve(engine_addr: str, rank: int, parent_pid: int | None, idle_exit_s: floa
             if not sock.poll(1000):
                 if parent_pid is not None and os.getppid() != parent_pid:
                     log.warning("engine process is gone; worker exits")
+                    remove_orphaned_socket_dir(engine_addr)
                     return 1
                 if idle_exit_s is not None and time.monotonic() - last_msg > idle_exit_s:
                     log.warning("no command for %.0f s; worker exits", idle_exit_s)
@@ -287,6 +292,27 @@ def serve(engine_addr: str, rank: int, parent_pid: int | None, idle_exit_s: floa
     finally:
         sock.close()
         ctx.term()
+
+
+def remove_orphaned_socket_dir(engine_addr: str) -> None:
+    """The engine died without its shutdown (SIGKILL): remove the private directory its
+    ``ipc://`` control socket lives in, which nobody else would clean up. Only a directory
+    the executor made for itself (``fastserve-*`` holding nothing but the socket); every
+    rank may try, the first one wins."""
+    if not engine_addr.startswith("ipc://"):
+        return
+    path = engine_addr.removeprefix("ipc://")
+    directory = os.path.dirname(path)
+    if not os.path.basename(directory).startswith(IPC_DIR_PREFIX):
+        return
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    try:
+        os.rmdir(directory)  # only if empty: never a tree someone else owns
+    except OSError:
+        pass
 
 
 def rank_identity(rank: int) -> bytes:
@@ -322,6 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="WARNING")
     p.add_argument("--log-format", default="text", choices=LOG_FORMATS)
     args = p.parse_args(argv)
+    if args.parent_pid is not None:
+        # Ctrl-C in a terminal signals the whole foreground process group: the engine
+        # (our parent) stops us in order -- drain, then a `shutdown` command -- and a
+        # worker that died of KeyboardInterrupt first would fail the requests it is
+        # draining and print a traceback. A worker started by hand keeps Ctrl-C.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_logging(args.log_level, args.log_format)
     idle_exit = args.idle_exit if args.idle_exit is not None or args.parent_pid else 60.0
     return serve(args.engine, args.rank, args.parent_pid, idle_exit)
