@@ -8,6 +8,12 @@ socket would round-robin plans between ranks, and the delta-encoded plans must r
 rank exactly once, in order). Steps and profiles are answered by the driver only (the
 last stage's TP rank 0); everything else by every rank.
 
+Ranks are local processes (``mp``), ``fastserve worker`` processes that connect from other
+hosts (``remote_ranks``), or Ray actors (``ray``, see ``engine.parallel.ray_backend``); all
+run the same worker main. The reader also answers each rank's watchdog (``watch`` from a
+``watch-...`` routing id) with this executor's instance id, so that a rank whose engine or
+worker group is gone ends itself (``engine.parallel.worker.Watchdog``).
+
 Failure: a local rank that exits, an error from any rank of a parallel world (its peers
 may now be stuck in a collective), or a call past its deadline fails every pending call
 with :class:`WorkerDiedError` instead of hanging it.
@@ -68,8 +74,8 @@ class _Call:
 
 
 class WorkerExecutor:
-    """Owns the ``tp x pp`` worker ranks of one engine (local processes; remote ranks join
-    by connecting to ``address``)."""
+    """Owns the ``tp x pp`` worker ranks of one engine (local processes or Ray actors;
+    remote ranks join by connecting to ``address``)."""
 
     def __init__(
         self,
@@ -128,9 +134,8 @@ class WorkerExecutor:
         if self.world_size > 1 and not pcfg.remote_ranks and sys.platform.startswith("linux"):
             env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # all ranks here: keep gloo on loopback
         level = logging.getLevelName(logging.getLogger("fastserve").getEffectiveLevel())
-        dist_host = pcfg.dist_host
         self._reader = asyncio.get_running_loop().create_task(self._read_loop())
-        dist_port = pcfg.dist_port
+        dist_host, dist_port = pcfg.dist_host, pcfg.dist_port
         if pcfg.distributed_executor_backend == "ray":
             dist_host, dist_port = await self._start_ray_ranks(init, level)
         for rank in local if pcfg.distributed_executor_backend == "mp" else ():
