@@ -92,10 +92,23 @@ class Job:
         if not self.output_ids:
             return None
         last = self.output_ids[-1]
-        if not self.params.ignore_eos and last in self.eos_token_ids:
-            return FinishReason.STOP
-        if last in self.params.stop_token_ids:
+        # The sampler masks EOS and stop ids before min_tokens; a token that slips through
+        # (an id past the logits) does not end the job early either.
+        if len(self.output_ids) > self.params.min_tokens and (
+            (not self.params.ignore_eos and last in self.eos_token_ids)
+            or last in self.params.stop_token_ids
+        ):
             return FinishReason.STOP
         if len(self.output_ids) >= self.params.max_tokens or self.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
         return None
+
+
+def stop_token_reason(
+    params: SamplingParams, eos_token_ids: frozenset[int], token_id: int
+) -> int | None:
+    """vLLM's ``stop_reason`` for a job that ``check_stop`` finished with STOP on
+    ``token_id``: the id when it is one of ``stop_token_ids``, None for EOS."""
+    if not params.ignore_eos and token_id in eos_token_ids:
+        return None
+    return token_id if token_id in params.stop_token_ids else None
