@@ -140,6 +140,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dist-host", default=d.parallel.dist_host,
                    help="address of rank 0's torch.distributed store, reachable from every rank")
     g.add_argument("--dist-port", type=int, default=d.parallel.dist_port, help="its port (0: a free one)")
+    g.add_argument("--distributed-executor-backend", choices=["mp", "ray"],
+                   default=d.parallel.distributed_executor_backend,
+                   help="start the ranks as local processes (mp; remote ones with `fastserve worker`) "
+                        "or as Ray actors on a placement group (ray)")
+    g.add_argument("--ray-address", default=d.parallel.ray_address,
+                   help="Ray cluster for the ray backend (default: $RAY_ADDRESS if set, else a "
+                        "private local Ray instance)")
     g = p.add_argument_group("structured output (response_format, guided_*)")
     g.add_argument("--structured-any-whitespace", action="store_true",
                    help="JSON output may put any whitespace between tokens (default: compact JSON, "
@@ -186,6 +193,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             remote_ranks=args.remote_ranks,
             dist_host=args.dist_host,
             dist_port=args.dist_port,
+            distributed_executor_backend=args.distributed_executor_backend,
+            ray_address=args.ray_address,
         ),
         server=_server_config(args),
         structured=StructuredOutputConfig(

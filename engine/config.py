@@ -114,6 +114,19 @@ class ParallelConfig:
     # Seconds between the engine's pings to remote ranks when it sends nothing else; a remote
     # worker exits after its --idle-exit without any message (its engine is gone).
     heartbeat_s: float = 5.0
+    # A rank without a parent to watch (`fastserve worker` elsewhere, a Ray actor) exits when
+    # the engine has not answered its watchdog for this long, even while a command hangs
+    # (NCCL does when a peer dies). 0: never.
+    watchdog_timeout_s: float = 10.0
+    # How ranks are started: "mp" (local processes; `fastserve worker` on other hosts for
+    # remote_ranks) or "ray" (Ray actors on a placement group; see docs/distributed.md).
+    distributed_executor_backend: str = "mp"
+    # Ray cluster to use: None connects to $RAY_ADDRESS when it is set (as `ray.init(
+    # address="auto")`) and otherwise starts a local Ray instance for this engine (stopped
+    # with it); "auto", "ray://..." or "HOST:PORT" connect to that cluster.
+    ray_address: str | None = None
+    # CPUs reserved per rank in the Ray placement group (one GPU per rank on CUDA as well).
+    ray_cpus_per_rank: float = 1.0
     # Batches the scheduler keeps in flight; None: one per pipeline stage (1 shows the bubble
     # of a pipeline without streaming, as benchmarks/parallel_cpu.py does).
     max_batches_in_flight: int | None = None
@@ -141,6 +154,11 @@ class ParallelConfig:
         bad = [r for r in self.remote_ranks if not 0 <= r < self.world_size]
         if bad:
             raise ValueError(f"remote ranks {bad} outside 0..{self.world_size - 1}")
+        if self.distributed_executor_backend not in ("mp", "ray"):
+            raise ValueError(f"distributed_executor_backend must be 'mp' or 'ray', not "
+                             f"{self.distributed_executor_backend!r}")
+        if self.distributed_executor_backend == "ray" and self.remote_ranks:
+            raise ValueError("remote_ranks are for the mp backend; Ray places every rank itself")
 
 
 @dataclass(frozen=True)
