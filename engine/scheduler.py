@@ -227,6 +227,7 @@ class Scheduler:
         evicted = self._evicted_now
         finished, running = JobState.FINISHED, JobState.RUNNING
         gpu_table, table_len = blocks.gpu_table, self._worker_table_len
+        block_size = blocks.block_size
         self._resident_pos = None  # victim index: built on the first shortage of this pass
         # The most urgent job not in flight (with depth 1 nothing is in flight: order[0]).
         head = next((i for i, j in enumerate(order) if j.job_id not in in_flight), -1)
@@ -243,22 +244,28 @@ class Scheduler:
             start = job.num_computed_tokens
             total = len(job.prompt_ids) + len(job.output_ids)
             n = min(total - start, budget)
-            need = blocks.extra_blocks_needed(job_id, start + n)
-            # need == 0: resident with room for these tokens already (a decode step mostly).
-            if need and not self._make_resident(
-                job, need, start + n, order, pos, in_batch, plan, now, allow_recompute
-            ):
-                if pos == head and not self._fits_alone(job, n):
-                    # Even an empty pool cannot hold it: stop it rather than deadlock.
-                    self._finish(job, FinishReason.LENGTH, now)
-                elif blocks.num_free_gpu_blocks == 0 and not self._resident_below(pos):
-                    # Every job further down needs a block, and none below holds one to give.
-                    break
-                continue
-            # What the worker must add to its copy of the block table (``_seq``, inlined:
-            # this runs for every job of every iteration).
             table = gpu_table(job_id)
             size = len(table)
+            # Resident with room for these tokens already (a decode step mostly): nothing to
+            # allocate. Otherwise get the blocks, evicting below if needed.
+            if size * block_size < start + n:
+                if not size and pos != head and blocks.waits_its_turn(job_id):
+                    continue  # reserved behind another reservation: no room is enough
+                need = blocks.extra_blocks_needed(job_id, start + n)
+                if need and not self._make_resident(
+                    job, need, start + n, order, pos, in_batch, plan, now, allow_recompute
+                ):
+                    if pos == head and not self._fits_alone(job, n):
+                        # Even an empty pool cannot hold it: stop it rather than deadlock.
+                        self._finish(job, FinishReason.LENGTH, now)
+                    elif blocks.num_free_gpu_blocks == 0 and not self._resident_below(pos):
+                        # Every job further down needs a block, and none below holds one.
+                        break
+                    continue
+                table = gpu_table(job_id)
+                size = len(table)
+            # What the worker must add to its copy of the block table (inlined: this runs
+            # for every job of every iteration).
             known = table_len.get(job_id)
             if known == size:
                 seqs.append(ScheduledSeq(job, start, n, [], False, start + n == total))

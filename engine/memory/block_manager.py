@@ -127,6 +127,11 @@ class BlockManager:
                 num_tokens = max(num_tokens, reserved[0])
         return max(0, self.blocks_for(num_tokens))  # not on the GPU: every block is new
 
+    def waits_its_turn(self, job_id: str) -> bool:
+        """Whether the job holds a reservation that is not granted next (it cannot allocate
+        anything until every reservation before it is granted)."""
+        return bool(self._reserved) and job_id in self._reserved and self._turn() != job_id
+
     def reserve(self, job_id: str, num_tokens: int) -> None:
         """Queue a reservation: the job's first allocation will hold ``num_tokens``."""
         if job_id in self._gpu_tables or job_id in self._host_tables:

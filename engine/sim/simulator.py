@@ -190,7 +190,7 @@ def simulate(
         plan, sent, done, took = in_flight.popleft()
         busy += done - max(now, busy_until)
         busy_until = now = max(now, done)
-        sampled = {s.job.job_id: TOKEN for s in plan.seqs if s.sample}
+        sampled = dict.fromkeys([s.job.job_id for s in plan.seqs if s.sample], TOKEN)
         scheduler.update(plan, sampled, done - sent if depth > 1 else took, now)
         if record_tokens:
             for job_id in sampled:
