@@ -36,8 +36,13 @@ class IncrementalDetokenizer:
     """Turns one request's output ids into text deltas; see the module docstring."""
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int],
-                 skip_special_tokens: bool = True, stop: Sequence[str] = ()) -> None:
+                 skip_special_tokens: bool = True, stop: Sequence[str] = (),
+                 min_tokens: int = 0) -> None:
         self._tok = tokenizer
+        # Stop strings count only once this many ids are generated (vLLM's min_tokens): a
+        # match that ends earlier stays in the text.
+        self._min_tokens = min_tokens
+        self._num_ids = 0
         self._skip = skip_special_tokens
         self._stop = tuple(s for s in stop if s)
         self._max_hold = max((len(s) for s in self._stop), default=1) - 1
@@ -52,12 +57,14 @@ class IncrementalDetokenizer:
         self._held = ""  # text decoded but held back: it may be the start of a stop string
         self.text = ""  # all text emitted so far
         self.stopped = False  # a stop string was found; later steps emit nothing
+        self.stop_reason: str | None = None  # the stop string that ended the text
 
     def step(self, new_ids: Sequence[int]) -> tuple[str, bool]:
         """Feed newly generated ids; returns (new text, whether a stop string ended it)."""
         if self.stopped:
             return "", True
         self._window.extend(int(t) for t in new_ids)
+        self._num_ids += len(new_ids)
         return self._emit(self._advance(final=False))
 
     def flush(self) -> str:
@@ -92,9 +99,15 @@ class IncrementalDetokenizer:
         text = self._held + delta
         self._held = ""
         if self._stop and text:
-            cut = min((i for i in (text.find(s) for s in self._stop) if i >= 0), default=-1)
+            cut, match = -1, None
+            if self._num_ids >= self._min_tokens:  # earliest match; the first listed on a tie
+                found = [(i, n) for n, i in enumerate(text.find(s) for s in self._stop) if i >= 0]
+                if found:
+                    cut, n = min(found)
+                    match = self._stop[n]
             if cut >= 0:
                 self.stopped = True
+                self.stop_reason = match
                 self.text += text[:cut]
                 return text[:cut], True
             if not final:

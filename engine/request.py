@@ -94,10 +94,23 @@ class Job:
             return None
         last = out[-1]
         params = self.params
-        if last in self.eos_token_ids and not params.ignore_eos:
-            return FinishReason.STOP
-        if last in params.stop_token_ids:
+        # The sampler masks EOS and stop ids before min_tokens; a token that slips through
+        # (an id past the logits) does not end the job early either.
+        if len(out) > params.min_tokens and (
+            (not params.ignore_eos and last in self.eos_token_ids)
+            or last in params.stop_token_ids
+        ):
             return FinishReason.STOP
         if len(out) >= params.max_tokens or len(self.prompt_ids) + len(out) >= self.max_model_len:
             return FinishReason.LENGTH
         return None
+
+
+def stop_token_reason(
+    params: SamplingParams, eos_token_ids: frozenset[int], token_id: int
+) -> int | None:
+    """vLLM's ``stop_reason`` for a job that ``check_stop`` finished with STOP on
+    ``token_id``: the id when it is one of ``stop_token_ids``, None for EOS."""
+    if not params.ignore_eos and token_id in eos_token_ids:
+        return None
+    return token_id if token_id in params.stop_token_ids else None

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from engine.logit_processors import BatchProcessors, JobProcessors
 
 if TYPE_CHECKING:  # imported lazily: clients import SamplingParams without needing torch
     import torch
@@ -20,6 +24,9 @@ class InvalidRequestError(ValueError):
 
 MAX_STOP_CHARS = 1024  # per stop string: the detokenizer scans for each after every token
 MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 300  # entries per request (OpenAI's limit)
+MAX_PENALTY = 2.0  # presence / frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI)
+MAX_BIAS = 100.0  # a logit bias lies in [-MAX_BIAS, MAX_BIAS] (OpenAI)
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,16 @@ class SamplingParams:
     # edge's rule, as vLLM's) or cut to what is left (True: "generate until the context is
     # full", e.g. a chat request without max_tokens).
     clamp_max_tokens: bool = False
+    # -- logit processors (OpenAI / vLLM semantics; docs/serving.md). At their neutral
+    # values the worker skips them entirely.
+    presence_penalty: float = 0.0  # minus this once for every token already generated
+    frequency_penalty: float = 0.0  # minus this times the token's count among generated ones
+    repetition_penalty: float = 1.0  # tokens in prompt or output: logit / r if > 0, else * r
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely (after temperature)
+    # (token id, bias) pairs, sorted by id; a {token id (int or decimal str): bias} map is
+    # accepted and normalised. Ids are checked against the vocabulary by the frontend.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0  # EOS, stop_token_ids and stop strings are not honoured before this
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -48,6 +65,7 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
         self.validate()
 
     def validate(self) -> None:
@@ -87,26 +105,105 @@ class SamplingParams:
             raise bad("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} token ids")
         if not isinstance(self.clamp_max_tokens, bool):
             raise bad("clamp_max_tokens", "must be a boolean")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_number(v) or not -MAX_PENALTY <= v <= MAX_PENALTY:
+                raise bad(name, f"must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {v!r}")
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty",
+                      f"must be a finite number > 0, got {self.repetition_penalty!r}")
+        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", f"must be a number in [0, 1], got {self.min_p!r}")
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) \
+                or self.min_tokens < 0:
+            raise bad("min_tokens", f"must be an integer >= 0, got {self.min_tokens!r}")
+        if self.min_tokens > self.max_tokens:
+            raise bad("min_tokens",
+                      f"must not exceed max_tokens ({self.max_tokens}), got {self.min_tokens}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def worker_view(self) -> dict:
-        """The fields the worker's sampler needs, as a msgpack-able dict."""
-        return {
+    def worker_view(self, eos_token_ids: Iterable[int] = ()) -> dict:
+        """The fields the worker's sampler needs, as a msgpack-able dict. Logit processors
+        at their neutral values are left out. ``eos_token_ids``: the model's, which
+        ``min_tokens`` keeps from being sampled (unless ``ignore_eos``)."""
+        view: dict = {
             "temperature": float(self.temperature),
             "top_p": float(self.top_p),
             "top_k": int(self.top_k),
             "seed": self.seed,
             "logprobs": self.logprobs,
         }
+        for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0),
+                              ("repetition_penalty", 1.0), ("min_p", 0.0)):
+            if getattr(self, name) != neutral:
+                view[name] = float(getattr(self, name))
+        if self.logit_bias:
+            view["logit_bias"] = [[t, b] for t, b in self.logit_bias]
+        if self.min_tokens:
+            banned = set(self.stop_token_ids) | (set() if self.ignore_eos else set(eos_token_ids))
+            if banned:
+                view["min_tokens"] = self.min_tokens
+                view["min_tokens_ids"] = sorted(int(t) for t in banned)
+        return view
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["stop"] = list(self.stop)
         d["stop_token_ids"] = list(self.stop_token_ids)
+        d["logit_bias"] = {str(t): b for t, b in self.logit_bias}  # JSON / msgpack: string keys
         return d
+
+
+# ASCII digits only: int() also takes " 1" and other scripts' digits.
+_DECIMAL_ID = re.compile(r"[0-9]{1,19}")
+
+
+def _logit_bias(value: object) -> tuple[tuple[int, float], ...]:
+    """``logit_bias`` as sorted (token id, bias) pairs, from a map (OpenAI's JSON shape, keys
+    the ids as decimal strings; integer keys too) or from pairs; refused naming the field."""
+    def bad(msg: str) -> InvalidRequestError:
+        return InvalidRequestError(f"logit_bias: {msg}", param="logit_bias")
+
+    if value is None:
+        return ()
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)) and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 for p in value
+    ):
+        items = [tuple(p) for p in value]
+    else:
+        raise bad("must be a map of token id to bias")
+    if len(items) > MAX_LOGIT_BIAS:
+        raise bad(f"at most {MAX_LOGIT_BIAS} entries, got {len(items)}")
+    out: dict[int, float] = {}
+    for key, bias in items:
+        if isinstance(key, str) and _DECIMAL_ID.fullmatch(key):
+            tid = int(key)
+        elif isinstance(key, int) and not isinstance(key, bool) and key >= 0:
+            tid = key
+        else:
+            raise bad(f"keys must be token ids (non-negative integers), got {str(key)[:32]!r}")
+        if not _is_number(bias) or not -MAX_BIAS <= bias <= MAX_BIAS:
+            raise bad(f"bias for token {tid} must be a number in [-{MAX_BIAS:g}, {MAX_BIAS:g}], "
+                      f"got {bias!r}")
+        if tid in out:
+            raise bad(f"token {tid} is given twice")
+        out[tid] = float(bias)
+    return tuple(sorted(out.items()))
+
+
+def check_vocab(params: SamplingParams, vocab_size: int) -> None:
+    """Token ids in ``logit_bias`` must be in the model's vocabulary (the frontend knows it)."""
+    for tid, _ in params.logit_bias:
+        if tid >= vocab_size:
+            raise InvalidRequestError(
+                f"logit_bias: token id {tid} is not in the vocabulary [0, {vocab_size})",
+                param="logit_bias",
+            )
 
 
 def _is_number(x: object) -> bool:
@@ -148,6 +245,8 @@ class _JobSampling:
     seed: int | None
     logprobs: int | None
     generator: torch.Generator | None = None  # made on first use, on the logits' device
+    min_p: float = 0.0
+    procs: JobProcessors | None = None  # logit_bias, min_tokens, penalties; None: none asked
 
     @property
     def greedy(self) -> bool:
@@ -157,35 +256,42 @@ class _JobSampling:
 class Sampler:
     """Samples the next token of each row of a batch of logits, per job's parameters.
 
-    Greedy rows take the argmax. The others get temperature, then top-k, then top-p over
-    what top-k kept (vLLM's order), then one draw. A job with a seed is filtered and drawn
-    on its own with its own generator, one draw per step, so its tokens depend on nothing
-    else in the batch; jobs without one are handled together and share the sampler's
-    generator (seeded by ``seed``, or randomly).
+    First the logit processors (``engine.logit_processors``: ``logit_bias``, the
+    ``min_tokens`` mask, repetition / frequency / presence penalties), each on the rows that
+    ask for it, vectorised over them; a batch where no row asks skips them. Greedy rows take
+    the argmax. The others get temperature, min-p, then top-k, then top-p over what top-k
+    kept (vLLM's order), then one draw. A job with a seed is filtered and drawn on its own
+    with its own generator, one draw per step, so its tokens depend on nothing else in the
+    batch; jobs without one are handled together and share the sampler's generator (seeded
+    by ``seed``, or randomly). Logprobs are of the raw logits, before any of this.
     """
 
     def __init__(self, seed: int | None = None) -> None:
         self._jobs: dict[str, _JobSampling] = {}
         self._seed = seed
         self._shared: dict[torch.device, torch.Generator] = {}
+        self.processors = BatchProcessors()
 
-    def add(self, job_id: str, params: dict) -> None:
-        """Register a job; ``params`` is ``SamplingParams.worker_view()``."""
+    def add(self, job_id: str, params: dict, prompt_ids: Any = None) -> None:
+        """Register a job; ``params`` is ``SamplingParams.worker_view()``. ``prompt_ids``
+        (the prompt) matters only to a repetition penalty."""
         self._jobs[job_id] = _JobSampling(
             temperature=float(params.get("temperature", 1.0)),
             top_p=float(params.get("top_p", 1.0)),
             top_k=max(int(params.get("top_k") or 0), 0),  # -1 and 0 both mean "off"
             seed=params.get("seed"),
             logprobs=params.get("logprobs"),
+            min_p=float(params.get("min_p", 0.0)),
+            procs=JobProcessors.from_view(params, prompt_ids),
         )
 
     def remove(self, job_id: str) -> None:
-        self._jobs.pop(job_id, None)
+        job = self._jobs.pop(job_id, None)
+        if job is not None:
+            self.processors.release(job.procs)
 
     def sample(self, logits: torch.Tensor, job_ids: list[str]) -> SampleResult:
         """``logits`` is [B, V] (float32); row i belongs to ``job_ids[i]``."""
-        import torch
-
         if logits.dim() != 2 or logits.shape[0] != len(job_ids):
             raise ValueError(f"logits of shape {tuple(logits.shape)} for {len(job_ids)} jobs")
         try:
@@ -193,22 +299,38 @@ class Sampler:
         except KeyError as e:
             raise KeyError(f"sampler has no parameters for job {e.args[0]!r} (never added?)") \
                 from None
+        procs = [j.procs for j in jobs]
+        tracked = any(p is not None for p in procs)
+        processed = self.processors.apply(logits, procs) if tracked else logits
+        tokens = self._choose(processed, jobs)
+        if tracked:
+            self.processors.record(procs, tokens)
+        result = SampleResult(token_ids=tokens.tolist())
+        if any(j.logprobs is not None for j in jobs):  # of the raw logits
+            result.logprobs, result.top_logprobs = _logprobs(logits, tokens, jobs)
+        return result
+
+    def process(self, logits: torch.Tensor, job_ids: list[str]) -> torch.Tensor:
+        """The logits the next ``sample`` would draw from (before temperature): ``logits``
+        itself when no row has an active processor, else a processed copy. Counts nothing
+        (for inspection and tests)."""
+        return self.processors.apply(logits, [self._jobs[j].procs for j in job_ids])
+
+    def _choose(self, logits: torch.Tensor, jobs: list[_JobSampling]) -> torch.Tensor:
+        import torch
+
         dev = logits.device
         random_rows = [i for i, j in enumerate(jobs) if not j.greedy]
         if not random_rows:
-            tokens = logits.argmax(dim=-1)
-        else:
-            tokens = torch.empty(len(jobs), dtype=torch.int64, device=dev)
-            greedy_rows = [i for i, j in enumerate(jobs) if j.greedy]
-            if greedy_rows:
-                g = torch.tensor(greedy_rows, device=dev)
-                tokens[g] = logits[g].argmax(dim=-1)
-            r = torch.tensor(random_rows, device=dev)
-            tokens[r] = self._sample_random(logits[r], [jobs[i] for i in random_rows])
-        result = SampleResult(token_ids=tokens.tolist())
-        if any(j.logprobs is not None for j in jobs):
-            result.logprobs, result.top_logprobs = _logprobs(logits, tokens, jobs)
-        return result
+            return logits.argmax(dim=-1)
+        tokens = torch.empty(len(jobs), dtype=torch.int64, device=dev)
+        greedy_rows = [i for i, j in enumerate(jobs) if j.greedy]
+        if greedy_rows:
+            g = torch.tensor(greedy_rows, device=dev)
+            tokens[g] = logits[g].argmax(dim=-1)
+        r = torch.tensor(random_rows, device=dev)
+        tokens[r] = self._sample_random(logits[r], [jobs[i] for i in random_rows])
+        return tokens
 
     def _sample_random(self, logits: torch.Tensor, jobs: list[_JobSampling]) -> torch.Tensor:
         import torch
@@ -216,6 +338,10 @@ class Sampler:
         dev = logits.device
         temps = torch.tensor([j.temperature for j in jobs], dtype=logits.dtype, device=dev)
         probs = torch.softmax(logits / temps.unsqueeze(1), dim=-1)
+        if any(j.min_p > 0.0 for j in jobs):
+            min_p = torch.tensor([j.min_p for j in jobs], dtype=probs.dtype, device=dev)
+            floor = min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+            probs = probs.masked_fill(probs < floor, 0.0)
         out = torch.empty(len(jobs), dtype=torch.int64, device=dev)
         shared = [i for i, j in enumerate(jobs) if j.seed is None]
         if shared:

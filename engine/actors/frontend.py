@@ -18,8 +18,8 @@ from typing import Any
 from engine.actors.base import Actor
 from engine.actors.scheduler import TokenEvent
 from engine.detokenizer import IncrementalDetokenizer
-from engine.request import FinishReason, Job
-from engine.sampling import InvalidRequestError, SamplingParams
+from engine.request import FinishReason, Job, stop_token_reason
+from engine.sampling import InvalidRequestError, SamplingParams, check_vocab
 from engine.tokenizer import Tokenizer
 
 
@@ -38,6 +38,9 @@ class RequestOutput:
     queue_level: int = 0
     stats: dict | None = None
     prompt_token_ids: list[int] | None = None  # on the first output only
+    # On the finished output (vLLM's): the stop string or stop token id that ended it;
+    # None for EOS, length or abort.
+    stop_reason: int | str | None = None
 
 
 @dataclass
@@ -71,6 +74,7 @@ class FrontendActor(Actor):
     ) -> asyncio.Queue:
         if request_id in self.live:
             raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
+        check_vocab(params, self.vocab_size)
         prompt_ids = self.tokenize(prompt, messages)
         params = fit_max_tokens(params, len(prompt_ids), self.max_model_len)
         job = Job(
@@ -82,7 +86,8 @@ class FrontendActor(Actor):
             max_model_len=self.max_model_len,
         )
         await self.scheduler.ask("add", job)
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens, params.stop)
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens,
+                                       params.stop, params.min_tokens)
         live = _Live(request_id, params, detok, asyncio.Queue(), prompt_ids)
         self.live[request_id] = live
         return live.mailbox
@@ -139,11 +144,15 @@ class FrontendActor(Actor):
             ids = [ev.token_id]
             text, stopped = live.detok.step(ids)
         reason = ev.finish_reason
+        stop_reason: int | str | None = None
         if stopped:
             reason = FinishReason.STOP
+            stop_reason = live.detok.stop_reason
             self.scheduler.tell("finish", live.job_id, FinishReason.STOP)
         elif reason is not None:
             text += live.detok.flush()
+            if reason is FinishReason.STOP and ev.token_id is not None:
+                stop_reason = stop_token_reason(live.params, self.eos_token_ids, ev.token_id)
         if not (text or ids or reason):
             return None
         live.done = reason is not None
@@ -159,6 +168,7 @@ class FrontendActor(Actor):
             queue_level=ev.queue_level,
             stats=ev.stats if live.done else None,
             prompt_token_ids=live.prompt_ids if live.first else None,
+            stop_reason=stop_reason,
         )
         live.first = False
         return out
@@ -181,6 +191,11 @@ def fit_max_tokens(params: SamplingParams, num_prompt_tokens: int, max_model_len
     if params.max_tokens <= left:
         return params
     if params.clamp_max_tokens:
+        if params.min_tokens > left:
+            raise InvalidRequestError(
+                f"min_tokens: this model's maximum context length is {max_model_len} tokens "
+                f"and the prompt has {num_prompt_tokens}, which leaves {left} for the "
+                f"completion, but min_tokens is {params.min_tokens}", "min_tokens")
         return dataclasses.replace(params, max_tokens=left)
     raise InvalidRequestError(
         f"max_tokens: this model's maximum context length is {max_model_len} tokens and the "

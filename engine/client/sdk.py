@@ -91,6 +91,7 @@ class Output:
     stats: dict | None = None
     prompt_token_ids: list[int] | None = None
     request_id: str | None = None
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it
 
     @classmethod
     def from_message(cls, msg: dict) -> Output:
@@ -109,6 +110,8 @@ def generate_message(
     if params is not None and hasattr(params, "to_dict"):  # an engine.sampling.SamplingParams
         params = {k: v for k, v in params.to_dict().items() if k != "extra"}
     merged = {**(params or {}), **overrides}
+    if isinstance(merged.get("logit_bias"), dict):  # the wire takes string keys only
+        merged["logit_bias"] = {str(k): v for k, v in merged["logit_bias"].items()}
     msg: dict[str, Any] = {"kind": wire.GENERATE, "id": rid, "params": merged}
     for name, value in (
         ("prompt", prompt),

@@ -44,6 +44,7 @@ OUTPUT_FIELDS = (
     "queue_level",
     "stats",
     "prompt_token_ids",
+    "stop_reason",
 )
 
 

@@ -106,7 +106,7 @@ def plan_to_message(plan: Any, call: int, with_feed: bool = False) -> dict[str, 
         "step": plan.step_id,
         "new": [
             {"id": j.job_id, "prompt": np.asarray(j.prompt_ids, dtype=np.int64),
-             "params": j.params.worker_view()}
+             "params": j.params.worker_view(j.eos_token_ids)}
             for j in plan.new_jobs
         ],
         "seqs": [

@@ -56,7 +56,7 @@ class ModelRunner:
             self.sampler.remove(jid)
         for new in msg["new"]:
             self.jobs[new["id"]] = _JobState(tokens=[int(t) for t in new["prompt"]])
-            self.sampler.add(new["id"], new["params"])
+            self.sampler.add(new["id"], new["params"], new["prompt"])
         demand_swap_s = self._swap(msg["swap_out"], msg["swap_in"])
         offload, prefetch = msg.get("offload") or [], msg.get("prefetch") or []
         if offload or prefetch:

@@ -2,7 +2,7 @@
 
 Pure functions and dataclasses, no I/O: ``http.py`` / ``openai_routes.py`` do the serving.
 Validation is strict in the way vLLM's pydantic models are: an unknown field, a field of
-the wrong type, or an OpenAI field this server cannot honour (e.g. ``echo: true``) is a
+the wrong type, or an OpenAI field this server cannot honour (e.g. ``best_of: 3``) is a
 400 that names the field, instead of being silently ignored.
 """
 
@@ -86,6 +86,7 @@ class GenerationRequest:
     # The field the client sent for the output cap, so an engine refusal of ``max_tokens``
     # names it (chat: ``max_completion_tokens`` when given).
     max_tokens_field: str = "max_tokens"
+    echo: bool = False  # completions: the prompt's text goes before each choice's text
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -130,8 +131,15 @@ _COMMON = {
     "priority": "int",
     "user": "str",
     "skip_special_tokens": "bool",
+    # Logit processors (SamplingParams validates the ranges; the frontend the token ids).
+    "presence_penalty": "num",
+    "frequency_penalty": "num",
+    "repetition_penalty": "num",
+    "min_p": "num",
+    "logit_bias": "dict",
+    "min_tokens": "int",
 }
-COMPLETION_FIELDS = {**_COMMON, "prompt": "any", "logprobs": "int"}
+COMPLETION_FIELDS = {**_COMMON, "prompt": "any", "logprobs": "int", "echo": "bool"}
 CHAT_FIELDS = {
     **_COMMON,
     "messages": "list",
@@ -142,12 +150,8 @@ CHAT_FIELDS = {
 
 # OpenAI fields this server does not implement, accepted only at their no-op value so
 # clients that send defaults explicitly keep working.
-_NEUTRAL_COMMON: dict[str, tuple] = {
-    "frequency_penalty": (0, 0.0),
-    "presence_penalty": (0, 0.0),
-    "logit_bias": ({},),
-}
-COMPLETION_NEUTRAL = {**_NEUTRAL_COMMON, "echo": (False,), "best_of": (1,), "suffix": ("",)}
+_NEUTRAL_COMMON: dict[str, tuple] = {}
+COMPLETION_NEUTRAL = {**_NEUTRAL_COMMON, "best_of": (1,), "suffix": ("",)}
 CHAT_NEUTRAL = {
     **_NEUTRAL_COMMON,
     "response_format": ({"type": "text"},),
@@ -240,6 +244,12 @@ def _base_params(
         "ignore_eos",
         "priority",
         "skip_special_tokens",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "min_p",
+        "logit_bias",
+        "min_tokens",
     ):
         if name in f:
             kw[name] = f[name]
@@ -373,6 +383,10 @@ def parse_completion(body: dict, model_name: str) -> GenerationRequest:
         raise bad("prompt", "required")
     prompts = _prompts(f["prompt"])
     stream, include_usage = _stream_opts(f)
+    echo = f.get("echo", False)
+    if echo and f.get("logprobs") is not None:
+        # The prompt's own logprobs would need the worker to score every prompt position.
+        raise bad("echo", "echo together with logprobs is not supported by this server")
     try:
         # Without max_tokens, OpenAI's default of 16, cut to what the context leaves.
         base = _base_params(
@@ -384,7 +398,8 @@ def parse_completion(body: dict, model_name: str) -> GenerationRequest:
     except InvalidRequestError as e:
         raise _params_error(e, {}) from None
     return GenerationRequest(
-        False, model, _fan_out(prompts, None, base), stream, include_usage, f.get("logprobs")
+        False, model, _fan_out(prompts, None, base), stream, include_usage, f.get("logprobs"),
+        echo=echo,
     )
 
 

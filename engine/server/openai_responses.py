@@ -19,6 +19,8 @@ class ChoiceState:
     finish_reason: str | None = None
     logprobs: list[tuple[int, Any]] = field(default_factory=list)  # (token id, engine entry)
     text_offset: int = 0  # completions logprobs: characters of token strings emitted so far
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    echo: str = ""  # completions with echo: the prompt's text, sent before the first text
 
     def add(self, out: Any) -> None:
         self.text.append(out.text)
@@ -30,6 +32,7 @@ class ChoiceState:
         )
         if out.finished:
             self.finish_reason = out.finish_reason
+            self.stop_reason = getattr(out, "stop_reason", None)
 
 
 def usage(req: GenerationRequest, states: dict[int, ChoiceState]) -> dict:
@@ -137,16 +140,17 @@ def final_response(req: GenerationRequest, states: dict[int, ChoiceState], tok: 
                     "message": {"role": "assistant", "content": text},
                     "logprobs": lp,
                     "finish_reason": st.finish_reason,
+                    "stop_reason": st.stop_reason,
                 }
             )
         else:
             choices.append(
                 {
                     "index": c.index,
-                    "text": text,
+                    "text": st.echo + text,
                     "logprobs": lp,
                     "finish_reason": st.finish_reason,
-                    "stop_reason": None,
+                    "stop_reason": st.stop_reason,
                 }
             )
     return {

@@ -275,7 +275,7 @@ class GenerationRoutes:
             )
         fan = _FanOut(self.engine, req, self.metrics)
         self.live.add(fan)
-        states = {c.index: ChoiceState() for c in req.choices}
+        states = {c.index: ChoiceState(echo=self._echo(req, c)) for c in req.choices}
         try:
             if req.stream:
                 return await self._stream(request, req, fan, states)
@@ -369,6 +369,14 @@ class GenerationRoutes:
             log.info("client went away mid-stream; aborted %s", req.id)
         return resp
 
+    def _echo(self, req: GenerationRequest, c: ChoiceSpec) -> str:
+        """The prompt's text for ``echo``: as sent, or the decoded token ids."""
+        if not req.echo:
+            return ""
+        if isinstance(c.prompt, str):
+            return c.prompt
+        return self.engine.tokenizer.decode(c.prompt or [])
+
     def _choice_chunk(
         self, req: GenerationRequest, st: ChoiceState, index: int, out: Any
     ) -> dict | None:
@@ -377,17 +385,20 @@ class GenerationRoutes:
         if req.logprobs is not None and out.token_ids:
             lp = render_logprobs(req, self.tok, logprob_pairs(out), st)
         reason = out.finish_reason if out.finished else None
-        if not out.text and reason is None and lp is None:
+        stop_reason = st.stop_reason if out.finished else None
+        text, st.echo = st.echo + out.text, ""  # the echoed prompt leads the first chunk
+        if not text and reason is None and lp is None:
             return None  # e.g. a token that ends mid-character: its text comes with the next one
         if req.chat:
-            delta = {"content": out.text} if out.text else {}
-            return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
+            delta = {"content": text} if text else {}
+            return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason,
+                    "stop_reason": stop_reason}
         return {
             "index": index,
-            "text": out.text,
+            "text": text,
             "logprobs": lp,
             "finish_reason": reason,
-            "stop_reason": None,
+            "stop_reason": stop_reason,
         }
 
     @staticmethod

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.sampling import MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS
+from engine.sampling import (
+    MAX_BIAS,
+    MAX_LOGIT_BIAS,
+    MAX_PENALTY,
+    MAX_STOP_CHARS,
+    MAX_STOP_TOKEN_IDS,
+)
 from engine.server.openai_api import (
     CHAT_FIELDS,
     CHAT_NEUTRAL,
@@ -99,6 +105,20 @@ def _ranges(max_model_len: int) -> dict[str, dict]:
             "additionalProperties": False,
         },
         "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+        "presence_penalty": {"type": "number", "minimum": -MAX_PENALTY, "maximum": MAX_PENALTY},
+        "frequency_penalty": {"type": "number", "minimum": -MAX_PENALTY, "maximum": MAX_PENALTY},
+        "repetition_penalty": {"type": "number", "exclusiveMinimum": 0},
+        "min_p": {"type": "number", "minimum": 0, "maximum": 1},
+        # Keys are token ids in decimal; ids past the vocabulary are refused by the engine.
+        "logit_bias": {
+            "type": "object",
+            "maxProperties": MAX_LOGIT_BIAS,
+            "propertyNames": {"pattern": "^[0-9]{1,19}$"},
+            "additionalProperties": {"type": "number", "minimum": -MAX_BIAS,
+                                     "maximum": MAX_BIAS},
+        },
+        # At most max_tokens (a cross-field rule the schema cannot state).
+        "min_tokens": {"type": "integer", "minimum": 0, "maximum": max_model_len},
     }
 
 
@@ -142,6 +162,8 @@ _USAGE = {
                    for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
 }
 _FINISH = _nullable({"enum": ["stop", "length", "abort"]})
+# The stop string or stop token id that ended a choice (vLLM's); null for EOS / length.
+_STOP_REASON = {"anyOf": [{"type": "string"}, {"type": "integer"}, {"type": "null"}]}
 
 
 def _completion_response(chat: bool) -> dict:
@@ -158,6 +180,7 @@ def _completion_response(chat: bool) -> dict:
                 },
                 "logprobs": _nullable({"type": "object"}),
                 "finish_reason": _FINISH,
+                "stop_reason": _STOP_REASON,
             },
         }
     else:
@@ -169,6 +192,7 @@ def _completion_response(chat: bool) -> dict:
                 "text": {"type": "string"},
                 "logprobs": _nullable({"type": "object"}),
                 "finish_reason": _FINISH,
+                "stop_reason": _STOP_REASON,
             },
         }
     return {

@@ -3,7 +3,9 @@
 Deterministic: one token per character (token id = code point), and the text generated for
 a prompt is a function of its token ids and seed (``FakeEngine.expected``). It validates
 like the real frontend (empty / too-long prompt -> ``InvalidRequestError``), honours stop
-strings, stop token ids, ``max_tokens`` and logprobs, and records every request, finish and
+strings, stop token ids (with ``stop_reason``), ``min_tokens``, ``max_tokens`` and logprobs,
+checks ``logit_bias`` ids against its vocabulary (the other logit processors are the
+worker's and change nothing here), and records every request, finish and
 abort. Failures are injected through attributes: ``queue_full``, ``fail_after_tokens``,
 ``serving``; delays through ``first_token_delay_s`` / ``token_delay_s``.
 """
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.actors.frontend import fit_max_tokens
-from engine.sampling import InvalidRequestError, SamplingParams
+from engine.sampling import InvalidRequestError, SamplingParams, check_vocab
 from engine.scheduler import QueueFullError
 
 VOCAB = "abcdefghijklmnopqrstuvwxyz "
@@ -42,6 +44,7 @@ class FakeOutput:  # the fields of engine.actors.frontend.RequestOutput
     queue_level: int = 0
     stats: dict | None = None
     prompt_token_ids: list[int] | None = None
+    stop_reason: int | str | None = None
 
 
 class FakeTokenizer:
@@ -98,6 +101,13 @@ class FakeEngine:
 
     def expected(self, prompt_ids: list[int], params: SamplingParams) -> tuple[list[int], str, str]:
         """(token ids, text, finish reason) that generate() produces."""
+        ids, text, reason, _ = self.expected_with_stop_reason(prompt_ids, params)
+        return ids, text, reason
+
+    def expected_with_stop_reason(
+        self, prompt_ids: list[int], params: SamplingParams
+    ) -> tuple[list[int], str, str, int | str | None]:
+        """``expected`` and the ``stop_reason`` of the last output."""
         budget = min(params.max_tokens, self.max_model_len - len(prompt_ids))
         start = sum(prompt_ids) + (params.seed or 0)
         ids: list[int] = []
@@ -106,12 +116,14 @@ class FakeEngine:
             tid = ord(VOCAB[(start + i) % len(VOCAB)])
             ids.append(tid)
             text += chr(tid)
-            if tid in params.stop_token_ids:
-                return ids, text[:-1], "stop"
-            for s in params.stop:
-                if s in text:
-                    return ids, text[: text.index(s)], "stop"
-        return ids, text, "length"
+            if tid in params.stop_token_ids and i + 1 > params.min_tokens:
+                return ids, text[:-1], "stop", tid
+            if i + 1 >= params.min_tokens:
+                hits = [(text.find(s), n) for n, s in enumerate(params.stop) if s in text]
+                if hits:
+                    cut, n = min(hits)
+                    return ids, text[:cut], "stop", params.stop[n]
+        return ids, text, "length", None
 
     # -- EngineLike -----------------------------------------------------------------------------
     async def generate(
@@ -126,13 +138,14 @@ class FakeEngine:
         rid = request_id or uuid.uuid4().hex
         if not self.serving:
             raise FakeEngineDeadError("engine is not serving")
+        check_vocab(params, self.vocab_size)
         prompt_ids = self._validate(prompt, messages)
         params = fit_max_tokens(params, len(prompt_ids), self.max_model_len)
         if self.queue_full:
             raise QueueFullError("4096 jobs waiting (max_waiting=4096)")
         if rid in self.live:
             raise InvalidRequestError(f"request id {rid!r} is already running", "request_id")
-        ids, text, reason = self.expected(prompt_ids, params)
+        ids, text, reason, stop_reason = self.expected_with_stop_reason(prompt_ids, params)
         arrival = time.monotonic()
         self.requests.append(
             {"id": rid, "prompt_ids": prompt_ids, "params": params, "messages": messages}
@@ -167,7 +180,7 @@ class FakeEngine:
                 if last:
                     outcome = "finished"  # set before yielding: the caller may stop right after
                 piece = text[i] if i < len(text) else ""  # tokens of a stop string show no text
-                yield self._out(
+                out = self._out(
                     rid,
                     piece,
                     [tid],
@@ -178,6 +191,8 @@ class FakeEngine:
                     arrival,
                     first_scheduled,
                 )
+                out.stop_reason = stop_reason if last else None
+                yield out
         finally:
             self.live.pop(rid, None)
             {"finished": self.finished, "aborted": self.aborted, "failed": self.failed}[

@@ -222,6 +222,11 @@ REAL_CASES = [
          {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 10_000},
          400, "max_completion_tokens"),
     Case("/detokenize", {"tokens": [10**9]}, 400, "tokens"),
+    # Past the tiny model's 512-token vocabulary: refused by the engine's frontend.
+    Case("/v1/completions", {"prompt": "hi", "logit_bias": {"512": 5}}, 400, "logit_bias"),
+    Case("/v1/chat/completions",
+         {"messages": [{"role": "user", "content": "x"}], "min_tokens": 10_000},
+         400, "min_tokens"),
 ]
 
 

@@ -212,7 +212,7 @@ async def test_each_invalid_request_gets_its_4xx_and_the_server_keeps_serving() 
             400,
             "stream_options",
         ),
-        ("/v1/completions", {"prompt": "x", "echo": True}, 400, "echo"),
+        ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, 400, "echo"),
         ("/v1/completions", {"prompt": "x", "logprobs": 99}, 400, "logprobs"),
         ("/v1/completions", {"max_tokens": 3}, 400, "prompt"),
         ("/v1/completions", {"prompt": []}, 400, "prompt"),
