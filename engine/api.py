@@ -30,6 +30,8 @@ from engine.policies.registry import (
 )
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
+from engine.structured.book import GrammarBook
+from engine.structured.compiler import GrammarCompiler
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger("fastserve.engine")
@@ -62,6 +64,7 @@ class Engine:
         self._profile: dict | None = None  # measured once; reused by every restart
         self._workers: _Workers
         self._frontend: FrontendActor
+        self._grammars: GrammarCompiler
         self._supervisor: asyncio.Task | None = None
         self._closed = False
         # Worker groups started after the first one; and why the engine stopped for good.
@@ -89,6 +92,7 @@ class Engine:
         create_scheduling_policy(config.scheduler.policy, dict(config.scheduler.policy_options))
         create_swap_policy(config.scheduler.swap_policy, dict(config.scheduler.swap_policy_options))
         self.config = config
+        self._model_vocab_size = info.vocab_size  # the logits' width: grammar bitmasks span it
         self._progress = StartupProgress(progress_bars)
         self._init = {
             "version": PROTOCOL_VERSION,
@@ -117,6 +121,10 @@ class Engine:
         self._frontend = FrontendActor(self.tokenizer, max_len, eos, info.vocab_size, workers.scheduler)
         self.max_model_len = max_len
         self.vocab_size = info.vocab_size  # the model's: token ids at or past it are refused
+        sc = config.structured
+        self._grammars = GrammarCompiler(
+            self.tokenizer, info.vocab_size, eos, any_whitespace=sc.any_whitespace,
+            cache_size=sc.cache_size, threads=sc.compile_threads)
         for actor in (workers.scheduler, self._frontend, workers.memory):
             actor.start()
         self._supervisor = loop.create_task(self._supervise(), name="supervisor")
@@ -152,7 +160,8 @@ class Engine:
         # One batch in flight per pipeline stage.
         depth = config.parallel.max_batches_in_flight or config.parallel.pipeline_parallel_size
         core = Scheduler(config.scheduler, policy, swap_policy, blocks, pipeline_depth=depth)
-        scheduler = SchedulerActor(core, executor, emit=self._emit, fail=self._fail)
+        scheduler = SchedulerActor(core, executor, emit=self._emit, fail=self._fail,
+                                   grammars=GrammarBook(self._model_vocab_size))
         memory = MemoryManagerActor(blocks.num_gpu_blocks, blocks.num_host_blocks, ready["block_bytes"], scheduler)
         scheduler.memory = memory
         return _Workers(executor, scheduler, memory, ready)
@@ -313,7 +322,10 @@ class Engine:
             raise EngineDeadError("engine is not serving")
         params = params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
-        mailbox = await self._frontend.ask("submit", request_id, prompt, messages, params)
+        grammar = None
+        if params.structured is not None:  # a thread compiles it (or the cache has it)
+            grammar = await self._grammars.compile(params.structured)
+        mailbox = await self._frontend.ask("submit", request_id, prompt, messages, params, grammar)
         finished = False
         try:
             while True:
@@ -353,6 +365,7 @@ class Engine:
         await self._frontend.stop()
         self._frontend.on_fail(list(self._frontend.live), EngineDeadError("engine shut down"))
         await self._stop_workers(self._workers)
+        self._grammars.close()
 
     async def __aenter__(self) -> Engine:  # noqa: PYI034 -- Self needs Python 3.11
         return self

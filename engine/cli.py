@@ -21,6 +21,7 @@ from engine.config import (
     ParallelConfig,
     SchedulerConfig,
     ServerConfig,
+    StructuredOutputConfig,
 )
 
 EAGER_RECOMPUTE_HELP = (
@@ -116,10 +117,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=ck.positive_int,
                    default=d.scheduler.max_num_batched_tokens, help="token budget per iteration")
     g.add_argument("--max-waiting", type=ck.positive_int, default=d.scheduler.max_waiting,
-                   help="waiting jobs beyond which new requests get 503 + Retry-After")
+                   help="jobs queued beyond one full batch (waiting or preempted) beyond which "
+                        "new requests get 503 + Retry-After")
     g.add_argument("--max-waiting-tokens", type=ck.positive_int,
                    default=d.scheduler.max_waiting_tokens,
-                   help="prompt tokens of all waiting jobs beyond which new requests get 503")
+                   help="prompt tokens of all queued jobs beyond which new requests get 503")
     g = p.add_argument_group("parallelism (see docs/distributed.md)")
     g.add_argument("--torch-threads", type=ck.positive_int, default=None,
                    help="torch threads per worker rank (default: one per physical core; several local "
@@ -138,6 +140,22 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dist-host", default=d.parallel.dist_host,
                    help="address of rank 0's torch.distributed store, reachable from every rank")
     g.add_argument("--dist-port", type=int, default=d.parallel.dist_port, help="its port (0: a free one)")
+    g.add_argument("--distributed-executor-backend", choices=["mp", "ray"],
+                   default=d.parallel.distributed_executor_backend,
+                   help="start the ranks as local processes (mp; remote ones with `fastserve worker`) "
+                        "or as Ray actors on a placement group (ray)")
+    g.add_argument("--ray-address", default=d.parallel.ray_address,
+                   help="Ray cluster for the ray backend (default: $RAY_ADDRESS if set, else a "
+                        "private local Ray instance)")
+    g = p.add_argument_group("structured output (response_format, guided_*)")
+    g.add_argument("--structured-any-whitespace", action="store_true",
+                   help="JSON output may put any whitespace between tokens (default: compact JSON, "
+                        "so a small model cannot stall in endless newlines)")
+    g.add_argument("--grammar-cache-size", type=ck.positive_int, default=d.structured.cache_size,
+                   help="compiled grammars kept for reuse, keyed by the request's spec")
+    g.add_argument("--grammar-compile-threads", type=ck.positive_int,
+                   default=d.structured.compile_threads,
+                   help="threads compiling grammars, off the event loop")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -175,8 +193,15 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             remote_ranks=args.remote_ranks,
             dist_host=args.dist_host,
             dist_port=args.dist_port,
+            distributed_executor_backend=args.distributed_executor_backend,
+            ray_address=args.ray_address,
         ),
         server=_server_config(args),
+        structured=StructuredOutputConfig(
+            any_whitespace=args.structured_any_whitespace,
+            cache_size=args.grammar_cache_size,
+            compile_threads=args.grammar_compile_threads,
+        ),
     )
 
 
@@ -208,6 +233,12 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="no access line per request")
     g.add_argument("--log-stats-interval", type=ck.non_negative_float, default=d.log_stats_interval_s,
                    help="seconds between stats lines while busy; 0 disables them")
+    from engine import tool_parsers
+
+    g.add_argument("--tool-call-parser", default=d.tool_call_parser, choices=tool_parsers.available(),
+                   help="how tool calls are read from the model's text (and offered to a chat "
+                        "template without tool support); default: by model family "
+                        "(smollm2 for SmolLM2, llama3_json for Llama 3, else hermes)")
 
 
 def _server_config(args: argparse.Namespace) -> ServerConfig:
@@ -223,7 +254,8 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
                         record_trace=args.record_trace,
                         record_trace_prompts=args.record_trace_prompts,
                         log_requests=not args.disable_log_requests,
-                        log_stats_interval_s=args.log_stats_interval)
+                        log_stats_interval_s=args.log_stats_interval,
+                        tool_call_parser=args.tool_call_parser)
 
 
 async def _generate(args: argparse.Namespace) -> int:

@@ -56,9 +56,12 @@ class SchedulerConfig:
     swap_policy: str = "proactive"
     max_num_seqs: int = 64  # batch-size cap per iteration
     max_num_batched_tokens: int = 2048  # token budget per iteration (prefill + decode tokens)
-    max_waiting: int = 4096  # admission cap; more waiting jobs are refused (503, Retry-After)
-    # Admission cap on the prompt tokens of all waiting jobs together: bounds the memory a
-    # flood of long prompts can pin before any of them runs. None: no cap.
+    # Admission cap: jobs queued beyond one full batch. The engine holds at most
+    # max_num_seqs + max_waiting jobs in any state (running, waiting, or preempted by a
+    # preemptive policy); past that, new requests are refused (503, Retry-After).
+    max_waiting: int = 4096
+    # Admission cap on the prompt tokens of all queued jobs together (waiting, or swapped
+    # out to host): bounds the memory a flood of long prompts can pin. None: no cap.
     max_waiting_tokens: int | None = 1 << 20
     policy_options: tuple[tuple[str, object], ...] = ()  # extra knobs for the policy plugin
     swap_policy_options: tuple[tuple[str, object], ...] = ()  # extra knobs for the swap plugin
@@ -111,6 +114,19 @@ class ParallelConfig:
     # Seconds between the engine's pings to remote ranks when it sends nothing else; a remote
     # worker exits after its --idle-exit without any message (its engine is gone).
     heartbeat_s: float = 5.0
+    # A rank without a parent to watch (`fastserve worker` elsewhere, a Ray actor) exits when
+    # the engine has not answered its watchdog for this long, even while a command hangs
+    # (NCCL does when a peer dies). 0: never.
+    watchdog_timeout_s: float = 10.0
+    # How ranks are started: "mp" (local processes; `fastserve worker` on other hosts for
+    # remote_ranks) or "ray" (Ray actors on a placement group; see docs/distributed.md).
+    distributed_executor_backend: str = "mp"
+    # Ray cluster to use: None connects to $RAY_ADDRESS when it is set (as `ray.init(
+    # address="auto")`) and otherwise starts a local Ray instance for this engine (stopped
+    # with it); "auto", "ray://..." or "HOST:PORT" connect to that cluster.
+    ray_address: str | None = None
+    # CPUs reserved per rank in the Ray placement group (one GPU per rank on CUDA as well).
+    ray_cpus_per_rank: float = 1.0
     # Batches the scheduler keeps in flight; None: one per pipeline stage (1 shows the bubble
     # of a pipeline without streaming, as benchmarks/parallel_cpu.py does).
     max_batches_in_flight: int | None = None
@@ -138,6 +154,11 @@ class ParallelConfig:
         bad = [r for r in self.remote_ranks if not 0 <= r < self.world_size]
         if bad:
             raise ValueError(f"remote ranks {bad} outside 0..{self.world_size - 1}")
+        if self.distributed_executor_backend not in ("mp", "ray"):
+            raise ValueError(f"distributed_executor_backend must be 'mp' or 'ray', not "
+                             f"{self.distributed_executor_backend!r}")
+        if self.distributed_executor_backend == "ray" and self.remote_ranks:
+            raise ValueError("remote_ranks are for the mp backend; Ray places every rank itself")
 
 
 @dataclass(frozen=True)
@@ -157,6 +178,22 @@ class ServerConfig:
     # by `fastserve bench`/`simulate --workload trace:FILE`; None: no trace.
     record_trace: str | None = None
     record_trace_prompts: bool = False  # also write each prompt's text into the trace
+    # Tool-call parser by name (engine.tool_parsers); None: the model family's default.
+    tool_call_parser: str | None = None
+
+
+@dataclass(frozen=True)
+class StructuredOutputConfig:
+    """Structured output (``response_format``, ``guided_*``; engine/structured/)."""
+
+    # JSON from a schema or json_object: False allows no whitespace outside strings (compact
+    # JSON, ", " and ": " separators), so a small model cannot stall in endless newlines;
+    # True allows any whitespace between tokens (xgrammar's own default).
+    any_whitespace: bool = False
+    # Compiled grammars kept for reuse, keyed by the spec (least recently used dropped).
+    cache_size: int = 256
+    # Threads compiling grammars, off the event loop.
+    compile_threads: int = 1
 
 
 @dataclass(frozen=True)
@@ -166,6 +203,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    structured: StructuredOutputConfig = field(default_factory=StructuredOutputConfig)
 
     def replace(self, **sections: object) -> EngineConfig:
         return dataclasses.replace(self, **sections)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.sampling import SamplingParams
 
@@ -66,6 +67,9 @@ class Job:
     last_run_time: float | None = None  # end of the last iteration it ran in (starvation)
     swapped_since: float | None = None
     stats: JobStats = field(default_factory=JobStats)
+    # The compiled grammar of ``params.structured`` (engine process only: the scheduler
+    # actor makes the job's matcher from it; never sent to workers, never read by the core).
+    grammar: Any = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:

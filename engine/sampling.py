@@ -47,6 +47,10 @@ class SamplingParams:
     # edge's rule, as vLLM's) or cut to what is left (True: "generate until the context is
     # full", e.g. a chat request without max_tokens).
     clamp_max_tokens: bool = False
+    # Output constraint (engine.structured.spec): {"type": "json_object" | "json_schema" |
+    # "regex" | "choice" | "grammar", ...}; None: free text. Its shape is checked here; what
+    # it means (a schema, regex or grammar that compiles) before the job is queued.
+    structured: dict | None = field(default=None, hash=False)
     # -- logit processors (OpenAI / vLLM semantics; docs/serving.md). At their neutral
     # values the worker skips them entirely.
     presence_penalty: float = 0.0  # minus this once for every token already generated
@@ -105,6 +109,10 @@ class SamplingParams:
             raise bad("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} token ids")
         if not isinstance(self.clamp_max_tokens, bool):
             raise bad("clamp_max_tokens", "must be a boolean")
+        if self.structured is not None:
+            from engine.structured.spec import validate_spec  # imports this module
+
+            validate_spec(self.structured)
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not _is_number(v) or not -MAX_PENALTY <= v <= MAX_PENALTY:
@@ -290,8 +298,16 @@ class Sampler:
         if job is not None:
             self.processors.release(job.procs)
 
-    def sample(self, logits: torch.Tensor, job_ids: list[str]) -> SampleResult:
-        """``logits`` is [B, V] (float32); row i belongs to ``job_ids[i]``."""
+    def sample(
+        self, logits: torch.Tensor, job_ids: list[str],
+        token_bitmask: tuple[list[int], torch.Tensor] | None = None,
+    ) -> SampleResult:
+        """``logits`` is [B, V] (float32); row i belongs to ``job_ids[i]``.
+
+        ``token_bitmask`` (rows, int32 [len(rows), ceil(V / 32)]): the grammar's allowed
+        next tokens of those rows (engine.structured); refused tokens get -inf before
+        temperature and the filters, so greedy and random rows alike pick an allowed one.
+        Logprobs stay those of the raw logits."""
         if logits.dim() != 2 or logits.shape[0] != len(job_ids):
             raise ValueError(f"logits of shape {tuple(logits.shape)} for {len(job_ids)} jobs")
         try:
@@ -302,6 +318,15 @@ class Sampler:
         procs = [j.procs for j in jobs]
         tracked = any(p is not None for p in procs)
         processed = self.processors.apply(logits, procs) if tracked else logits
+        if token_bitmask is not None and len(token_bitmask[0]):  # grammars: after penalties
+            import torch
+
+            from engine.structured.bitmask import apply_token_bitmask
+
+            rows, mask = token_bitmask
+            processed = apply_token_bitmask(
+                processed, torch.tensor(rows, device=logits.device), torch.as_tensor(mask),
+                raw=logits)
         tokens = self._choose(processed, jobs)
         if tracked:
             self.processors.record(procs, tokens)

@@ -45,6 +45,8 @@ from engine.policies.base import SchedulingPolicy
 from engine.policies.mlfq import check_number
 from engine.request import FinishReason, Job, JobState
 
+_QUEUED = (JobState.WAITING, JobState.SWAPPED)  # not resident on the GPU: queued work
+
 
 class AdmissionError(ValueError):
     """A job can never run here (e.g. its prompt alone exceeds the KV pool)."""
@@ -115,9 +117,10 @@ class Scheduler:
         self._finished: list[Job] = []
         self._evicted_now: set[str] = set()
         self.num_preemptions = 0
-        # Jobs in state WAITING, and their prompt tokens: admission caps without a scan.
+        # Jobs in state WAITING, and the prompt tokens of the jobs queued (WAITING or
+        # SWAPPED): counters kept at every state change, so admission does not scan.
         self._num_waiting = 0
-        self._waiting_prompt_tokens = 0
+        self._queued_prompt_tokens = 0
         # Per fill pass: positions in the order of the jobs that held GPU blocks when it
         # started, and suffix sums of the blocks they held (victim search); None until needed.
         self._resident_pos: list[int] | None = None
@@ -130,10 +133,11 @@ class Scheduler:
             return
         if old is JobState.WAITING:
             self._num_waiting -= 1
-            self._waiting_prompt_tokens -= len(job.prompt_ids)
         elif state is JobState.WAITING:
             self._num_waiting += 1
-            self._waiting_prompt_tokens += len(job.prompt_ids)
+        was, now_queued = old in _QUEUED, state in _QUEUED
+        if was != now_queued:
+            self._queued_prompt_tokens += len(job.prompt_ids) if now_queued else -len(job.prompt_ids)
         job.state = state
 
     @property
@@ -150,9 +154,15 @@ class Scheduler:
                 f"prompt of {job.num_prompt_tokens} tokens does not fit the KV cache "
                 f"({self.blocks.num_gpu_blocks} blocks of {self.blocks.block_size} tokens)"
             )
-        if self._num_waiting >= self.config.max_waiting:
+        # Admission bounds every job the engine holds, whatever the policy: one full batch
+        # (max_num_seqs) plus a queue (max_waiting) of jobs that are not running -- waiting
+        # for their first turn, or preempted (swapped to host, or dropped for recompute).
+        # A preemptive policy thus cannot pile up preempted jobs past the cap the user set.
+        held_cap = self.config.max_num_seqs + self.config.max_waiting
+        if len(self.jobs) >= held_cap:
             raise QueueFullError(
-                f"{self._num_waiting} jobs waiting (max_waiting={self.config.max_waiting})"
+                f"{len(self.jobs)} jobs held, at most max_num_seqs={self.config.max_num_seqs} "
+                f"running + max_waiting={self.config.max_waiting} queued"
             )
         cap = self.config.max_waiting_tokens
         if cap is not None and job.num_prompt_tokens > cap:
@@ -160,15 +170,17 @@ class Scheduler:
                 f"prompt of {job.num_prompt_tokens} tokens exceeds max_waiting_tokens={cap}"
             )
         if cap is not None:
-            queued = self._waiting_prompt_tokens
+            # Queued work: jobs not resident on the GPU (waiting, or swapped out); a counter
+            # kept by _set_state, so admission does not scan every job.
+            queued = self._queued_prompt_tokens
             if queued + job.num_prompt_tokens > cap:
                 raise QueueFullError(
-                    f"{queued} prompt tokens waiting, {job.num_prompt_tokens} more would pass "
+                    f"{queued} prompt tokens queued, {job.num_prompt_tokens} more would pass "
                     f"max_waiting_tokens={cap}"
                 )
         job.state = JobState.WAITING
         self._num_waiting += 1
-        self._waiting_prompt_tokens += job.num_prompt_tokens
+        self._queued_prompt_tokens += job.num_prompt_tokens
         self.jobs[job.job_id] = job
         self.policy.admit(job, now)
 
@@ -474,10 +486,9 @@ class Scheduler:
     # -- introspection ----------------------------------------------------------------------
     def check_integrity(self) -> None:
         self.blocks.check_integrity()
-        waiting = [j for j in self.jobs.values() if j.state is JobState.WAITING]
-        if len(waiting) != self._num_waiting or (
-            sum(j.num_prompt_tokens for j in waiting) != self._waiting_prompt_tokens
-        ):
+        waiting = sum(1 for j in self.jobs.values() if j.state is JobState.WAITING)
+        queued = sum(j.num_prompt_tokens for j in self.jobs.values() if j.state in _QUEUED)
+        if waiting != self._num_waiting or queued != self._queued_prompt_tokens:
             raise AssertionError("waiting counters disagree with the jobs' states")
         ordered = [j.job_id for j in self.policy.order(0.0)]
         if len(ordered) != len(set(ordered)):

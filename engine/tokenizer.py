@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -30,6 +31,9 @@ from engine.sampling import InvalidRequestError
 log = logging.getLogger("fastserve.tokenizer")
 
 __all__ = ["IncrementalDetokenizer", "Tokenizer", "TokenizerLoadError", "default_cache_dir"]
+
+# A template that mentions ``tools`` takes them (``{% if tools %}``, ``tools | tojson``).
+_TOOLS_VAR = re.compile(r"\btools\b")
 
 # Bumped when the cached layout or what we store changes; old entries are then ignored.
 _CACHE_FORMAT = 1
@@ -126,17 +130,25 @@ class Tokenizer:
         return self.token_to_text(token_id).encode("utf-8")
 
     # -- chat -------------------------------------------------------------------------------
-    def apply_chat_template(self, messages: list[dict],
-                            add_generation_prompt: bool = True) -> list[int]:
-        """Prompt ids for chat ``messages`` ({role: str, content: str | [text parts]})."""
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the chat template reads a ``tools`` variable (tool-calling templates do;
+        for others the server writes the tools into the system message itself)."""
+        return self.chat_template is not None and bool(_TOOLS_VAR.search(self.chat_template))
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> list[int]:
+        """Prompt ids for chat ``messages`` ({role: str, content: str | [text parts]}, and
+        ``tool_calls`` / ``tool_call_id`` passed through); ``tools`` go to the template."""
         if self.chat_template is None:
             raise InvalidRequestError(
                 "messages: this model has no chat template; send a plain prompt instead",
                 param="messages")
         normalized = _normalize_messages(messages)
         try:
+            extra = {"tools": tools} if tools else {}
             text = self.hf.apply_chat_template(
-                normalized, tokenize=False, add_generation_prompt=add_generation_prompt)
+                normalized, tokenize=False, add_generation_prompt=add_generation_prompt, **extra)
         except Exception as e:  # noqa: BLE001 -- the template's own raise_exception(), or a type it chokes on
             raise InvalidRequestError(f"messages: the chat template rejected them: {e}",
                                       param="messages") from None
@@ -178,6 +190,10 @@ def _normalize_messages(messages: object) -> list[dict]:
         item = {"role": role, "content": content}
         if isinstance(m.get("name"), str):
             item["name"] = m["name"]
+        if isinstance(m.get("tool_calls"), list):
+            item["tool_calls"] = m["tool_calls"]
+        if isinstance(m.get("tool_call_id"), str):
+            item["tool_call_id"] = m["tool_call_id"]
         out.append(item)
     return out
 

@@ -70,8 +70,9 @@ class FrontendActor(Actor):
     # -- requests ---------------------------------------------------------------------------
     async def on_submit(
         self, request_id: str, prompt: str | Sequence[int] | None, messages: list[dict] | None,
-        params: SamplingParams,
+        params: SamplingParams, grammar: Any = None,
     ) -> asyncio.Queue:
+        """``grammar``: ``params.structured`` compiled (the engine compiles it before)."""
         if request_id in self.live:
             raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
         check_vocab(params, self.vocab_size)
@@ -84,6 +85,7 @@ class FrontendActor(Actor):
             arrival_time=time.monotonic(),
             eos_token_ids=self.eos_token_ids,
             max_model_len=self.max_model_len,
+            grammar=grammar,
         )
         await self.scheduler.ask("add", job)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens,

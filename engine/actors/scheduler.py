@@ -21,6 +21,7 @@ from engine.parallel.executor import WorkerDiedError, WorkerError, WorkerExecuto
 from engine.parallel.protocol import plan_to_message
 from engine.request import FinishReason, Job
 from engine.scheduler import Scheduler, StepPlan
+from engine.structured.book import GrammarBook
 
 log = logging.getLogger("fastserve.scheduler")
 
@@ -50,9 +51,13 @@ class SchedulerActor(Actor):
         fail: Callable[[list[str], Exception], None],
         memory: Actor | None = None,
         clock: Callable[[], float] = time.monotonic,
+        grammars: GrammarBook | None = None,
     ) -> None:
         super().__init__()
         self.core = core
+        # Grammar state of constrained jobs (engine/structured/book.py says why it is here):
+        # a matcher per job, advanced when its tokens are applied, read when plans are built.
+        self.grammars = grammars
         self.executor = executor
         self.emit = emit
         self.fail = fail
@@ -93,9 +98,15 @@ class SchedulerActor(Actor):
     def on_add(self, job: Job) -> None:
         if self.error is not None:
             raise WorkerDiedError(f"engine cannot serve: {self.error}")
+        if job.grammar is not None and self.grammars is None:
+            raise RuntimeError("a constrained job, but this scheduler keeps no grammar state")
         self.core.add(job, self.clock())
+        if job.grammar is not None:
+            self.grammars.add(job.job_id, job.grammar)  # type: ignore[union-attr]
 
     def on_abort(self, job_id: str) -> None:
+        if self.grammars is not None:
+            self.grammars.remove(job_id)
         job = self.core.abort(job_id, self.clock())
         if job is not None:
             self.emit([self._event(job, None, None)])
@@ -127,8 +138,9 @@ class SchedulerActor(Actor):
                     await asyncio.sleep(0.001)
                 break
             try:
-                answer = await self.executor.submit(
-                    "step", **_fields(plan_to_message(plan, 0, with_feed=self.executor.world_size > 1)))
+                msg = plan_to_message(plan, 0, with_feed=self.executor.world_size > 1,
+                                      grammar=self._grammar_masks(plan))
+                answer = await self.executor.submit("step", **_fields(msg))
             except (WorkerDiedError, WorkerError) as e:
                 self._die(e)
                 return
@@ -157,6 +169,8 @@ class SchedulerActor(Actor):
         # batch spent in the pipeline (queued behind another stage included).
         service = float(reply["elapsed"]) if core.pipeline_depth == 1 else now - sent
         touched = core.update(plan, sampled, service, now)
+        if self.grammars:
+            self._advance_grammars(touched, now)
         self.num_steps += 1
         if touched:
             self.emit([self._event(j, j.output_ids[-1], lp_by_id.get(j.job_id)) for j in touched])
@@ -167,10 +181,41 @@ class SchedulerActor(Actor):
             self.memory.tell("step", b.num_free_gpu_blocks, b.num_free_host_blocks, moved,
                              float(reply.get("swap_s", 0.0)))
 
+    def _grammar_masks(self, plan: StepPlan) -> dict | None:
+        """The next-token bitmasks of the plan's constrained sampled rows; None if none."""
+        if not self.grammars:
+            return None
+        ids = [s.job.job_id for s in plan.seqs if s.sample and s.job.job_id in self.grammars]
+        if not ids:
+            return None
+        return {"ids": ids, "bitmask": self.grammars.bitmask(ids)}
+
+    def _advance_grammars(self, touched: list[Job], now: float) -> None:
+        """Feed each constrained job's new token to its matcher (once per token: the only
+        place a matcher moves). A grammar that has ended finishes its job ("stop")."""
+        book = self.grammars
+        assert book is not None
+        for job in touched:
+            if job.job_id not in book or job.is_finished:
+                continue  # finished jobs lose their matcher when drained
+            accepted, terminated = book.accept(job.job_id, job.output_ids[-1])
+            if not accepted:  # the sampler honours the mask, so this is a bug: say so
+                err = RuntimeError(f"token {job.output_ids[-1]} of job {job.job_id} "
+                                   "breaks its grammar")
+                log.error("%s", err)
+                self.core.abort(job.job_id, now)
+                self.fail([job.job_id], err)
+            elif terminated:
+                self.core.finish(job.job_id, FinishReason.STOP, now)
+
     def _emit_finished(self, reported: set[str]) -> None:
         """Final events for jobs finished without a token this step (the frontend ignores
         a second final event for a job, so over-reporting is harmless; missing one is not)."""
-        done = [j for j in self.core.drain_finished() if j.job_id not in reported]
+        finished = self.core.drain_finished()
+        if self.grammars:
+            for j in finished:
+                self.grammars.remove(j.job_id)
+        done = [j for j in finished if j.job_id not in reported]
         if done:
             self.emit([self._event(j, None, None) for j in done])
 
@@ -222,6 +267,9 @@ class SchedulerActor(Actor):
         for jid in ids:
             self.core.abort(jid, now)
         self.core.drain_finished()
+        if self.grammars is not None:
+            for jid in ids:
+                self.grammars.remove(jid)
         self.fail(ids, error)
 
     def snapshot(self) -> dict:

@@ -11,6 +11,7 @@ from engine.client.sdk import (
     Output,
     QueueFull,
     ServerError,
+    join_tool_calls,
 )
 from engine.client.wire import default_zmq_address
 
@@ -24,4 +25,5 @@ __all__ = [
     "QueueFull",
     "ServerError",
     "default_zmq_address",
+    "join_tool_calls",
 ]

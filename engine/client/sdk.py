@@ -92,6 +92,10 @@ class Output:
     prompt_token_ids: list[int] | None = None
     request_id: str | None = None
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    # With tools: pieces of tool calls, as OpenAI streams them ({index, id, type,
+    # function: {name, arguments}} first, then {index, function: {arguments}}); ``text``
+    # is then the content outside calls. ``join_tool_calls`` puts them together.
+    tool_calls: list[dict] | None = None
 
     @classmethod
     def from_message(cls, msg: dict) -> Output:
@@ -106,6 +110,7 @@ def generate_message(
     prompt_token_ids: list[int] | None,
     params: Any,
     overrides: dict,
+    tools: dict | None = None,
 ) -> dict:
     if params is not None and hasattr(params, "to_dict"):  # an engine.sampling.SamplingParams
         params = {k: v for k, v in params.to_dict().items() if k != "extra"}
@@ -120,7 +125,27 @@ def generate_message(
     ):
         if value is not None:
             msg[name] = value
+    for name, value in (tools or {}).items():
+        if value is not None:
+            msg[name] = value
     return msg
+
+
+def join_tool_calls(outputs: Any) -> list[dict]:
+    """Whole tool calls ``[{id, type, function: {name, arguments}}]`` from the
+    ``tool_calls`` pieces of a request's outputs."""
+    calls: dict[int, dict] = {}
+    for out in outputs:
+        for piece in getattr(out, "tool_calls", None) or []:
+            call = calls.setdefault(
+                piece["index"], {"id": None, "type": "function",
+                                 "function": {"name": None, "arguments": ""}}
+            )
+            if piece.get("id"):
+                call["id"] = piece["id"]
+                call["function"]["name"] = piece["function"]["name"]
+            call["function"]["arguments"] += piece["function"].get("arguments") or ""
+    return [calls[i] for i in sorted(calls)]
 
 
 class _Book:
@@ -247,13 +272,21 @@ class Client:
         prompt_token_ids: list[int] | None = None,
         params: Any = None,
         request_id: str | None = None,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict | None = None,
+        parallel_tool_calls: bool | None = None,
         **sampling: Any,
     ) -> Iterator[Output]:
         """Stream a request's outputs; the last has ``finished=True``. ``params`` (a dict or
         ``SamplingParams``) and keyword arguments (``max_tokens=8``) are sampling fields.
-        Stopping the iteration early aborts the request on the server."""
+        ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` (with ``messages``) are
+        OpenAI's; calls arrive in ``Output.tool_calls``. Stopping the iteration early
+        aborts the request on the server."""
         rid = request_id or uuid.uuid4().hex
-        msg = generate_message(rid, prompt, messages, prompt_token_ids, params, sampling)
+        msg = generate_message(
+            rid, prompt, messages, prompt_token_ids, params, sampling,
+            _tool_fields(tools, tool_choice, parallel_tool_calls),
+        )
         self._book.open(rid)
         return self._stream(rid, msg)
 
@@ -381,11 +414,17 @@ class AsyncClient:
         prompt_token_ids: list[int] | None = None,
         params: Any = None,
         request_id: str | None = None,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict | None = None,
+        parallel_tool_calls: bool | None = None,
         **sampling: Any,
     ) -> AsyncIterator[Output]:
         """As ``Client.generate``; leaving the ``async for`` early (or cancelling) aborts."""
         rid = request_id or uuid.uuid4().hex
-        msg = generate_message(rid, prompt, messages, prompt_token_ids, params, sampling)
+        msg = generate_message(
+            rid, prompt, messages, prompt_token_ids, params, sampling,
+            _tool_fields(tools, tool_choice, parallel_tool_calls),
+        )
         self._open(rid)
         finished = False
         try:
@@ -433,6 +472,10 @@ def _send_nowait(sock: zmq.asyncio.Socket, data: bytes) -> None:
     except zmq.ZMQError:
         return
     fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # consume the outcome
+
+
+def _tool_fields(tools: Any, tool_choice: Any, parallel_tool_calls: Any) -> dict:
+    return {"tools": tools, "tool_choice": tool_choice, "parallel_tool_calls": parallel_tool_calls}
 
 
 def _encode(msg: dict, api_key: str | None) -> bytes:

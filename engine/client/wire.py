@@ -45,6 +45,7 @@ OUTPUT_FIELDS = (
     "stats",
     "prompt_token_ids",
     "stop_reason",
+    "tool_calls",  # chat with tools: call deltas in OpenAI's streaming shape, else None
 )
 
 

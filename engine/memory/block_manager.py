@@ -11,6 +11,14 @@ handed out again in the same plan, but a host block vacated by a swap-in may not
 swap-out of the same plan could overwrite it before it is read. Those host blocks are
 *deferred* and return to the free list at ``end_step()``, once the plan is built.
 
+Freeing a job whose blocks are being copied (an abort while its swap is in flight) puts
+them back on the free lists at once. That is safe because the free lists only say what
+*later plans* may use, and the worker runs plans in order: a plan's demand swaps complete
+before its forward, and its proactive copies land before the next plan touches any block
+(``AsyncBlockCopier.wait`` at the start of each step). So no plan built after the free can
+overwrite or read a block before the copy that moved it has completed.
+``tests/unit/test_abort_during_swap.py`` checks this against a model of the worker.
+
 Reservations (Orca-style admission, see ``engine/policies/orca.py``): ``reserve(job,
 tokens)`` makes the job's first allocation take room for ``tokens`` at once, so it never
 needs another block; reservations are granted in the order they were made, so a job

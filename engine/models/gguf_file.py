@@ -86,6 +86,23 @@ class GGUFFile:
         block, type_size = GGML_QUANT_SIZES[info.qtype]
         return raw.reshape(*info.shape[:-1], info.shape[-1] // block * type_size)
 
+    def read_part(
+        self,
+        info: GGUFTensorInfo,
+        rows: tuple[int, int] | None,
+        byte_cols: tuple[int, int] | None,
+    ) -> np.ndarray:
+        """A copy of rows ``[a, b)`` and bytes ``[c, d)`` of each of them of a 2-D tensor's
+        stored bytes (``None``: all); a 1-D tensor is read whole. Only those bytes are read
+        from the file (the map pages them in on demand)."""
+        raw = self.read_raw(info)
+        if raw.ndim == 2:
+            if rows is not None:
+                raw = raw[rows[0] : rows[1]]
+            if byte_cols is not None:
+                raw = raw[:, byte_cols[0] : byte_cols[1]]
+        return np.ascontiguousarray(raw)
+
     # ----------------------------------------------------------------------- parsing
 
     def _unpack(self, fmt: str) -> object:

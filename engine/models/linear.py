@@ -162,8 +162,34 @@ class LinearMethod(ABC):
         return logits
 
 
+class LazyWeight(ABC):
+    """A checkpoint tensor not read yet (``engine.models.loader`` hands these out).
+
+    ``narrow`` only records which part is wanted; ``read`` reads that part and nothing else,
+    giving a float tensor or a quantized checkpoint tensor. Weight loaders narrow to their
+    rank's rows or columns first and read after, so a tensor-parallel rank never reads or
+    holds more of a checkpoint tensor than its own shard.
+    """
+
+    shape: torch.Size
+
+    @abstractmethod
+    def narrow(self, dim: int, start: int, length: int) -> LazyWeight: ...
+
+    @abstractmethod
+    def read(self) -> torch.Tensor | CheckpointWeight: ...
+
+    def dequantize(self) -> torch.Tensor:
+        return as_float(self.read())
+
+
+def read_now(loaded: Loaded) -> Loaded:
+    """``loaded`` itself, or what a lazy one reads (call it once narrowed)."""
+    return loaded.read() if isinstance(loaded, LazyWeight) else loaded
+
+
 def as_float(loaded: Loaded) -> torch.Tensor:
-    """A checkpoint tensor as floats (quantized ones are dequantized)."""
+    """A checkpoint tensor as floats (quantized ones are dequantized, lazy ones read)."""
     if isinstance(loaded, torch.Tensor):
         return loaded
     return loaded.dequantize()
@@ -246,7 +272,7 @@ class LinearBase(nn.Module):
         if is_bias:
             self.bias.data[rows].copy_(as_float(loaded))
             return loaded.shape[0]
-        self.quant_method.load_weight(self, loaded, rows)
+        self.quant_method.load_weight(self, read_now(loaded), rows)
         return loaded.shape[0] * self.in_features
 
     def logical_numel(self, param: nn.Parameter) -> int:
@@ -510,7 +536,8 @@ class ParallelLMHead(ColumnParallelLinear):
         start = self.tp.rank * self.out_features
         kept = max(0, min(self.out_features, self.vocab_size - start))
         if kept:
-            self.quant_method.load_weight(self, loaded.narrow(0, start, kept), slice(0, kept))
+            part = read_now(loaded.narrow(0, start, kept))
+            self.quant_method.load_weight(self, part, slice(0, kept))
         if kept < self.out_features:
             pad = torch.zeros(self.out_features - kept, self.in_features)
             self.quant_method.load_weight(self, pad, slice(kept, self.out_features))

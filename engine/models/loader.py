@@ -28,7 +28,8 @@ from torch import nn
 from engine.models.base import PipelineStage
 from engine.models.gguf_blocks import DECODERS
 from engine.models.gguf_file import GGUFFile
-from engine.models.linear import SINGLE_DEVICE, TPInfo
+from engine.models.lazy_weights import GGUFSlice, SafetensorsSlice, decode_quantized, unpermute_qk
+from engine.models.linear import SINGLE_DEVICE, LazyWeight, TPInfo
 from engine.models.llama import LlamaForCausalLM
 from engine.models.opt import OPTForCausalLM
 from engine.models.paths import (  # noqa: F401 -- re-exported: the loader's public names
@@ -105,7 +106,9 @@ def load_model(
     model = _build(config, torch.device("meta"), tp, quant, stage).to(dtype).to_empty(device=device)
     try:
         keep = getattr(model, "owns", None)
-        weights = iter_weights(resolved, config, keep_quantized=quant.quantizes, keep=keep)
+        # Lazily: each layer reads only its rank's slice of a tensor (lazy_weights).
+        weights = iter_weights(resolved, config, keep_quantized=quant.quantizes, keep=keep,
+                               lazy=True)
         if on_tensor is not None:
             weights = _reporting(weights, on_tensor)
         model.load_weights(weights)  # type: ignore[operator]
@@ -240,20 +243,23 @@ def iter_weights(
     config: dict | None = None,
     keep_quantized: bool = False,
     keep: Callable[[str], bool] | None = None,
-) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
-    """Checkpoint tensors under HF names, lazily (one tensor in memory at a time).
+    lazy: bool = False,
+) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight | LazyWeight]]:
+    """Checkpoint tensors under HF names, one at a time.
 
     ``config`` is :func:`load_hf_config`'s result when the caller already has it. With
     ``keep_quantized``, GGUF tensors whose blocks have an exact packed form come as
     ``QuantizedWeight`` instead of fp32. ``keep`` (by HF name) skips tensors before they are
-    read, e.g. other pipeline stages' layers.
+    read, e.g. other pipeline stages' layers. ``lazy``: each comes unread, as a
+    ``LazyWeight`` to narrow to the part wanted and then read (``engine.models.lazy_weights``);
+    it is valid until the next one is asked for.
     """
     keep = keep or (lambda _name: True)
     if os.path.isdir(path):
-        return _safetensors_weights(path, keep)
+        return _safetensors_weights(path, keep, lazy)
     gguf = _gguf_file(path)
     config = config if config is not None else _gguf_config(gguf)
-    return _gguf_weights(gguf, config, keep_quantized, keep)
+    return _gguf_weights(gguf, config, keep_quantized, keep, lazy)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -313,7 +319,9 @@ def _read_json(path: str) -> dict:
         raise ModelLoadError(f"cannot read {path}: {exc}") from exc
 
 
-def _safetensors_weights(directory: str, keep: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
+def _safetensors_weights(
+    directory: str, keep: Callable[[str], bool], lazy: bool = False
+) -> Iterator[tuple[str, torch.Tensor | LazyWeight]]:
     from safetensors import safe_open
 
     index = os.path.join(directory, "model.safetensors.index.json")
@@ -329,7 +337,12 @@ def _safetensors_weights(directory: str, keep: Callable[[str], bool]) -> Iterato
         try:
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                    if keep(key):
+                    if not keep(key):
+                        continue
+                    if lazy:
+                        part = f.get_slice(key)
+                        yield key, SafetensorsSlice(part, tuple(part.get_shape()))
+                    else:
                         yield key, f.get_tensor(key)
         except Exception as exc:  # safetensors raises its own error types
             raise ModelLoadError(f"cannot read {file}: {exc}") from exc
@@ -406,8 +419,12 @@ def _gguf_config(gguf: GGUFFile) -> dict:
 
 
 def _gguf_weights(
-    gguf: GGUFFile, config: dict, keep_quantized: bool, keep: Callable[[str], bool]
-) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+    gguf: GGUFFile,
+    config: dict,
+    keep_quantized: bool,
+    keep: Callable[[str], bool],
+    lazy: bool = False,
+) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight | LazyWeight]]:
     # llama.cpp's converter interleaves the two RoPE halves of each q/k head (for its
     # GPT-J-style rotation); Qwen2 GGUFs are stored unpermuted.
     permuted = gguf.get("general.architecture") == "llama"
@@ -422,7 +439,13 @@ def _gguf_weights(
             heads = config["num_attention_heads"]
         elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
             heads = config["num_key_value_heads"]
-        if keep_quantized and info.qtype in DECODERS and len(info.shape) == 2:
+        packs = keep_quantized and info.qtype in DECODERS and len(info.shape) == 2
+        if lazy:
+            if keep_quantized and not packs and info.qtype not in _FLOAT_TYPES:
+                _log_unpacked(info)
+            yield name, GGUFSlice(gguf, info, packed=packs, heads=heads)
+            continue
+        if packs:
             packed = _gguf_quantized(gguf, info)
             if heads is not None:  # the permutation is one of rows: codes and scales follow
                 order = _unpermute_qk(np.arange(info.shape[0]), heads)
@@ -430,12 +453,7 @@ def _gguf_weights(
             yield name, packed
             continue
         if keep_quantized and info.qtype not in _FLOAT_TYPES and len(info.shape) == 2:
-            log.info(
-                "%s: %s has no packed form a torch kernel takes; dequantized, and its layer "
-                "re-quantizes it",
-                info.name,
-                info.qtype.name,
-            )
+            _log_unpacked(info)
         try:
             weights = gguf.read(info)
         except (ValueError, NotImplementedError) as exc:
@@ -445,16 +463,18 @@ def _gguf_weights(
         yield name, torch.from_numpy(weights)
 
 
+def _log_unpacked(info) -> None:
+    if len(info.shape) == 2:
+        log.info(
+            "%s: %s has no packed form a torch kernel takes; dequantized, and its layer "
+            "re-quantizes it",
+            info.name,
+            info.qtype.name,
+        )
+
+
 def _gguf_quantized(gguf: GGUFFile, info) -> QuantizedWeight:
-    bits, group, codes, scales, zeros = DECODERS[info.qtype](gguf.read_raw(info))
-    return QuantizedWeight(
-        bits,
-        group,
-        torch.from_numpy(np.ascontiguousarray(codes)),
-        torch.from_numpy(np.ascontiguousarray(scales)),
-        None if zeros is None else torch.from_numpy(np.ascontiguousarray(zeros)),
-        source=info.qtype.name,
-    )
+    return decode_quantized(gguf.read_raw(info), info.qtype)
 
 
 def _gguf_to_hf_name(name: str) -> str:
@@ -467,8 +487,4 @@ def _gguf_to_hf_name(name: str) -> str:
     return f"model.layers.{layer}.{_GGUF_LAYER_NAMES[kind]}.{suffix}"
 
 
-def _unpermute_qk(weights: np.ndarray, num_heads: int) -> np.ndarray:
-    """Inverse of convert_hf_to_gguf's ``permute``: per head, rows (pair, half) -> (half, pair)."""
-    half = weights.shape[0] // num_heads // 2
-    w = weights.reshape(num_heads, half, 2, *weights.shape[1:])
-    return np.ascontiguousarray(w.swapaxes(1, 2)).reshape(weights.shape)
+_unpermute_qk = unpermute_qk

@@ -84,6 +84,7 @@ class Distributed:
         host: str = "127.0.0.1",
         port: int = 0,
         timeout_s: float = 120.0,
+        rendezvous_timeout_s: float | None = None,
     ) -> None:
         self.layout = layout
         self.device = device
@@ -97,8 +98,13 @@ class Distributed:
         import torch.distributed as dist
 
         timeout = timedelta(seconds=timeout_s)
+        # Meeting up waits for the slowest rank to start (import torch, set up), which on a
+        # busy machine can take far longer than a step may: a tight step deadline (set to
+        # catch a hung rank quickly) must not fail the start-up. The store returns on every
+        # rank once all have connected; from there on the step deadline applies.
+        meet = timedelta(seconds=max(timeout_s, rendezvous_timeout_s or 0.0))
         # Rank 0 hosts the rendezvous store, as torchrun's static rendezvous does.
-        store = dist.TCPStore(host, port, layout.world_size, layout.rank == 0, timeout=timeout)
+        store = dist.TCPStore(host, port, layout.world_size, layout.rank == 0, timeout=meet)
         dist.init_process_group(
             resolve_backend(backend, device), store=store, rank=layout.rank,
             world_size=layout.world_size, timeout=timeout,

@@ -8,6 +8,12 @@ socket would round-robin plans between ranks, and the delta-encoded plans must r
 rank exactly once, in order). Steps and profiles are answered by the driver only (the
 last stage's TP rank 0); everything else by every rank.
 
+Ranks are local processes (``mp``), ``fastserve worker`` processes that connect from other
+hosts (``remote_ranks``), or Ray actors (``ray``, see ``engine.parallel.ray_backend``); all
+run the same worker main. The reader also answers each rank's watchdog (``watch`` from a
+``watch-...`` routing id) with this executor's instance id, so that a rank whose engine or
+worker group is gone ends itself (``engine.parallel.worker.Watchdog``).
+
 Failure: a local rank that exits, an error from any rank of a parallel world (its peers
 may now be stuck in a collective), or a call past its deadline fails every pending call
 with :class:`WorkerDiedError` instead of hanging it.
@@ -26,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +43,7 @@ import zmq.asyncio
 from engine.config import ParallelConfig
 from engine.logs import current_format
 from engine.parallel.protocol import ProtocolError, decode, driver_rank, encode
-from engine.parallel.worker import rank_identity
+from engine.parallel.worker import IPC_DIR_PREFIX, WATCH_PREFIX, rank_identity
 
 log = logging.getLogger("fastserve.executor")
 
@@ -67,8 +74,8 @@ class _Call:
 
 
 class WorkerExecutor:
-    """Owns the ``tp x pp`` worker ranks of one engine (local processes; remote ranks join
-    by connecting to ``address``)."""
+    """Owns the ``tp x pp`` worker ranks of one engine (local processes or Ray actors;
+    remote ranks join by connecting to ``address``)."""
 
     def __init__(
         self,
@@ -82,7 +89,9 @@ class WorkerExecutor:
         self.world_size = self.parallel.world_size
         self.driver = driver_rank(self.parallel.tensor_parallel_size, self.parallel.pipeline_parallel_size)
         self._ctx = zmq.asyncio.Context()
-        self._dir = tempfile.mkdtemp(prefix="fastserve-")
+        # A private directory for the ipc:// control socket (only when one is used): removed
+        # at shutdown, or by the orphaned workers if this process is killed outright.
+        self._dir = None if self.parallel.engine_address else tempfile.mkdtemp(prefix=IPC_DIR_PREFIX)
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a missing rank raises, never drops
@@ -97,7 +106,12 @@ class WorkerExecutor:
         self._procs: dict[int, subprocess.Popen] = {}
         self._reader: asyncio.Task | None = None
         self._dead: str | None = None
+        self._stopping = False  # shutdown() has begun: ranks exiting now are expected to
         self._last_send = time.monotonic()
+        # Answer to the ranks' watchdogs; the id tells a rank whose group this executor is.
+        self.instance = uuid.uuid4().hex[:12]
+        self._alive = encode({"kind": "alive", "engine": self.instance})
+        self._ray: Any = None  # engine.parallel.ray_backend.RayRanks with that backend
         # Called with each progress message a worker sends while a command runs.
         self.on_progress: Callable[[dict[str, Any]], None] | None = None
         self.died = asyncio.Event()  # set once the worker exited or missed a deadline
@@ -123,12 +137,15 @@ class WorkerExecutor:
         if self.world_size > 1 and not pcfg.remote_ranks and sys.platform.startswith("linux"):
             env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # all ranks here: keep gloo on loopback
         level = logging.getLevelName(logging.getLogger("fastserve").getEffectiveLevel())
-        for rank in local:
+        self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+        dist_host, dist_port = pcfg.dist_host, pcfg.dist_port
+        if pcfg.distributed_executor_backend == "ray":
+            dist_host, dist_port = await self._start_ray_ranks(init, level)
+        for rank in local if pcfg.distributed_executor_backend == "mp" else ():
             cmd = [sys.executable, "-m", "engine.parallel.worker", "--engine", self.address,
                    "--rank", str(rank), "--parent-pid", str(os.getpid()), "--log-level", level,
                    "--log-format", current_format()]
             self._procs[rank] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env)  # noqa: ASYNC220 -- fork+exec, no wait
-        self._reader = asyncio.get_running_loop().create_task(self._read_loop())
         await asyncio.wait((asyncio.ensure_future(self._all_hello.wait()),), timeout=self.startup_timeout_s)
         if self._dead is not None:
             raise WorkerDiedError(self._dead)
@@ -139,7 +156,7 @@ class WorkerExecutor:
         parallel = dict(init.get("parallel") or {})
         if self.world_size > 1 and not parallel.get("torch_threads"):
             parallel["torch_threads"] = max(1, (os.cpu_count() or 1) // max(1, len(local)))
-        dist = {"host": pcfg.dist_host, "port": pcfg.dist_port or _free_port(pcfg.dist_host)}
+        dist = {"host": dist_host, "port": dist_port or _free_port(dist_host)}
         readies = await self.call_all("init", timeout=self.startup_timeout_s,
                                       **{**init, "parallel": parallel, "dist": dist})
         n_gpu = min(r["num_gpu_blocks"] for r in readies.values())
@@ -152,6 +169,35 @@ class WorkerExecutor:
                      block_bytes=sum(r["block_bytes"] for r in readies.values()),
                      ranks={r: {k: v[k] for k in ("pid", "device", "block_bytes")} for r, v in readies.items()})
         return ready
+
+    async def _start_ray_ranks(self, init: dict[str, Any], level: str) -> tuple[str, int]:
+        """Start every rank as a Ray actor (``engine.parallel.ray_backend``); returns the
+        rendezvous store's host and port (on rank 0's node when the ranks span several)."""
+        from engine.parallel.ray_backend import RayRanks
+
+        pcfg = self.parallel
+        device = str((init.get("model") or {}).get("device", "auto"))
+        self._ray = RayRanks(pcfg, self.startup_timeout_s)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._ray.connect, device)
+        use_gpu = await loop.run_in_executor(None, self._ray.uses_gpu, device)
+        ips = await loop.run_in_executor(None, self._ray.place, use_gpu)
+        dist_host, dist_port, env = pcfg.dist_host, pcfg.dist_port, {}
+        if len(set(ips)) > 1:
+            if self.address.startswith("ipc://") or "127.0.0.1" in self.address:
+                raise WorkerDiedError(
+                    f"Ray placed the ranks on several nodes ({sorted(set(ips))}); bind the control "
+                    "socket where they can reach it (--engine-address tcp://THIS_HOST_IP:PORT)")
+            if dist_host in ("127.0.0.1", "localhost"):
+                dist_host = ips[0]  # rank 0 hosts the store, on its own node
+                if not dist_port:
+                    dist_port = await loop.run_in_executor(None, self._ray.free_port, 0)
+        elif self.world_size > 1 and sys.platform.startswith("linux") and dist_host == "127.0.0.1":
+            env["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
+        self._procs = dict(await loop.run_in_executor(
+            None, self._ray.run, self.address, env, level, current_format()))
+        log.info("started %d ranks as Ray actors on %s", self.world_size, ", ".join(sorted(set(ips))))
+        return dist_host, dist_port
 
     async def submit(self, kind: str, timeout: float | None = None, **fields: Any) -> Awaitable[dict[str, Any]]:
         """Send a command to every rank now; the returned awaitable gives the driver's reply
@@ -201,6 +247,9 @@ class WorkerExecutor:
         while self._dead is None:
             if await self._sock.poll(200):
                 frames = await self._sock.recv_multipart(copy=False)
+                if frames[0].bytes.startswith(WATCH_PREFIX):
+                    await self._answer_watch(frames[0].bytes)
+                    continue
                 try:
                     msg = decode(frames[1:])
                 except ProtocolError as e:
@@ -210,6 +259,8 @@ class WorkerExecutor:
                 continue
             for rank, proc in self._procs.items():
                 if proc.poll() is not None:
+                    if self._stopping:  # it obeyed our `shutdown`: not a failure to report
+                        return
                     self._fail_all(f"worker rank {rank} exited with code {proc.returncode}")
                     return
             now = time.monotonic()
@@ -221,6 +272,12 @@ class WorkerExecutor:
                     missing = sorted(call.expect - set(call.replies))
                     self._fail_all(f"worker ranks {missing} did not answer {call.kind!r} in time")
                     return
+
+    async def _answer_watch(self, identity: bytes) -> None:
+        """A rank's watchdog asks whether its engine lives (worker.Watchdog)."""
+        async with self._send_lock:
+            with contextlib.suppress(zmq.ZMQError):
+                await self._sock.send_multipart([identity, *self._alive], copy=False)
 
     async def _ping(self) -> None:
         """Tell remote ranks the engine is alive (they exit after a silence of --idle-exit)."""
@@ -274,6 +331,7 @@ class WorkerExecutor:
 
     async def shutdown(self, timeout: float = 10.0) -> None:
         healthy = self._dead is None
+        self._stopping = True
         if healthy and self._procs:
             with contextlib.suppress(WorkerDiedError, WorkerError):
                 await self.call_all("shutdown", timeout=timeout)
@@ -292,12 +350,16 @@ class WorkerExecutor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
         procs = list(self._procs.values())
+        loop = asyncio.get_running_loop()
         if procs:
             # A group that failed (a rank died, missed a deadline, or hangs) gets no grace period.
-            await asyncio.get_running_loop().run_in_executor(None, _reap, procs, timeout if healthy else 0)
+            await loop.run_in_executor(None, _reap, procs, timeout if healthy else 0)
+        if self._ray is not None:
+            await loop.run_in_executor(None, self._ray.stop)
         self._sock.close()
         self._ctx.term()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
 
 def _reap(procs: list[subprocess.Popen], timeout: float) -> None:

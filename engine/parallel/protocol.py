@@ -94,13 +94,19 @@ def driver_rank(tp_size: int, pp_size: int) -> int:
     return (pp_size - 1) * tp_size
 
 
-def plan_to_message(plan: Any, call: int, with_feed: bool = False) -> dict[str, Any]:
+def plan_to_message(
+    plan: Any, call: int, with_feed: bool = False, grammar: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Encode a :class:`engine.scheduler.StepPlan`; the worker keeps per-job state, so only
     what changed travels: prompts and sampling params of new jobs, block-table deltas.
 
     ``with_feed`` (several ranks) adds to each sequence the output tokens it feeds: only the
-    driver samples, and every other rank learns the tokens from the plan."""
-    return {
+    driver samples, and every other rank learns the tokens from the plan.
+
+    ``grammar`` (only when some sampled row is constrained): ``{"ids": [job ids],
+    "bitmask": int32 [n, ceil(vocab / 32)]}``, the next tokens each job's grammar allows
+    (engine.structured.book)."""
+    msg = {
         "kind": "step",
         "call": call,
         "step": plan.step_id,
@@ -120,6 +126,9 @@ def plan_to_message(plan: Any, call: int, with_feed: bool = False) -> dict[str, 
         "prefetch": plan.prefetch,
         "free": plan.free,
     }
+    if grammar is not None:
+        msg["grammar"] = grammar
+    return msg
 
 
 def _fed_outputs(seq: Any) -> list[int]:

@@ -66,7 +66,7 @@ class ModelRunner:
         tokens: list[int] = []
         logprobs: list[Any] = []
         if msg["seqs"]:
-            sampled_ids, tokens, logprobs = self._forward(msg["seqs"])
+            sampled_ids, tokens, logprobs = self._forward(msg["seqs"], msg.get("grammar"))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return {
@@ -95,7 +95,9 @@ class ModelRunner:
         return time.perf_counter() - t0
 
     @torch.inference_mode()
-    def _forward(self, seqs: list) -> tuple[list[str], list[int], list[Any]]:
+    def _forward(
+        self, seqs: list, grammar: dict | None = None
+    ) -> tuple[list[str], list[int], list[Any]]:
         inputs = self._assemble(seqs)
         if self.dist is None:
             hidden = self.model(inputs.input_ids, inputs.positions, self.gpu_pool.caches, inputs.attn)
@@ -109,7 +111,13 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)  # float32 by the model contract
         if self.dist is not None and not self.dist.layout.is_driver:
             return [], [], []  # computed the logits for the TP collective; the driver samples
-        result = self.sampler.sample(logits, inputs.sample_ids)
+        bitmask = None
+        if grammar:  # constrained rows: {"ids": job ids, "bitmask": int32 [n, ceil(V/32)]}
+            row_of = {jid: i for i, jid in enumerate(inputs.sample_ids)}
+            # np.array: a writable copy (the received frame is read-only)
+            words = torch.from_numpy(np.array(grammar["bitmask"], dtype=np.int32))
+            bitmask = ([row_of[jid] for jid in grammar["ids"]], words)
+        result = self.sampler.sample(logits, inputs.sample_ids, bitmask)
         for jid, tok in zip(inputs.sample_ids, result.token_ids):
             self.jobs[jid].tokens.append(tok)
         logprobs: list[Any] = []

@@ -3,15 +3,20 @@
 Started as ``python -m engine.parallel.worker --engine ADDR --rank R`` (or
 ``fastserve worker``). The engine binds its control socket; the worker connects, so the same
 command works on another node with a ``tcp://`` address. A worker whose engine goes away
-(parent gone, or no command for ``--idle-exit`` seconds when remote) exits by itself.
+exits by itself, even in the middle of a command (:class:`Watchdog`: parent gone, or the
+engine silent for ``--watchdog-timeout`` seconds when remote), or when idle for
+``--idle-exit`` seconds without a command (remote).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -19,10 +24,14 @@ from typing import Any
 
 import zmq
 
+from engine.config import ParallelConfig
 from engine.logs import LOG_FORMATS, setup_logging
-from engine.parallel.protocol import PROTOCOL_VERSION, decode, encode
+from engine.parallel.protocol import PROTOCOL_VERSION, ProtocolError, decode, encode
 
 log = logging.getLogger("fastserve.worker")
+
+IPC_DIR_PREFIX = "fastserve-"  # the executor's private directory for its ipc:// socket
+DEFAULT_WATCHDOG_TIMEOUT_S = ParallelConfig.watchdog_timeout_s
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16", "half": "float16"}
@@ -121,7 +130,8 @@ class Worker:
         if layout.world_size > 1:
             dist_cfg = msg["dist"]
             self.dist = Distributed(layout, device, pcfg.get("dist_backend", "auto"), dist_cfg["host"],
-                                    int(dist_cfg["port"]), float(pcfg.get("step_timeout_s", 120.0)))
+                                    int(dist_cfg["port"]), float(pcfg.get("step_timeout_s", 120.0)),
+                                    float(pcfg.get("startup_timeout_s", 300.0)))
             self.dist.dtype = dtype
         tp = SINGLE_DEVICE
         if layout.tp_size > 1:
@@ -243,12 +253,121 @@ def resolve_dtype(name: str, device: Any) -> Any:
     return getattr(torch, _DTYPES[name])
 
 
-def serve(engine_addr: str, rank: int, parent_pid: int | None, idle_exit_s: float | None) -> int:
+# Exit status of a rank its watchdog ended (the engine went away while it ran).
+WATCHDOG_EXIT_CODE = 3
+# Routing ids of watchdog connections start with this (rank connections: rank_identity).
+WATCH_PREFIX = b"watch-"
+
+
+class Watchdog:
+    """Ends this process when its engine is gone, even while the main thread is stuck: an
+    NCCL collective whose peer died never returns, gloo's only after its timeout, and a rank
+    on another host cannot be killed by the engine.
+
+    A thread with its own socket to the engine's control address says ``watch`` every
+    ``interval_s``; the engine's reader answers ``alive`` with its executor's instance id.
+    The process exits (``os._exit``: no cleanup can be trusted while the main thread hangs;
+    a rank has no children) with ``WATCHDOG_EXIT_CODE`` when
+
+    - ``parent_pid`` is given and is no longer this process's parent (a local rank), or
+    - ``timeout_s`` is given, the engine has answered once, and then not for ``timeout_s``,
+      or answers with another instance id (a new worker group on the same address: this
+      rank's group is over).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        rank: int,
+        parent_pid: int | None,
+        timeout_s: float | None,
+        interval_s: float | None = None,
+    ) -> None:
+        self.address, self.rank, self.parent_pid, self.timeout_s = address, rank, parent_pid, timeout_s
+        self.interval_s = interval_s or (min(1.0, timeout_s / 5) if timeout_s else 1.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"watchdog-rank-{rank}", daemon=True)
+
+    def start(self) -> Watchdog:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        if not self.timeout_s:  # a local rank: its parent is all there is to watch
+            while not self._stop.wait(self.interval_s):
+                self._check_parent()
+            return
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing queued for an engine not (yet) there
+        sock.setsockopt(zmq.IDENTITY, WATCH_PREFIX + f"{self.rank}-{os.getpid()}".encode())
+        sock.connect(self.address)
+        instance: str | None = None
+        last_answer = time.monotonic()
+        ask = encode({"kind": "watch", "rank": self.rank, "pid": os.getpid()})
+        try:
+            while not self._stop.is_set():
+                with contextlib.suppress(zmq.Again):
+                    sock.send_multipart(ask, flags=zmq.NOBLOCK)
+                deadline = time.monotonic() + self.interval_s
+                while (left := deadline - time.monotonic()) > 0 and not self._stop.is_set():
+                    if not sock.poll(int(left * 1000) + 1):
+                        continue
+                    try:
+                        msg = decode(sock.recv_multipart(copy=False))
+                    except ProtocolError as e:
+                        log.warning("rank %d: bad watchdog answer ignored: %s", self.rank, e)
+                        continue
+                    seen = str(msg.get("engine", ""))
+                    if instance is not None and seen != instance:
+                        self._exit(f"a different worker group now answers at {self.address}")
+                    instance, last_answer = seen, time.monotonic()
+                if self._stop.is_set():
+                    return
+                self._check_parent()
+                silent = time.monotonic() - last_answer
+                if self.timeout_s and instance is not None and silent > self.timeout_s:
+                    self._exit(f"engine at {self.address} has not answered for {silent:.1f} s")
+        finally:
+            sock.close(0)
+            ctx.term()
+
+    def _check_parent(self) -> None:
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            # Whichever notices first (this thread or the idle main loop) cleans up what
+            # the dead engine cannot: its private socket directory.
+            remove_orphaned_socket_dir(self.address)
+            self._exit(f"engine process {self.parent_pid} is gone")
+
+    def _exit(self, why: str) -> None:
+        log.error("rank %d: %s; watchdog ends worker pid %d", self.rank, why, os.getpid())
+        for handler in logging.getLogger().handlers + log.handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os._exit(WATCHDOG_EXIT_CODE)
+
+
+def serve(
+    engine_addr: str,
+    rank: int,
+    parent_pid: int | None,
+    idle_exit_s: float | None,
+    watchdog_timeout_s: float | None = None,
+) -> int:
     """Connect to the engine's control socket as ``rank`` and run commands until shutdown.
 
     Every rank receives every command, in order, on its own connection (the engine's ROUTER
     addresses each rank by its routing id), so the delta-encoded plans stay consistent.
+    A :class:`Watchdog` ends the process if the engine goes away while a command hangs.
     """
+    watchdog = Watchdog(engine_addr, rank, parent_pid, watchdog_timeout_s).start()
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 2000)
@@ -263,6 +382,7 @@ def serve(engine_addr: str, rank: int, parent_pid: int | None, idle_exit_s: floa
             if not sock.poll(1000):
                 if parent_pid is not None and os.getppid() != parent_pid:
                     log.warning("engine process is gone; worker exits")
+                    remove_orphaned_socket_dir(engine_addr)
                     return 1
                 if idle_exit_s is not None and time.monotonic() - last_msg > idle_exit_s:
                     log.warning("no command for %.0f s; worker exits", idle_exit_s)
@@ -285,8 +405,30 @@ def serve(engine_addr: str, rank: int, parent_pid: int | None, idle_exit_s: floa
                 if reply["kind"] == "bye":
                     return 0
     finally:
+        watchdog.stop()
         sock.close()
         ctx.term()
+
+
+def remove_orphaned_socket_dir(engine_addr: str) -> None:
+    """The engine died without its shutdown (SIGKILL): remove the private directory its
+    ``ipc://`` control socket lives in, which nobody else would clean up. Only a directory
+    the executor made for itself (``fastserve-*`` holding nothing but the socket); every
+    rank may try, the first one wins."""
+    if not engine_addr.startswith("ipc://"):
+        return
+    path = engine_addr.removeprefix("ipc://")
+    directory = os.path.dirname(path)
+    if not os.path.basename(directory).startswith(IPC_DIR_PREFIX):
+        return
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    try:
+        os.rmdir(directory)  # only if empty: never a tree someone else owns
+    except OSError:
+        pass
 
 
 def rank_identity(rank: int) -> bytes:
@@ -319,12 +461,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-exit", type=float, default=None,
                    help="exit after this many seconds without a message from the engine (default: 60 "
                         "without --parent-pid; the engine pings remote ranks every few seconds)")
+    p.add_argument("--watchdog-timeout", type=float, default=None,
+                   help="exit when the engine, once seen, has not answered this rank's watchdog for "
+                        "this many seconds, even in the middle of a command (default: 10 without "
+                        "--parent-pid; 0 disables it)")
     p.add_argument("--log-level", default="WARNING")
     p.add_argument("--log-format", default="text", choices=LOG_FORMATS)
     args = p.parse_args(argv)
+    if args.parent_pid is not None:
+        # Ctrl-C in a terminal signals the whole foreground process group: the engine
+        # (our parent) stops us in order -- drain, then a `shutdown` command -- and a
+        # worker that died of KeyboardInterrupt first would fail the requests it is
+        # draining and print a traceback. A worker started by hand keeps Ctrl-C.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_logging(args.log_level, args.log_format)
     idle_exit = args.idle_exit if args.idle_exit is not None or args.parent_pid else 60.0
-    return serve(args.engine, args.rank, args.parent_pid, idle_exit)
+    watchdog = args.watchdog_timeout
+    if watchdog is None and args.parent_pid is None:
+        watchdog = DEFAULT_WATCHDOG_TIMEOUT_S
+    return serve(args.engine, args.rank, args.parent_pid, idle_exit, watchdog or None)
 
 
 if __name__ == "__main__":

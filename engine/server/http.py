@@ -23,12 +23,14 @@ from typing import Any
 from aiohttp import web
 
 from engine.config import EngineConfig, ServerConfig
+from engine.sampling import InvalidRequestError
 from engine.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from engine.server.openai_api import ApiError, bad, check_fields, check_model, parse_messages
 from engine.server.openai_routes import RETRY_AFTER_S, GenerationRoutes, read_json
 from engine.server.openapi import openapi_document
 from engine.server.oplog import access_middleware, log_stats_forever
 from engine.server.protocol import EngineLike
+from engine.server.tools import chat_prompt_ids
 
 log = logging.getLogger("fastserve.server")
 
@@ -120,7 +122,13 @@ def build_app(
     metrics = metrics or ServerMetrics(model_name)
     app[ENGINE_KEY] = engine
     app[METRICS_KEY] = metrics
-    gen = GenerationRoutes(engine, model_name, server_config.max_body_bytes, metrics)
+    gen = GenerationRoutes(
+        engine,
+        model_name,
+        server_config.max_body_bytes,
+        metrics,
+        tool_call_parser=server_config.tool_call_parser,
+    )
     app[ROUTES_KEY] = gen
     misc = _MiscRoutes(engine, model_name, server_config.max_body_bytes, metrics, gen)
     app.router.add_post("/v1/completions", gen.completions)
@@ -236,22 +244,30 @@ class _MiscRoutes:
             "add_special_tokens": "bool",
             "add_generation_prompt": "bool",
             "return_token_strs": "bool",
+            "tools": "list",  # with messages: counted as the chat route renders them
         }
         f = check_fields(body, fields, {})
         check_model(f, self.model_name)
         tok = self.engine.tokenizer
         if ("prompt" in f) == ("messages" in f):
             raise bad("prompt", "give exactly one of prompt or messages")
+        if "tools" in f and "messages" not in f:
+            raise bad("tools", "only with messages")
         try:
             if "messages" in f:
-                ids = tok.apply_chat_template(
+                ids = chat_prompt_ids(
+                    tok,
                     parse_messages(f["messages"]),
+                    f.get("tools"),
+                    self.gen.tool_call_parser,
                     add_generation_prompt=f.get("add_generation_prompt", True),
                 )
             else:
                 ids = self._encode(f["prompt"], f.get("add_special_tokens"))
         except ApiError:
             raise
+        except InvalidRequestError as e:
+            raise ApiError(400, str(e), param=e.param) from None
         except Exception as e:  # noqa: BLE001 - tokenizer errors are the input's fault
             raise bad(
                 "messages" if "messages" in f else "prompt", f"cannot tokenize: {e}"
@@ -386,6 +402,7 @@ async def serve(
                 metrics=metrics,
                 max_message_bytes=sc.max_body_bytes,
                 api_key=sc.api_key,
+                tool_call_parser=sc.tool_call_parser,
             )
             await zmq.start()
             frontends.append(zmq)

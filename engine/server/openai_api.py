@@ -17,6 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.sampling import InvalidRequestError, SamplingParams
+from engine.server.tools import (
+    TOOL_FIELDS,
+    ToolRequest,
+    check_message_tool_calls,
+    parse_tool_request,
+)
+from engine.structured.spec import spec_from_openai
 
 # Upper bound on engine requests one HTTP request may fan out to (prompts x n), so a
 # single body cannot flood the waiting queue.
@@ -86,6 +93,10 @@ class GenerationRequest:
     # The field the client sent for the output cap, so an engine refusal of ``max_tokens``
     # names it (chat: ``max_completion_tokens`` when given).
     max_tokens_field: str = "max_tokens"
+    tools: ToolRequest | None = None  # chat: the checked tools / tool_choice (server/tools.py)
+    # The field the output constraint came from (``response_format``, ``guided_json``...),
+    # so the engine's refusal of ``structured`` (a schema that does not compile) names it.
+    structured_field: str | None = None
     echo: bool = False  # completions: the prompt's text goes before each choice's text
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
@@ -139,13 +150,26 @@ _COMMON = {
     "logit_bias": "dict",
     "min_tokens": "int",
 }
-COMPLETION_FIELDS = {**_COMMON, "prompt": "any", "logprobs": "int", "echo": "bool"}
+# Output constraints (engine.structured.spec): OpenAI's response_format and vLLM's extras,
+# on both routes. At most one may be given.
+STRUCTURED_FIELDS = {
+    "response_format": "dict",
+    "guided_json": "any",  # a schema object, or its JSON text
+    "guided_regex": "str",
+    "guided_choice": "list",
+    "guided_grammar": "str",
+    "structured_outputs": "dict",  # vLLM's successor of guided_*: {json|regex|choice|...}
+}
+COMPLETION_FIELDS = {**_COMMON, **STRUCTURED_FIELDS, "prompt": "any", "logprobs": "int",
+                     "echo": "bool"}
 CHAT_FIELDS = {
     **_COMMON,
+    **STRUCTURED_FIELDS,
     "messages": "list",
     "max_completion_tokens": "int",
     "logprobs": "bool",
     "top_logprobs": "int",
+    **TOOL_FIELDS,
 }
 
 # OpenAI fields this server does not implement, accepted only at their no-op value so
@@ -154,10 +178,6 @@ _NEUTRAL_COMMON: dict[str, tuple] = {}
 COMPLETION_NEUTRAL = {**_NEUTRAL_COMMON, "best_of": (1,), "suffix": ("",)}
 CHAT_NEUTRAL = {
     **_NEUTRAL_COMMON,
-    "response_format": ({"type": "text"},),
-    "tools": ([],),
-    "tool_choice": ("none", "auto"),
-    "parallel_tool_calls": (True, False),
     "store": (False,),
     "metadata": ({},),
     "modalities": (["text"],),
@@ -323,13 +343,15 @@ def parse_messages(value: list) -> list[dict]:
         for key in m:
             if key not in ("role", "content") and key not in _MESSAGE_KEYS[role]:
                 raise bad(f"{where}.{key}", f"unknown field for a {role} message")
-        if m.get("tool_calls") or m.get("refusal"):
-            raise bad(
-                f"{where}.{'tool_calls' if m.get('tool_calls') else 'refusal'}",
-                "not supported by this server (allowed: null or empty)",
-            )
+        if m.get("refusal"):
+            raise bad(f"{where}.refusal", "not supported by this server (allowed: null or empty)")
         content = _content(m.get("content"), f"{where}.content", role)
-        msg = {"role": role, "content": content}
+        msg: dict = {"role": role, "content": content}
+        if m.get("tool_calls"):
+            try:
+                msg["tool_calls"] = check_message_tool_calls(m["tool_calls"], f"{where}.tool_calls")
+            except InvalidRequestError as e:
+                raise _params_error(e, {}) from None
         name = m.get("name")
         if name is not None:
             if not isinstance(name, str) or not name:
@@ -337,6 +359,8 @@ def parse_messages(value: list) -> list[dict]:
             msg["name"] = name
         if role == "tool" and not isinstance(m.get("tool_call_id"), (str, type(None))):
             raise bad(f"{where}.tool_call_id", "must be a string")
+        if role == "tool" and m.get("tool_call_id"):
+            msg["tool_call_id"] = m["tool_call_id"]
         out.append(msg)
     return out
 
@@ -376,6 +400,13 @@ def _params_error(e: InvalidRequestError, renames: dict[str, str]) -> ApiError:
     return ApiError(400, msg, param=param)
 
 
+def _structured(f: dict) -> tuple[dict | None, str | None]:
+    try:
+        return spec_from_openai(f)
+    except InvalidRequestError as e:
+        raise ApiError(400, str(e), param=e.param) from None
+
+
 def parse_completion(body: dict, model_name: str) -> GenerationRequest:
     f = check_fields(body, COMPLETION_FIELDS, COMPLETION_NEUTRAL)
     model = check_model(f, model_name)
@@ -383,6 +414,7 @@ def parse_completion(body: dict, model_name: str) -> GenerationRequest:
         raise bad("prompt", "required")
     prompts = _prompts(f["prompt"])
     stream, include_usage = _stream_opts(f)
+    structured, structured_field = _structured(f)
     echo = f.get("echo", False)
     if echo and f.get("logprobs") is not None:
         # The prompt's own logprobs would need the worker to score every prompt position.
@@ -395,10 +427,12 @@ def parse_completion(body: dict, model_name: str) -> GenerationRequest:
             f.get("logprobs"),
             clamp="max_tokens" not in f,
         )
+        base = dataclasses.replace(base, structured=structured)
     except InvalidRequestError as e:
         raise _params_error(e, {}) from None
     return GenerationRequest(
         False, model, _fan_out(prompts, None, base), stream, include_usage, f.get("logprobs"),
+        structured_field=structured_field,
         echo=echo,
     )
 
@@ -409,7 +443,14 @@ def parse_chat(body: dict, model_name: str, max_model_len: int) -> GenerationReq
     if "messages" not in f:
         raise bad("messages", "required")
     messages = parse_messages(f["messages"])
+    try:
+        tools = parse_tool_request(
+            f.get("tools"), f.get("tool_choice"), f.get("parallel_tool_calls")
+        )
+    except InvalidRequestError as e:
+        raise _params_error(e, {}) from None
     stream, include_usage = _stream_opts(f)
+    structured, structured_field = _structured(f)
     top = f.get("top_logprobs")
     if top is not None and not f.get("logprobs", False):
         raise bad("top_logprobs", "requires logprobs to be true")
@@ -423,6 +464,7 @@ def parse_chat(body: dict, model_name: str, max_model_len: int) -> GenerationReq
     clamp = "max_completion_tokens" not in f and "max_tokens" not in f
     try:
         base = _base_params(f, max_tokens, logprobs, clamp=clamp)
+        base = dataclasses.replace(base, structured=structured)
     except InvalidRequestError as e:
         raise _params_error(e, renames) from None
     return GenerationRequest(
@@ -433,4 +475,6 @@ def parse_chat(body: dict, model_name: str, max_model_len: int) -> GenerationReq
         include_usage,
         logprobs,
         max_tokens_field=renames.get("max_tokens", "max_tokens"),
+        tools=tools,
+        structured_field=structured_field,
     )

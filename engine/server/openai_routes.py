@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from engine.sampling import InvalidRequestError
 from engine.server.metrics import ServerMetrics
 from engine.server.openai_api import (
     ApiError,
@@ -36,6 +37,7 @@ from engine.server.openai_responses import (
     usage,
 )
 from engine.server.protocol import EngineLike, classify_error
+from engine.server.tools import ToolOutput, finish_response, prepare_choices, stream_choices
 
 log = logging.getLogger("fastserve.server")
 
@@ -150,12 +152,19 @@ def dumps(obj: Any) -> bytes:
 
 
 def error_from_exception(
-    exc: BaseException, engine: EngineLike, chat: bool = False, max_tokens_field: str = "max_tokens"
+    exc: BaseException,
+    engine: EngineLike,
+    chat: bool = False,
+    max_tokens_field: str = "max_tokens",
+    structured_field: str | None = None,
 ) -> ApiError:
     info = classify_error(exc, engine, chat=chat)
     if info.param == "max_tokens" and max_tokens_field != "max_tokens":
         message = info.message.replace("max_tokens", max_tokens_field)
         info = dataclasses.replace(info, param=max_tokens_field, message=message)
+    if info.param == "structured" and structured_field:  # name the field the client sent
+        message = info.message.replace("structured", structured_field, 1)
+        info = dataclasses.replace(info, param=structured_field, message=message)
     if info.status >= 500 and info.kind == "Internal":
         log.error("request failed", exc_info=exc)
     headers = {"Retry-After": str(RETRY_AFTER_S)} if info.status == 503 else None
@@ -174,6 +183,7 @@ class _FanOut:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.tasks = [asyncio.ensure_future(self._pump(c)) for c in req.choices]
         self._getter: asyncio.Future | None = None
+        self.tools: dict[int, ToolOutput] = {}  # by choice index, when tools are in play
 
     async def _pump(self, c: ChoiceSpec) -> None:
         tracker = self.metrics.track() if self.metrics is not None else None
@@ -224,8 +234,10 @@ class GenerationRoutes:
         model_name: str,
         max_body_bytes: int,
         metrics: ServerMetrics | None,
+        tool_call_parser: str | None = None,
     ) -> None:
         self.engine = engine
+        self.tool_call_parser = tool_call_parser  # None: the default for the model's family
         self.model_name = model_name
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
@@ -243,9 +255,12 @@ class GenerationRoutes:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         self._check_admitting()
         body = await read_json(request, self.max_body_bytes)
-        return await self._run(
-            request, parse_chat(body, self.model_name, self.engine.max_model_len)
-        )
+        req = parse_chat(body, self.model_name, self.engine.max_model_len)
+        try:
+            tools = prepare_choices(req, self.engine.tokenizer, self.tool_call_parser)
+        except InvalidRequestError as e:
+            raise error_from_exception(e, self.engine, True, req.max_tokens_field) from None
+        return await self._run(request, req, tools)
 
     def _check_admitting(self) -> None:
         if not self.admitting:
@@ -263,7 +278,12 @@ class GenerationRoutes:
             for c in fan.req.choices:
                 await self.engine.abort(fan.request_id(c))
 
-    async def _run(self, request: web.Request, req: GenerationRequest) -> web.StreamResponse:
+    async def _run(
+        self,
+        request: web.Request,
+        req: GenerationRequest,
+        tools: dict[int, ToolOutput] | None = None,
+    ) -> web.StreamResponse:
         self._check_admitting()
         if not self.engine.is_serving:
             raise ApiError(
@@ -274,6 +294,7 @@ class GenerationRoutes:
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
         fan = _FanOut(self.engine, req, self.metrics)
+        fan.tools = tools or {}
         self.live.add(fan)
         states = {c.index: ChoiceState(echo=self._echo(req, c)) for c in req.choices}
         try:
@@ -298,7 +319,8 @@ class GenerationRoutes:
         while remaining:
             index, item = await fan.get(request)
             if isinstance(item, BaseException):
-                raise error_from_exception(item, self.engine, req.chat, req.max_tokens_field)
+                raise error_from_exception(item, self.engine, req.chat, req.max_tokens_field,
+                                           req.structured_field)
             if item is None:
                 remaining -= 1
                 continue
@@ -306,7 +328,10 @@ class GenerationRoutes:
             st.add(item)
             if req.logprobs is not None:
                 st.logprobs.extend(logprob_pairs(item))
-        return web.json_response(final_response(req, states, self.tok), dumps=_json_str)
+        body = final_response(req, states, self.tok)
+        if fan.tools:
+            finish_response(body, fan.tools)
+        return web.json_response(body, dumps=_json_str)
 
     async def _stream(
         self,
@@ -322,7 +347,8 @@ class GenerationRoutes:
         while len(answered) < len(req.choices):
             index, item = await fan.get(request)
             if isinstance(item, BaseException):
-                raise error_from_exception(item, self.engine, req.chat, req.max_tokens_field)
+                raise error_from_exception(item, self.engine, req.chat, req.max_tokens_field,
+                                           req.structured_field)
             answered.add(index)
             early.append((index, item))
         resp = web.StreamResponse(
@@ -349,14 +375,14 @@ class GenerationRoutes:
             while remaining:
                 index, item = pending.pop(0) if pending else await fan.get(request)
                 if isinstance(item, BaseException):
-                    err = error_from_exception(item, self.engine, req.chat, req.max_tokens_field)
+                    err = error_from_exception(item, self.engine, req.chat,
+                                               req.max_tokens_field, req.structured_field)
                     await resp.write(b"data: " + dumps(err.body()) + b"\n\n")
                     break
                 if item is None:
                     remaining -= 1
                     continue
-                choice = self._choice_chunk(req, states[index], index, item)
-                if choice is not None:
+                for choice in self._choice_chunks(req, states[index], index, item, fan.tools):
                     await self._send(resp, req, [choice])
             else:
                 if req.include_usage:
@@ -368,6 +394,26 @@ class GenerationRoutes:
         except (ConnectionResetError, ClientGone):  # aiohttp's ClientConnectionResetError included
             log.info("client went away mid-stream; aborted %s", req.id)
         return resp
+
+    def _choice_chunks(
+        self,
+        req: GenerationRequest,
+        st: ChoiceState,
+        index: int,
+        out: Any,
+        tools: dict[int, ToolOutput],
+    ) -> list[dict]:
+        tool_out = tools.get(index)
+        if tool_out is None:
+            choice = self._choice_chunk(req, st, index, out)
+            return [] if choice is None else [choice]
+        st.add(out)
+        lp = None
+        if req.logprobs is not None and out.token_ids:
+            lp = render_logprobs(req, self.tok, logprob_pairs(out), st)
+        reason = out.finish_reason if out.finished else None
+        stop_reason = st.stop_reason if out.finished else None
+        return stream_choices(tool_out, index, out.text, reason, lp, stop_reason)
 
     def _echo(self, req: GenerationRequest, c: ChoiceSpec) -> str:
         """The prompt's text for ``echo``: as sent, or the decoded token ids."""

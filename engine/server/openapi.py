@@ -25,6 +25,7 @@ from engine.server.openai_api import (
     COMPLETION_NEUTRAL,
     MAX_CHOICES,
 )
+from engine.structured.spec import MAX_CHOICES as MAX_GUIDED_CHOICES
 
 INT64 = {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}
 _TYPES: dict[str, dict] = {
@@ -53,7 +54,73 @@ _TEXT_PART = {
     "required": ["type", "text"],
     "additionalProperties": False,
 }
-_NO_TOOL_CALLS = {"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}]}
+# Tool calling (engine/server/tools.py).
+_FUNCTION_NAME = {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"}
+_TOOL = {
+    "type": "object",
+    "properties": {
+        "type": {"const": "function"},
+        "function": {
+            "type": "object",
+            "properties": {
+                "name": _FUNCTION_NAME,
+                "description": {"type": "string"},
+                "parameters": {"type": "object"},  # a JSON schema whose type is "object"
+                "strict": {"type": "boolean"},
+            },
+            "required": ["name"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["type", "function"],
+    "additionalProperties": False,
+}
+_TOOL_CHOICE = {
+    "anyOf": [
+        {"enum": ["none", "auto", "required"]},
+        {
+            "type": "object",
+            "properties": {
+                "type": {"const": "function"},
+                "function": {
+                    "type": "object",
+                    "properties": {"name": _FUNCTION_NAME},
+                    "required": ["name"],
+                    "additionalProperties": False,
+                },
+            },
+            "required": ["type", "function"],
+            "additionalProperties": False,
+        },
+    ]
+}
+_TOOL_CALLS = {  # an assistant message's earlier calls
+    "anyOf": [
+        {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string"},
+                    "type": {"const": "function"},
+                    "index": {"type": "integer"},
+                    "function": {
+                        "type": "object",
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "arguments": {"anyOf": [{"type": "string"}, {"type": "object"}]},
+                        },
+                        "required": ["name"],
+                        "additionalProperties": False,
+                    },
+                },
+                "required": ["function"],
+                "additionalProperties": False,
+            },
+        },
+        {"type": "null"},
+    ]
+}
 _MESSAGE = {
     "type": "object",
     "properties": {
@@ -63,7 +130,7 @@ _MESSAGE = {
         },
         "name": {"type": "string", "minLength": 1},
         "tool_call_id": {"type": "string"},  # tool messages
-        "tool_calls": _NO_TOOL_CALLS,  # assistant messages: tools are not supported
+        "tool_calls": _TOOL_CALLS,  # assistant messages
         "refusal": {"type": "null"},
     },
     "required": ["role", "content"],
@@ -105,6 +172,7 @@ def _ranges(max_model_len: int) -> dict[str, dict]:
             "additionalProperties": False,
         },
         "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+        **_STRUCTURED,
         "presence_penalty": {"type": "number", "minimum": -MAX_PENALTY, "maximum": MAX_PENALTY},
         "frequency_penalty": {"type": "number", "minimum": -MAX_PENALTY, "maximum": MAX_PENALTY},
         "repetition_penalty": {"type": "number", "exclusiveMinimum": 0},
@@ -120,6 +188,47 @@ def _ranges(max_model_len: int) -> dict[str, dict]:
         # At most max_tokens (a cross-field rule the schema cannot state).
         "min_tokens": {"type": "integer", "minimum": 0, "maximum": max_model_len},
     }
+
+
+# Output constraints (engine.structured.spec); at most one per request. Whether a schema,
+# regex or grammar compiles is only known to the engine (400 when it does not).
+_JSON_SCHEMA_FORMAT = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+        "schema": {"anyOf": [{"type": "object"}, {"type": "null"}]},
+        "strict": {"anyOf": [{"type": "boolean"}, {"type": "null"}]},
+        "description": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+    },
+    "required": ["name"],
+    "additionalProperties": False,
+}
+
+
+def _format(kind: str, **props: dict) -> dict:
+    return {"type": "object", "properties": {"type": {"const": kind}, **props},
+            "required": ["type", *props], "additionalProperties": False}
+
+
+_STRUCTURED: dict[str, dict] = {
+    "response_format": {"anyOf": [_format("text"), _format("json_object"),
+                                  _format("json_schema", json_schema=_JSON_SCHEMA_FORMAT)]},
+    "guided_json": {"anyOf": [{"type": "object"}, {"type": "string"}]},
+    "guided_regex": {"type": "string", "minLength": 1},
+    "guided_choice": {"type": "array", "minItems": 1, "maxItems": MAX_GUIDED_CHOICES,
+                      "items": {"type": "string", "minLength": 1}},
+    "guided_grammar": {"type": "string", "minLength": 1},
+    "structured_outputs": {"type": "object", "minProperties": 1, "maxProperties": 1,
+                           "properties": {"json": {"anyOf": [{"type": "object"},
+                                                             {"type": "string"}]},
+                                          "regex": {"type": "string", "minLength": 1},
+                                          "choice": {"type": "array", "minItems": 1,
+                                                     "items": {"type": "string",
+                                                               "minLength": 1}},
+                                          "grammar": {"type": "string", "minLength": 1},
+                                          "json_object": {"const": True}},
+                           "additionalProperties": False},
+}
 
 
 def _request(
@@ -162,6 +271,23 @@ _USAGE = {
                    for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
 }
 _FINISH = _nullable({"enum": ["stop", "length", "abort"]})
+_CHAT_FINISH = _nullable({"enum": ["stop", "length", "abort", "tool_calls"]})
+_OUT_TOOL_CALLS = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "required": ["id", "type", "function"],
+        "properties": {
+            "id": {"type": "string"},
+            "type": {"const": "function"},
+            "function": {
+                "type": "object",
+                "required": ["name", "arguments"],
+                "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}},
+            },
+        },
+    },
+}
 # The stop string or stop token id that ended a choice (vLLM's); null for EOS / length.
 _STOP_REASON = {"anyOf": [{"type": "string"}, {"type": "integer"}, {"type": "null"}]}
 
@@ -176,10 +302,14 @@ def _completion_response(chat: bool) -> dict:
                 "message": {
                     "type": "object",
                     "required": ["role", "content"],
-                    "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}},
+                    "properties": {
+                        "role": {"const": "assistant"},
+                        "content": _nullable({"type": "string"}),  # null: only tool calls
+                        "tool_calls": _OUT_TOOL_CALLS,
+                    },
                 },
                 "logprobs": _nullable({"type": "object"}),
-                "finish_reason": _FINISH,
+                "finish_reason": _CHAT_FINISH,
                 "stop_reason": _STOP_REASON,
             },
         }
@@ -240,8 +370,10 @@ def openapi_document(model_name: str, max_model_len: int, version: str) -> dict:
         {**ranges, "prompt": prompt, "logprobs": {"type": "integer", "minimum": 0, "maximum": 20}},
         ["prompt"],
     )
-    chat_req = _request(CHAT_FIELDS, CHAT_NEUTRAL, {**ranges, "messages": _MESSAGES},
-                        ["messages"])
+    tools = {"type": "array", "maxItems": 128, "items": _TOOL}
+    chat_req = _request(CHAT_FIELDS, CHAT_NEUTRAL,
+                        {**ranges, "messages": _MESSAGES, "tools": tools,
+                         "tool_choice": _TOOL_CHOICE}, ["messages"])
     tokenize_req = {
         "type": "object",
         "additionalProperties": False,
@@ -252,6 +384,7 @@ def openapi_document(model_name: str, max_model_len: int, version: str) -> dict:
             "add_special_tokens": _nullable({"type": "boolean"}),
             "add_generation_prompt": _nullable({"type": "boolean"}),
             "return_token_strs": _nullable({"type": "boolean"}),
+            "tools": _nullable(tools),
         },
     }
     detokenize_req = {

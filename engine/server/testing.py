@@ -6,7 +6,8 @@ like the real frontend (empty / too-long prompt -> ``InvalidRequestError``), hon
 strings, stop token ids (with ``stop_reason``), ``min_tokens``, ``max_tokens`` and logprobs,
 checks ``logit_bias`` ids against its vocabulary (the other logit processors are the
 worker's and change nothing here), and records every request, finish and
-abort. Failures are injected through attributes: ``queue_full``, ``fail_after_tokens``,
+abort. ``script`` (a string) makes every request generate that text instead, then
+stop. Failures are injected through attributes: ``queue_full``, ``fail_after_tokens``,
 ``serving``; delays through ``first_token_delay_s`` / ``token_delay_s``.
 """
 
@@ -77,6 +78,7 @@ class FakeEngine:
         self.serving = True
         self.queue_full = False
         self.fail_after_tokens: int | None = None  # the "worker" dies after this many tokens
+        self.script: str | None = None  # when set: the text every request generates
         self.requests: list[dict] = []  # every accepted request: id, prompt_ids, params
         self.finished: list[str] = []
         self.aborted: list[str] = []  # closed early or abort()ed
@@ -113,7 +115,12 @@ class FakeEngine:
         ids: list[int] = []
         text = ""
         for i in range(budget):
-            tid = ord(VOCAB[(start + i) % len(VOCAB)])
+            if self.script is not None:
+                if i >= len(self.script):
+                    return ids, text, "stop", None
+                tid = ord(self.script[i])
+            else:
+                tid = ord(VOCAB[(start + i) % len(VOCAB)])
             ids.append(tid)
             text += chr(tid)
             if tid in params.stop_token_ids and i + 1 > params.min_tokens:

@@ -26,6 +26,8 @@ from engine.sampling import InvalidRequestError, SamplingParams
 from engine.server.metrics import ServerMetrics
 from engine.server.openai_api import ApiError, parse_messages
 from engine.server.protocol import EngineLike, classify_error
+from engine.server.tools import ToolOutput, prepare_wire, wire_output
+from engine.structured.spec import OPENAI_FIELDS, spec_from_openai
 
 log = logging.getLogger("fastserve.zmq")
 
@@ -58,8 +60,10 @@ class ZmqFrontend:
         heartbeat_interval_s: float = wire.HEARTBEAT_INTERVAL_S,
         max_message_bytes: int = 4 * 1024**2,
         api_key: str | None = None,
+        tool_call_parser: str | None = None,
     ) -> None:
         self.engine = engine
+        self.tool_call_parser = tool_call_parser  # None: the default for the model's family
         self.address = address  # after start(): the bound endpoint (a "*" port resolved)
         self.model_name = model_name
         self.metrics = metrics
@@ -268,13 +272,23 @@ class ZmqFrontend:
             if key in self.live:
                 raise InvalidRequestError(f"id {rid!r} is already running", "id")
             prompt, messages = _prompt(msg)
-            params = _params(msg.get("params"))
+            params, structured_field = _params(msg.get("params"))
+            chat = messages is not None
+            rendered, params, tool_out = prepare_wire(
+                msg, messages, params, self.engine.tokenizer, self.tool_call_parser
+            )
+            if rendered is not None:
+                prompt, messages = rendered, None
+            if tool_out is not None and tool_out.req.structured() is not None:
+                structured_field = "tools"  # the spec forcing the calls came from the tools
         except InvalidRequestError as e:
             await self._reply(
                 identity, wire.error_message(rid, wire.INVALID_REQUEST, str(e), e.param)
             )
             return
-        self.live[key] = asyncio.ensure_future(self._run(identity, rid, prompt, messages, params))
+        self.live[key] = asyncio.ensure_future(
+            self._run(identity, rid, prompt, messages, params, structured_field, chat, tool_out)
+        )
 
     async def _run(
         self,
@@ -283,6 +297,9 @@ class ZmqFrontend:
         prompt: Any,
         messages: list[dict] | None,
         params: SamplingParams,
+        structured_field: str = "params.structured",
+        chat: bool = False,
+        tool_out: ToolOutput | None = None,
     ) -> None:
         tracker = self.metrics.track() if self.metrics is not None else None
         try:
@@ -291,14 +308,21 @@ class ZmqFrontend:
                 async for out in outputs:
                     if tracker is not None:
                         tracker.on_output(out)
-                    await self._send(identity, wire.output_message(rid, out))
+                    reply = wire.output_message(rid, out)
+                    if tool_out is not None:
+                        wire_output(reply, tool_out)
+                    await self._send(identity, reply)
         except _Unreachable:
             log.info("zmq client went away; aborted %s", rid)
             self._drop_client(identity)
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            info = classify_error(e, self.engine, chat=messages is not None)
+            info = classify_error(e, self.engine, chat=chat)
+            if info.param == "structured":  # refused when compiled: name the field sent
+                info = dataclasses.replace(
+                    info, param=structured_field,
+                    message=info.message.replace("structured", structured_field, 1))
             if info.kind == wire.INTERNAL:
                 log.error("request %s failed", rid, exc_info=e)
             await self._reply(
@@ -314,7 +338,10 @@ def _id(msg: dict) -> str | None:
     return rid if isinstance(rid, str) and 0 < len(rid) <= MAX_ID_CHARS else None
 
 
-_GENERATE_KEYS = {"kind", "id", "api_key", "prompt", "prompt_token_ids", "messages", "params"}
+_GENERATE_KEYS = {
+    "kind", "id", "api_key", "prompt", "prompt_token_ids", "messages", "params",
+    "tools", "tool_choice", "parallel_tool_calls",  # chat only (engine/server/tools.py)
+}
 
 
 def _prompt(msg: dict) -> tuple[Any, list[dict] | None]:
@@ -343,17 +370,33 @@ def _prompt(msg: dict) -> tuple[Any, list[dict] | None]:
     return value, None
 
 
-def _params(raw: Any) -> SamplingParams:
+def _params(raw: Any) -> tuple[SamplingParams, str]:
+    """The request's sampling parameters, and the field its output constraint came from:
+    ``params.structured`` itself, or OpenAI's ``response_format`` / vLLM's ``guided_*``
+    (accepted in ``params`` too and mapped as the HTTP routes map them)."""
     if raw is None:
-        return SamplingParams()
+        return SamplingParams(), "params.structured"
     if not isinstance(raw, dict):
         raise InvalidRequestError("params: must be a map", "params")
     for name in raw:
-        if name not in _PARAM_FIELDS:
+        if name not in _PARAM_FIELDS and name not in OPENAI_FIELDS:
             raise InvalidRequestError(f"params.{name}: unknown field", f"params.{name}")
     if raw.get("n", 1) != 1:
         raise InvalidRequestError("params.n: one sequence per request; send n requests", "params.n")
+    kw = {k: v for k, v in raw.items() if k not in OPENAI_FIELDS}
+    field = "params.structured"
+    spec, openai_field = spec_from_openai(raw, prefix="params.")
+    if spec is not None:
+        if kw.get("structured") is not None:
+            raise InvalidRequestError(
+                f"{openai_field}: give one output constraint, not it and params.structured",
+                openai_field)
+        kw["structured"], field = spec, openai_field
     try:
-        return SamplingParams(**raw)
+        return SamplingParams(**kw), field
     except TypeError as e:  # e.g. stop given as a number: fails before validate() can name it
         raise InvalidRequestError(f"params: {e}", "params") from None
+    except InvalidRequestError as e:
+        if e.param == "structured":
+            raise InvalidRequestError(str(e).replace("structured", field, 1), field) from None
+        raise

@@ -42,6 +42,7 @@ REFUSED = [
     (["serve", "--device", "tpu"], "--device"),
     (["serve", "--scheduling-policy", "no-such-policy"], "--scheduling-policy"),
     (["serve", "--swap-policy", "no-such-policy"], "--swap-policy"),
+    (["serve", "--tool-call-parser", "no-such-parser"], "--tool-call-parser"),
     (["serve", "--scheduling-policy", "mlfq", "--policy-option", "base_quantum_s=-1"],
      "--policy-option"),
     (["serve", "--profile", "/no/such/profile.json"], "--profile"),

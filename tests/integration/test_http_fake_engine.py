@@ -231,7 +231,12 @@ async def test_each_invalid_request_gets_its_4xx_and_the_server_keeps_serving() 
             "max_completion_tokens",
         ),
         ("/v1/chat/completions", {"messages": CHAT, "logprobs": 3}, 400, "logprobs"),
-        ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
+        (
+            "/v1/chat/completions",
+            {"messages": CHAT, "tools": [{"type": "function"}]},
+            400,
+            "tools[0].function",
+        ),
         ("/v1/completions", {"prompt": "x" * 10_000}, 413, None),
         ("/tokenize", {"prompt": "x", "messages": CHAT}, 400, "prompt"),
         ("/detokenize", {"tokens": [-1]}, 400, "tokens"),

@@ -346,7 +346,8 @@ INVALID = [
     ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": 0}, 400,
      "max_completion_tokens"),
-    ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, 400,
+     "tools[0].function"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 2000}]}, 400,
      "messages"),  # longer than the 256-token context once templated
     ("/v1/chat/completions", {"messages": CHAT, "model": "gpt-4"}, 404, "model"),

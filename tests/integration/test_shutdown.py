@@ -43,9 +43,15 @@ class Server:
     proc: subprocess.Popen
     base: str
     tmp: str  # TMPDIR of the server: the worker's sockets and the ZeroMQ frontend's live here
+    shm_before: set[str]  # /dev/shm before the server started
+    stderr: list[str]  # everything the server wrote to stderr (read by a thread)
 
     def children(self) -> list[int]:
         return _children(self.proc.pid)
+
+    def shm_in_use(self) -> set[str]:
+        """Shared-memory files the server or its workers have open or mapped right now."""
+        return _shm_of([self.proc.pid, *self.children()])
 
 
 def _children(pid: int) -> list[int]:
@@ -80,8 +86,42 @@ def _sockets_under(path: str) -> list[str]:
     return found
 
 
-def start_server(model_path: str, tmp: str, shutdown_timeout: float) -> Server:
+SHM = "/dev/shm"
+
+
+def _shm_files() -> set[str]:
+    return set(os.listdir(SHM)) if os.path.isdir(SHM) else set()
+
+
+def _shm_of(pids: list[int]) -> set[str]:
+    found = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                found |= {line.split(SHM + "/", 1)[1].split()[0] for line in f if SHM + "/" in line}
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith(SHM + "/"):
+                    found.add(target.removeprefix(SHM + "/").split()[0])
+        except OSError:  # the process exited meanwhile
+            continue
+    return found
+
+
+def assert_no_segment_left(server: Server, seen: set[str]) -> None:
+    """Nothing in /dev/shm that the server's process tree used, or that is named after us,
+    outlives it (files other programs on the machine make come and go: not ours)."""
+    new = _shm_files() - server.shm_before
+    leaked = {n for n in new if n in seen or "fastserve" in n}
+    assert not leaked, f"shared-memory segments left behind: {sorted(leaked)}"
+
+
+def start_server(model_path: str, tmp: str, shutdown_timeout: float,
+                 own_group: bool = False) -> Server:
+    """``own_group``: the server leads a new process group, as a shell's foreground job
+    does (a terminal's Ctrl-C goes to the whole group)."""
     env = {**os.environ, "TMPDIR": tmp, "PYTHONPATH": os.getcwd()}
+    shm_before = _shm_files()
     cmd = [
         sys.executable, "-m", "engine.cli", "serve", "--model", model_path,
         "--dtype", "float32", "--block-size", "4", "--num-gpu-blocks", "256",
@@ -94,7 +134,7 @@ def start_server(model_path: str, tmp: str, shutdown_timeout: float) -> Server:
         "--scheduling-policy", "fcfs", "--swap-policy", "reactive",
     ]
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=own_group)
     deadline = time.monotonic() + STARTUP_S
     assert proc.stderr is not None
     os.set_blocking(proc.stderr.fileno(), True)
@@ -106,11 +146,15 @@ def start_server(model_path: str, tmp: str, shutdown_timeout: float) -> Server:
         lines.append(line)
         m = SERVING.search(line)
         if m:  # keep reading: a full pipe would block the server's logging
-            threading.Thread(target=proc.stderr.read, daemon=True).start()
-            return Server(proc, m.group(1), tmp)
+            threading.Thread(target=_collect, args=(proc.stderr, lines), daemon=True).start()
+            return Server(proc, m.group(1), tmp, shm_before, lines)
     proc.kill()
     proc.wait(10)
     raise AssertionError("server did not start:\n" + "".join(lines))
+
+
+def _collect(stream, lines: list[str]) -> None:
+    lines.extend(stream)  # line by line, as the server writes them
 
 
 @pytest.fixture
@@ -155,6 +199,7 @@ async def _drain_and_check(server: Server, *, signals: int, deadline_s: float) -
         await asyncio.wait_for(first.wait(), 60)  # generation is under way
         children = server.children()
         assert children, "the worker process should be a child of the server"
+        shm_seen = server.shm_in_use()
         server.proc.send_signal(signal.SIGTERM)
         sent = time.monotonic()
         # Admission is closed at once: new work and health probes get 503.
@@ -175,6 +220,7 @@ async def _drain_and_check(server: Server, *, signals: int, deadline_s: float) -
     assert not [p for p in children if _alive(p)], "a child process outlived the server"
     assert _sockets_under(server.tmp) == []
     assert not [d for d in os.listdir(server.tmp) if d.startswith("fastserve-")]
+    assert_no_segment_left(server, shm_seen)
     for r in results:  # every stream ended properly, one way or the other
         assert r["done"] and len(r["reasons"]) == 1 and r["reasons"][0] in ("length", "abort")
     return results
@@ -199,3 +245,79 @@ async def test_second_sigterm_aborts_at_once_instead_of_waiting_out_the_timeout(
     # The bound is the hard stop's (deadline 0), far below the 600 s drain it skipped.
     results = await _drain_and_check(server, signals=2, deadline_s=0.0)
     assert any(r["reasons"] == ["abort"] for r in results)
+
+
+async def test_ctrl_c_on_the_process_group_stops_the_workers_in_order_without_a_traceback(
+    model_path, tmp_path, servers
+):
+    # A terminal's Ctrl-C sends SIGINT to the server and its workers at once. The workers
+    # must leave stopping to the engine (drain, then `shutdown`), not die of
+    # KeyboardInterrupt under requests still draining.
+    server = start_server(model_path, str(tmp_path), shutdown_timeout=30.0, own_group=True)
+    servers.append(server)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+        first = asyncio.Event()
+        body = {"model": "tiny", "prompt": "once upon a time", "max_tokens": 24,
+                "ignore_eos": True, "stream": True}
+
+        async def short_stream() -> dict:
+            reasons, done = [], False
+            async with s.post(server.base + "/v1/completions", json=body) as r:
+                assert r.status == 200
+                async for raw in r.content:
+                    line = raw.decode().strip()
+                    if line.startswith("data: "):
+                        first.set()
+                        if line == "data: [DONE]":
+                            done = True
+                            continue
+                        chunk = json.loads(line.removeprefix("data: "))
+                        if "error" in chunk:  # the stream failed (a worker died under it)
+                            reasons.append("error: " + chunk["error"]["message"])
+                            continue
+                        reasons += [c["finish_reason"] for c in chunk["choices"]
+                                    if c["finish_reason"]]
+            return {"reasons": reasons, "done": done}
+
+        streams = [asyncio.ensure_future(short_stream()) for _ in range(3)]
+        await asyncio.wait_for(first.wait(), 60)
+        children = server.children()
+        assert children
+        shm_seen = server.shm_in_use()
+        os.killpg(server.proc.pid, signal.SIGINT)
+        results = await asyncio.wait_for(asyncio.gather(*streams), 90)
+    code = await asyncio.to_thread(server.proc.wait, 60)
+    assert code == 0
+    # The drain had room for these short streams: a worker that died of the SIGINT would
+    # have failed them instead.
+    assert all(r["done"] and r["reasons"] == ["length"] for r in results), results
+    assert not [p for p in children if _alive(p)], "a worker outlived the server"
+    stderr = "".join(server.stderr)
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    assert "worker rank" not in stderr, stderr[-3000:]  # no "worker rank 0 exited with ..."
+    assert _sockets_under(server.tmp) == []
+    assert_no_segment_left(server, shm_seen)
+
+
+async def test_server_killed_outright_leaves_no_worker_no_worker_socket_and_no_segment(
+    model_path, tmp_path, servers
+):
+    # SIGKILL: nothing of the server runs its shutdown. Its workers notice the parent is
+    # gone, exit, and remove the engine's private control-socket directory.
+    server = start_server(model_path, str(tmp_path), shutdown_timeout=1.0)
+    servers.append(server)
+    children = server.children()
+    assert children
+    shm_seen = server.shm_in_use()
+    server.proc.kill()
+    await asyncio.to_thread(server.proc.wait, 10)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30  # a worker polls for its parent every second
+    while [p for p in children if _alive(p)] and loop.time() < deadline:
+        await asyncio.sleep(0.1)
+    assert not [p for p in children if _alive(p)], "a worker outlived its killed server"
+    assert not [d for d in os.listdir(server.tmp) if d.startswith("fastserve-")]
+    # Only the ZeroMQ frontend's socket file, at the path the user chose, can outlive a
+    # SIGKILL (nothing of the server runs); the next server's bind replaces it.
+    assert _sockets_under(server.tmp) in ([], [f"{server.tmp}/front.ipc"])
+    assert_no_segment_left(server, shm_seen)

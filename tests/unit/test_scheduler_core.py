@@ -7,6 +7,7 @@ from engine.memory.block_manager import BlockManager, Residency
 from engine.memory.proactive import ProactivePolicy
 from engine.memory.swap import ReactivePolicy, RecomputePolicy
 from engine.policies.fcfs import FCFSPolicy
+from engine.policies.mlfq import MLFQPolicy
 from engine.policies.priority import PriorityPolicy
 from engine.request import FinishReason, JobState
 from engine.scheduler import AdmissionError, QueueFullError, Scheduler
@@ -175,10 +176,35 @@ def test_prompt_larger_than_pool_is_refused():
 
 
 def test_queue_full_is_refused():
-    s = make_scheduler(FCFSPolicy(), RecomputePolicy(), max_waiting=1)
-    s.add(make_job("a", 4, 1), 0.0)
-    with pytest.raises(QueueFullError):
-        s.add(make_job("b", 4, 1), 0.0)
+    s = make_scheduler(FCFSPolicy(), RecomputePolicy(), max_num_seqs=1, max_waiting=1)
+    s.add(make_job("a", 4, 1), 0.0)  # one batch of one...
+    s.add(make_job("b", 4, 1), 0.0)  # ...and a queue of one
+    with pytest.raises(QueueFullError, match="max_waiting=1"):
+        s.add(make_job("c", 4, 1), 0.0)
+
+
+def test_preempted_jobs_count_against_the_admission_cap_under_a_preemptive_policy():
+    """MLFQ runs every newcomer at once and preempts the rest: the waiting queue alone stays
+    short, so a cap on waiting jobs alone would let preempted jobs pile up without bound.
+    The engine holds at most max_num_seqs running + max_waiting queued, whatever their state."""
+    s = make_scheduler(MLFQPolicy(base_quantum_s=0.01), ReactivePolicy(), gpu_blocks=10,
+                       host_blocks=64, block_size=4, max_num_seqs=2, max_waiting=2)
+    clock = VirtualClock()
+    admitted, refused = 0, 0
+    for i in range(40):  # one arrival per iteration, each far longer than one iteration
+        try:
+            s.add(make_job(f"j{i}", 6, 12, arrival=clock.now), clock.now)
+            admitted += 1
+        except QueueFullError:
+            refused += 1
+        assert len(s.jobs) <= 2 + 2
+        run_step(s, clock)
+        s.check_integrity()
+    assert refused and s.num_preemptions  # the cap bit while jobs were being preempted
+    run_until_idle(s, clock)
+    done = s.drain_finished()
+    assert admitted > 4  # more came in as others finished
+    assert len(done) == admitted and all(len(j.output_ids) == 12 for j in done)
 
 
 def test_waiting_prompt_tokens_past_the_cap_are_refused_and_running_ones_do_not_count():
