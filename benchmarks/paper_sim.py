@@ -74,11 +74,13 @@ def _cost(setup: str):
         tensor_parallel_size=s["tp"], pipeline_parallel_size=s["pp"]))
 
 
-def _core(cost, policy: str, swap: str):
+def _core(cost, policy: str, swap: str, capacity_run: bool = False):
     from engine.sim.simulator import build_scheduler
 
+    # The capacity run queues all its jobs at once: no admission cap may refuse them.
+    limits = {"max_waiting": 1 << 30, "max_waiting_tokens": None} if capacity_run else {}
     cfg = SchedulerConfig(policy=policy, swap_policy=swap, max_num_seqs=MAX_NUM_SEQS,
-                          max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS)
+                          max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS, **limits)
     return build_scheduler(cfg, cost.num_gpu_blocks, cost.num_host_blocks,
                            cost.cluster.block_size, cost.profile())
 
@@ -89,14 +91,18 @@ def _items(workload: str, n: int, seed: int, rate: float, max_len: int) -> list[
             for it in items]
 
 
-def capacity(setup: str, workload: str, n: int, seed: int) -> float:
-    from engine.sim import simulate
+def capacity(setup: str, workload: str, n: int, seed: int) -> tuple[float, int]:
+    """(jobs/s the baseline sustains with a queue that never runs dry, jobs in that run)."""
+    from engine.sim.simulator import capacity_jobs, fcfs_capacity
 
     cost = _cost(setup)
-    items = _items(workload, n, seed, math.inf, cost.model.max_model_len)
+    max_len = cost.model.max_model_len
+    kv_tokens = cost.num_gpu_blocks * cost.cluster.block_size
+    m = capacity_jobs(_items(workload, n, seed, math.inf, max_len), kv_tokens, MAX_NUM_SEQS)
+    items = _items(workload, m, seed, math.inf, max_len)
     _, pol, swap = next(c for c in CONFIGS if c[0] == BASELINE)
-    return simulate(_core(cost, pol, swap), items, cost,
-                    max_model_len=cost.model.max_model_len).saturated_capacity
+    return fcfs_capacity(_core(cost, pol, swap, capacity_run=True), items, cost,
+                         max_model_len=max_len), m
 
 
 def run_one(task: tuple) -> tuple:
@@ -120,9 +126,10 @@ def simulate_all(args: argparse.Namespace) -> None:
     for setup in args.setups:
         for workload in args.workloads:
             n = args.num_prompts[workload]
-            cap = capacity(setup, workload, n, args.seed)
+            cap, m = capacity(setup, workload, n, args.seed)
             caps[(setup, workload)] = cap
-            print(f"{setup} {workload}: fcfs capacity {cap:.3f} req/s", flush=True)
+            print(f"{setup} {workload}: fcfs capacity {cap:.3f} req/s ({m} jobs queued at t=0)",
+                  flush=True)
             tasks += [(setup, workload, n, args.seed, label, f * cap)
                       for label, _, _ in CONFIGS for f in args.loads]
     results: dict[tuple, list] = {}

@@ -93,17 +93,19 @@ class Job:
 
     def check_stop(self) -> FinishReason | None:
         """Stop conditions known from token ids alone (stop strings live in the detokenizer)."""
-        if not self.output_ids:
+        out = self.output_ids
+        if not out:
             return None
-        last = self.output_ids[-1]
+        last = out[-1]
+        params = self.params
         # The sampler masks EOS and stop ids before min_tokens; a token that slips through
         # (an id past the logits) does not end the job early either.
-        if len(self.output_ids) > self.params.min_tokens and (
-            (not self.params.ignore_eos and last in self.eos_token_ids)
-            or last in self.params.stop_token_ids
+        if len(out) > params.min_tokens and (
+            (not params.ignore_eos and last in self.eos_token_ids)
+            or last in params.stop_token_ids
         ):
             return FinishReason.STOP
-        if len(self.output_ids) >= self.params.max_tokens or self.num_tokens >= self.max_model_len:
+        if len(out) >= params.max_tokens or len(self.prompt_ids) + len(out) >= self.max_model_len:
             return FinishReason.LENGTH
         return None
 

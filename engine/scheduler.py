@@ -22,10 +22,18 @@ demotion, promotion and stop checks happen then, when the batch leaves the last 
 Blocks freed by an abort while a batch is in flight may be reused at once: every rank runs
 plans in order, so the batch that still writes them is done before the next one reads.
 With depth 1 ``schedule`` and ``update`` simply alternate.
+
+Cost. The core runs every iteration of a server and of the simulator (100,000-request runs),
+so its bookkeeping is incremental: admission checks counters kept at every state change (no
+scan of the waiting queue); an iteration costs O(batch) for the jobs it runs plus a cheap
+check per job that cannot run; a job short of room looks for victims only among the
+GPU-resident jobs below it, after an O(1) bound says enough room could be found there; and
+once nothing below holds GPU blocks and the pool is full, the walk stops.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
@@ -37,6 +45,8 @@ from engine.policies.base import SchedulingPolicy
 from engine.policies.mlfq import check_number
 from engine.request import FinishReason, Job, JobState
 
+_QUEUED = (JobState.WAITING, JobState.SWAPPED)  # not resident on the GPU: queued work
+
 
 class AdmissionError(ValueError):
     """A job can never run here (e.g. its prompt alone exceeds the KV pool)."""
@@ -46,7 +56,7 @@ class QueueFullError(RuntimeError):
     """Too many jobs are waiting; the client should retry later."""
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
     job: Job
     start: int  # position of the first token fed
@@ -107,6 +117,33 @@ class Scheduler:
         self._finished: list[Job] = []
         self._evicted_now: set[str] = set()
         self.num_preemptions = 0
+        # Jobs in state WAITING, and the prompt tokens of the jobs queued (WAITING or
+        # SWAPPED): counters kept at every state change, so admission does not scan.
+        self._num_waiting = 0
+        self._queued_prompt_tokens = 0
+        # Per fill pass: positions in the order of the jobs that held GPU blocks when it
+        # started, and suffix sums of the blocks they held (victim search); None until needed.
+        self._resident_pos: list[int] | None = None
+        self._resident_suffix: list[int] = []
+
+    def _set_state(self, job: Job, state: JobState) -> None:
+        """Every state change of an admitted job goes through here (waiting counters)."""
+        old = job.state
+        if old is state:
+            return
+        if old is JobState.WAITING:
+            self._num_waiting -= 1
+        elif state is JobState.WAITING:
+            self._num_waiting += 1
+        was, now_queued = old in _QUEUED, state in _QUEUED
+        if was != now_queued:
+            self._queued_prompt_tokens += len(job.prompt_ids) if now_queued else -len(job.prompt_ids)
+        job.state = state
+
+    @property
+    def num_waiting(self) -> int:
+        """Jobs admitted and waiting to run (not yet run, or preempted by recompute)."""
+        return self._num_waiting
 
     # -- admission / removal ----------------------------------------------------------------
     def add(self, job: Job, now: float) -> None:
@@ -133,15 +170,17 @@ class Scheduler:
                 f"prompt of {job.num_prompt_tokens} tokens exceeds max_waiting_tokens={cap}"
             )
         if cap is not None:
-            # Queued work: jobs not resident on the GPU (waiting, or swapped out).
-            queued = sum(j.num_prompt_tokens for j in self.jobs.values()
-                         if j.state in (JobState.WAITING, JobState.SWAPPED))
+            # Queued work: jobs not resident on the GPU (waiting, or swapped out); a counter
+            # kept by _set_state, so admission does not scan every job.
+            queued = self._queued_prompt_tokens
             if queued + job.num_prompt_tokens > cap:
                 raise QueueFullError(
                     f"{queued} prompt tokens queued, {job.num_prompt_tokens} more would pass "
                     f"max_waiting_tokens={cap}"
                 )
         job.state = JobState.WAITING
+        self._num_waiting += 1
+        self._queued_prompt_tokens += job.num_prompt_tokens
         self.jobs[job.job_id] = job
         self.policy.admit(job, now)
 
@@ -193,32 +232,68 @@ class Scheduler:
         self, order: list[Job], in_batch: set[str], plan: StepPlan, now: float, allow_recompute: bool,
     ) -> None:
         budget = self.config.max_num_batched_tokens - plan.num_tokens
+        max_seqs = self.config.max_num_seqs
+        seqs = plan.seqs
+        blocks = self.blocks
+        in_flight = self._in_flight
+        evicted = self._evicted_now
+        finished, running = JobState.FINISHED, JobState.RUNNING
+        gpu_table, table_len = blocks.gpu_table, self._worker_table_len
+        block_size = blocks.block_size
+        self._resident_pos = None  # victim index: built on the first shortage of this pass
         # The most urgent job not in flight (with depth 1 nothing is in flight: order[0]).
-        head = next((i for i, j in enumerate(order) if j.job_id not in self._in_flight), -1)
+        head = next((i for i, j in enumerate(order) if j.job_id not in in_flight), -1)
         for pos, job in enumerate(order):
-            if len(plan.seqs) >= self.config.max_num_seqs or budget <= 0:
+            if len(seqs) >= max_seqs or budget <= 0:
                 break
-            if job.job_id in self._evicted_now:
+            job_id = job.job_id
+            if job_id in evicted:
                 continue  # evicted for a higher-priority job this step: running it now undoes that
-            if job.job_id in in_batch or job.is_finished:
+            if job_id in in_batch or job.state is finished:
                 continue  # a second pass: placed, or stopped for good, by the first
-            if job.job_id in self._in_flight:
+            if job_id in in_flight:
                 continue  # an earlier batch of it is still in the pipeline
-            n = min(job.num_pending_tokens, budget)
-            if not self._make_resident(
-                job, job.num_computed_tokens + n, order, pos, in_batch, plan, now, allow_recompute
-            ):
-                if pos == head and not self._fits_alone(job, n):
-                    # Even an empty pool cannot hold it: stop it rather than deadlock.
-                    self._finish(job, FinishReason.LENGTH, now)
-                continue
-            plan.seqs.append(self._seq(job, n))
-            in_batch.add(job.job_id)
+            start = job.num_computed_tokens
+            total = len(job.prompt_ids) + len(job.output_ids)
+            n = min(total - start, budget)
+            table = gpu_table(job_id)
+            size = len(table)
+            # Resident with room for these tokens already (a decode step mostly): nothing to
+            # allocate. Otherwise get the blocks, evicting below if needed.
+            if size * block_size < start + n:
+                if not size and pos != head and blocks.waits_its_turn(job_id):
+                    continue  # reserved behind another reservation: no room is enough
+                need = blocks.extra_blocks_needed(job_id, start + n)
+                if need and not self._make_resident(
+                    job, need, start + n, order, pos, in_batch, plan, now, allow_recompute
+                ):
+                    if pos == head and not self._fits_alone(job, n):
+                        # Even an empty pool cannot hold it: stop it rather than deadlock.
+                        self._finish(job, FinishReason.LENGTH, now)
+                    elif blocks.num_free_gpu_blocks == 0 and not self._resident_below(pos):
+                        # Every job further down needs a block, and none below holds one.
+                        break
+                    continue
+                table = gpu_table(job_id)
+                size = len(table)
+            # What the worker must add to its copy of the block table (inlined: this runs
+            # for every job of every iteration).
+            known = table_len.get(job_id)
+            if known == size:
+                seqs.append(ScheduledSeq(job, start, n, [], False, start + n == total))
+            else:
+                reset = known is None or known > size
+                seqs.append(ScheduledSeq(job, start, n, list(table) if reset else table[known:],
+                                         reset, start + n == total))
+                table_len[job_id] = size
+            if job.state is not running:
+                self._set_state(job, running)
+            in_batch.add(job_id)
             budget -= n
             if job.stats.first_scheduled_time is None:
                 job.stats.first_scheduled_time = now
-            if job.job_id not in self._worker_known:
-                self._worker_known.add(job.job_id)
+            if job_id not in self._worker_known:
+                self._worker_known.add(job_id)
                 plan.new_jobs.append(job)
 
     def update(self, plan: StepPlan, sampled: dict[str, int], step_time_s: float, now: float) -> list[Job]:
@@ -228,17 +303,20 @@ class Scheduler:
             if not self._plans_in_flight or self._plans_in_flight[0] != plan.step_id:
                 raise RuntimeError(f"results of step {plan.step_id} applied out of order")
             self._plans_in_flight.popleft()
+            in_flight = self._in_flight
             for seq in plan.seqs:
-                self._in_flight.pop(seq.job.job_id, None)
+                in_flight.pop(seq.job.job_id, None)
         if self.config.fixed_step_time_s is not None:
             step_time_s = self.config.fixed_step_time_s
         touched: list[Job] = []
+        charge = self.policy.charge
+        finished = JobState.FINISHED
         for seq in plan.seqs:
             job = seq.job
-            if job.is_finished:  # aborted while the step ran
+            if job.state is finished:  # aborted while the step ran
                 continue
             job.num_computed_tokens = seq.start + seq.num_tokens
-            self.policy.charge(job, step_time_s, now)
+            charge(job, step_time_s, now)
             if not seq.sample:
                 continue
             job.output_ids.append(sampled[job.job_id])
@@ -257,29 +335,18 @@ class Scheduler:
             self._finish(job, reason, now)
 
     # -- helpers ----------------------------------------------------------------------------
-    def _seq(self, job: Job, n: int) -> ScheduledSeq:
-        table = self.blocks.gpu_table(job.job_id)
-        known = self._worker_table_len.get(job.job_id)
-        reset = known is None or known > len(table)
-        new_blocks = list(table) if reset else table[known:]
-        self._worker_table_len[job.job_id] = len(table)
-        start = job.num_computed_tokens
-        job.state = JobState.RUNNING
-        return ScheduledSeq(job, start, n, new_blocks, reset, sample=start + n == job.num_tokens)
-
     def _fits_alone(self, job: Job, n: int) -> bool:
         return self.blocks.blocks_for(job.num_computed_tokens + n) <= self.blocks.num_gpu_blocks
 
     def _make_resident(
-        self, job: Job, num_tokens: int, order: list[Job], pos: int, in_batch: set[str], plan: StepPlan,
-        now: float, allow_recompute: bool = True,
+        self, job: Job, need: int, num_tokens: int, order: list[Job], pos: int, in_batch: set[str],
+        plan: StepPlan, now: float, allow_recompute: bool = True,
     ) -> bool:
-        """Give ``job`` (``order[pos]``) GPU room for ``num_tokens``, evicting jobs below it
-        in the order if needed."""
-        need = self.blocks.extra_blocks_needed(job.job_id, num_tokens)
+        """Give ``job`` (``order[pos]``), which needs ``need`` more GPU blocks, room for
+        ``num_tokens``, evicting jobs below it in the order if needed."""
         short = need - self.blocks.num_free_gpu_blocks
         if short > 0:
-            victims = self._pick_victims(order[pos + 1 :], in_batch, short, allow_recompute)
+            victims = self._pick_victims(order, pos, in_batch, short, allow_recompute)
             if victims is None:
                 return False  # evicting everyone allowed below would not be enough: evict no one
             for victim, mode in victims:
@@ -290,17 +357,41 @@ class Scheduler:
         self.blocks.allocate(job.job_id, num_tokens)
         return True
 
+    def _resident_index(self, order: list[Job]) -> list[int]:
+        """Positions in ``order`` of the jobs holding GPU blocks, built once per fill pass.
+        Jobs only lose GPU blocks below the walk's position (evictions), and the ones that
+        gain them are placed in the batch, so the index stays a superset of the victims."""
+        if self._resident_pos is None:
+            gpu = self.blocks.gpu_job_ids()
+            self._resident_pos = [i for i, j in enumerate(order) if j.job_id in gpu]
+            held = [self.blocks.num_blocks_held(order[i].job_id) for i in self._resident_pos]
+            suffix = [0] * (len(held) + 1)
+            for k in range(len(held) - 1, -1, -1):
+                suffix[k] = suffix[k + 1] + held[k]
+            self._resident_suffix = suffix
+        return self._resident_pos
+
+    def _resident_below(self, pos: int) -> bool:
+        """Whether a job below ``pos`` held GPU blocks when this fill pass indexed them."""
+        rp = self._resident_pos
+        return rp is None or (bool(rp) and rp[-1] > pos)
+
     def _pick_victims(
-        self, lower: list[Job], in_batch: set[str], short: int, allow_recompute: bool,
+        self, order: list[Job], pos: int, in_batch: set[str], short: int, allow_recompute: bool,
     ) -> list[tuple[Job, EvictMode]] | None:
-        """Resident jobs to evict, lowest priority first, that free ``short`` GPU blocks;
-        None if they cannot. Without ``allow_recompute`` a job the swap policy would swap
-        but the host pool has no room for is spared."""
+        """Resident jobs below ``order[pos]`` to evict, lowest priority first, that free
+        ``short`` GPU blocks; None if they cannot. Without ``allow_recompute`` a job the swap
+        policy would swap but the host pool has no room for is spared."""
+        rp = self._resident_index(order)
+        first = bisect.bisect_right(rp, pos)
+        if self._resident_suffix[first] < short:
+            return None  # every resident job below together holds too little
         host_room = self.blocks.num_free_host_blocks
         chosen: list[tuple[Job, EvictMode]] = []
-        for victim in reversed(lower):
+        for k in range(len(rp) - 1, first - 1, -1):
             if short <= 0:
                 break
+            victim = order[rp[k]]
             if victim.job_id in in_batch or self.blocks.residency(victim.job_id) is not Residency.GPU:
                 continue
             if victim.job_id in self._in_flight:
@@ -330,7 +421,7 @@ class Scheduler:
     def _swap_out(self, job: Job, now: float) -> list[tuple[int, int]]:
         pairs = self.blocks.swap_out(job.job_id)
         self._worker_table_len.pop(job.job_id, None)
-        job.state = JobState.SWAPPED
+        self._set_state(job, JobState.SWAPPED)
         job.swapped_since = now
         job.stats.swap_outs += 1
         return pairs
@@ -346,7 +437,7 @@ class Scheduler:
         self.blocks.free(job.job_id)
         self._worker_table_len.pop(job.job_id, None)
         job.num_computed_tokens = 0
-        job.state = JobState.WAITING
+        self._set_state(job, JobState.WAITING)
         job.stats.recomputes += 1
 
     def _apply_proactive(self, order: list[Job], in_batch: set[str], plan: StepPlan, now: float) -> None:
@@ -367,7 +458,7 @@ class Scheduler:
             if self.blocks.can_swap_in(job.job_id):
                 plan.prefetch.extend(self.blocks.swap_in(job.job_id))
                 self._note_swapped_in(job, now)
-                job.state = JobState.RUNNING
+                self._set_state(job, JobState.RUNNING)
 
     def _finish(self, job: Job, reason: FinishReason, now: float) -> None:
         if job.is_finished:
@@ -375,7 +466,7 @@ class Scheduler:
         if job.swapped_since is not None:
             job.stats.swapped_time_s += now - job.swapped_since
             job.swapped_since = None
-        job.state = JobState.FINISHED
+        self._set_state(job, JobState.FINISHED)
         job.finish_reason = reason
         job.stats.finish_time = now
         self.policy.remove(job)
@@ -395,6 +486,10 @@ class Scheduler:
     # -- introspection ----------------------------------------------------------------------
     def check_integrity(self) -> None:
         self.blocks.check_integrity()
+        waiting = sum(1 for j in self.jobs.values() if j.state is JobState.WAITING)
+        queued = sum(j.num_prompt_tokens for j in self.jobs.values() if j.state in _QUEUED)
+        if waiting != self._num_waiting or queued != self._queued_prompt_tokens:
+            raise AssertionError("waiting counters disagree with the jobs' states")
         ordered = [j.job_id for j in self.policy.order(0.0)]
         if len(ordered) != len(set(ordered)):
             raise AssertionError("a job appears twice in the policy order")

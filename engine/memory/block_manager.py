@@ -29,6 +29,9 @@ never slips past a large one waiting for room). Without reservations nothing cha
 from __future__ import annotations
 
 import enum
+import itertools
+from collections import deque
+from collections.abc import KeysView
 
 
 class Residency(enum.Enum):
@@ -54,8 +57,13 @@ class BlockManager:
         self._host_deferred: list[int] = []
         self._gpu_tables: dict[str, list[int]] = {}
         self._host_tables: dict[str, list[int]] = {}
-        # job -> tokens to hold from its first allocation; insertion order = turn order.
-        self._reserved: dict[str, int] = {}
+        # job -> (tokens to hold from its first allocation, ticket); the queue holds
+        # (ticket, job) in turn order. Granted or freed reservations leave the dict at once
+        # and the queue lazily, so finding whose turn it is stays O(1) amortized (the first
+        # key of a dict with many deletions at its front is not: iteration skips them).
+        self._reserved: dict[str, tuple[int, int]] = {}
+        self._turns: deque[tuple[int, str]] = deque()
+        self._tickets = itertools.count()
 
     # -- queries ---------------------------------------------------------------------------
     def blocks_for(self, num_tokens: int) -> int:
@@ -82,6 +90,32 @@ class BlockManager:
     def num_blocks_held(self, job_id: str) -> int:
         return len(self._gpu_tables.get(job_id, ())) + len(self._host_tables.get(job_id, ()))
 
+    @property
+    def num_gpu_jobs(self) -> int:
+        """Jobs whose KV is in the GPU pool."""
+        return len(self._gpu_tables)
+
+    def gpu_job_ids(self) -> KeysView[str]:
+        """Ids of the jobs whose KV is in the GPU pool (a live view: do not hold it across
+        changes)."""
+        return self._gpu_tables.keys()
+
+    @property
+    def num_host_jobs(self) -> int:
+        """Jobs whose KV is in the host pool."""
+        return len(self._host_tables)
+
+    def _turn(self) -> str | None:
+        """The job whose reservation is granted next (the oldest one still queued)."""
+        turns, reserved = self._turns, self._reserved
+        while turns:
+            ticket, job_id = turns[0]
+            held = reserved.get(job_id)
+            if held is not None and held[1] == ticket:
+                return job_id
+            turns.popleft()
+        return None
+
     # -- GPU allocation ----------------------------------------------------------------------
     def extra_blocks_needed(self, job_id: str, num_tokens: int) -> int:
         """GPU blocks to add so the job can hold ``num_tokens`` tokens on the GPU.
@@ -89,21 +123,30 @@ class BlockManager:
         A job whose KV is on the host must be swapped in first; it needs a GPU block for
         every host block too.
         """
-        have = len(self._gpu_tables.get(job_id, ()))
-        if job_id in self._host_tables:
-            have = 0
-        reserved = self._reserved.get(job_id)
-        if reserved is not None:
-            if next(iter(self._reserved)) != job_id:
-                return self.num_gpu_blocks + 1  # not its turn: no room is enough
-            num_tokens = max(num_tokens, reserved)
-        return max(0, self.blocks_for(num_tokens) - have)
+        table = self._gpu_tables.get(job_id)
+        if table is not None:  # resident jobs have no reservation left (allocate took it)
+            need = -(-num_tokens // self.block_size) - len(table)
+            return max(0, need)
+        if self._reserved:
+            reserved = self._reserved.get(job_id)
+            if reserved is not None:
+                if self._turn() != job_id:
+                    return self.num_gpu_blocks + 1  # not its turn: no room is enough
+                num_tokens = max(num_tokens, reserved[0])
+        return max(0, self.blocks_for(num_tokens))  # not on the GPU: every block is new
+
+    def waits_its_turn(self, job_id: str) -> bool:
+        """Whether the job holds a reservation that is not granted next (it cannot allocate
+        anything until every reservation before it is granted)."""
+        return bool(self._reserved) and job_id in self._reserved and self._turn() != job_id
 
     def reserve(self, job_id: str, num_tokens: int) -> None:
         """Queue a reservation: the job's first allocation will hold ``num_tokens``."""
         if job_id in self._gpu_tables or job_id in self._host_tables:
             raise OutOfBlocksError(f"job {job_id} already holds blocks")
-        self._reserved[job_id] = min(num_tokens, self.num_gpu_blocks * self.block_size)
+        ticket = next(self._tickets)
+        self._reserved[job_id] = (min(num_tokens, self.num_gpu_blocks * self.block_size), ticket)
+        self._turns.append((ticket, job_id))
 
     def can_allocate(self, job_id: str, num_tokens: int) -> bool:
         return self.extra_blocks_needed(job_id, num_tokens) <= len(self._gpu_free)
@@ -113,11 +156,18 @@ class BlockManager:
         if job_id in self._host_tables:
             raise OutOfBlocksError(f"job {job_id} is on the host; swap it in first")
         need = self.extra_blocks_needed(job_id, num_tokens)
-        if need > len(self._gpu_free):
-            raise OutOfBlocksError(f"job {job_id} needs {need} blocks, {len(self._gpu_free)} free")
-        new = [self._gpu_free.pop() for _ in range(need)]
+        free = self._gpu_free
+        if need > len(free):
+            raise OutOfBlocksError(f"job {job_id} needs {need} blocks, {len(free)} free")
+        if need:
+            new = free[-need:]
+            new.reverse()  # the order pop() would give: most recently freed first
+            del free[-need:]
+        else:
+            new = []
         self._gpu_tables.setdefault(job_id, []).extend(new)
-        self._reserved.pop(job_id, None)
+        if self._reserved:
+            self._reserved.pop(job_id, None)
         return new
 
     def free(self, job_id: str) -> None:

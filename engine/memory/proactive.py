@@ -96,21 +96,32 @@ class ProactivePolicy(SwapPolicy):
         headroom = self.headroom(view)
         soon = self.window(upcoming, batch)
         if view.num_free_gpu_blocks < headroom:
-            keep = {j.job_id for j in batch} | {j.job_id for j in soon}
-            return SwapPlan(swap_out=self._victims(view, upcoming, keep, headroom))
+            return SwapPlan(swap_out=self._victims(view, upcoming, batch, soon, headroom))
+        if not _count(view, "num_host_jobs", 1):
+            return SwapPlan()  # nothing on the host to upload
         return SwapPlan(swap_in=self._uploads(view, soon, headroom))
 
     def _victims(
-        self, view: MemoryView, upcoming: Sequence[Job], keep: set[str], headroom: int
+        self, view: MemoryView, upcoming: Sequence[Job], batch: Sequence[Job],
+        soon: Sequence[Job], headroom: int,
     ) -> list[Job]:
         free, host_free = view.num_free_gpu_blocks, view.num_free_host_blocks
+        in_batch = {j.job_id for j in batch}
+        keep = in_batch.union(j.job_id for j in soon)
+        # The batch is resident (the scheduler made it so); the other resident jobs are the
+        # only candidates, so once all of them are seen the walk stops: the tail of
+        # ``upcoming`` is mostly jobs that hold no GPU blocks at all.
+        left = _count(view, "num_gpu_jobs", len(upcoming)) - len(in_batch)
         out: list[Job] = []
         for job in reversed(upcoming):
-            if free >= headroom:
+            if free >= headroom or left <= 0:
                 break
-            if job.job_id in keep or job.is_finished:
+            if job.job_id in in_batch or job.is_finished:
                 continue
             if view.residency(job.job_id) is not Residency.GPU:
+                continue
+            left -= 1
+            if job.job_id in keep:
                 continue
             held = view.num_blocks_held(job.job_id)
             if held == 0 or held > host_free:
@@ -140,3 +151,10 @@ class ProactivePolicy(SwapPolicy):
             "headroom_blocks": self.headroom_blocks,
             "lookahead": self.lookahead,
         }
+
+
+def _count(view: MemoryView, name: str, default: int) -> int:
+    """A job count the view may offer (``BlockManager`` does); ``default`` if it does not,
+    so a plain view still works, only without the shortcut."""
+    value = getattr(view, name, None)
+    return default if value is None else value

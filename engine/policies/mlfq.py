@@ -24,10 +24,16 @@ arrivals stop, and a starved job's wait is bounded: it can only be overtaken by 
 entered queue 0 before it.
 
 ``initial_level`` is the hook that skip-join overrides; everything else is shared.
+
+Cost: ``charge`` is O(1); ``order`` is O(jobs) list building (C-level) plus O(promoted log n)
+for the starvation guard, which keeps a heap of candidate jobs keyed by the time they last
+ran, so finding the starving ones does not scan every queue each iteration.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -110,6 +116,12 @@ class MLFQPolicy(SchedulingPolicy):
         # and removal is O(1)); empty levels are dropped.
         self._levels: dict[int, dict[str, Job]] = {}
         self._level_of: dict[str, int] = {}
+        # Starvation candidates: jobs below queue 0, as (waited_since when pushed, tie, id).
+        # An entry whose job has run since is stale and pushed again with its new time, so
+        # a job has at most one entry (ids in _in_heap) and every job below queue 0 has one.
+        self._starve_heap: list[tuple[float, int, str]] = []
+        self._in_heap: set[str] = set()
+        self._ties = itertools.count()
 
     # -- queue geometry ---------------------------------------------------------------------
     @property
@@ -152,16 +164,23 @@ class MLFQPolicy(SchedulingPolicy):
         level = self._level_of.get(job.job_id)
         if level is None:  # removed while its step ran
             return
+        if job.level_service_s < self.base_quantum_s * self.quantum_ratio**level:
+            return  # the common case: still within its quantum (``quantum(level)``, inlined)
         last = self.last_level
         if job.job_id in self._pinned or (last is not None and level >= last):
             return
-        if job.level_service_s >= self.quantum(level):
-            job.stats.demotions += 1
-            self._enter(job, level + 1)
+        job.stats.demotions += 1
+        self._enter(job, level + 1)
 
     def order(self, now: float) -> Iterable[Job]:
         self._promote_starving(now)
-        return [job for level in sorted(self._levels) for job in self._levels[level].values()]
+        levels = self._levels
+        if len(levels) == 1:
+            return list(next(iter(levels.values())).values())
+        out: list[Job] = []
+        for level in sorted(levels):
+            out.extend(levels[level].values())
+        return out
 
     def remove(self, job: Job) -> None:
         self._pinned.discard(job.job_id)
@@ -190,6 +209,9 @@ class MLFQPolicy(SchedulingPolicy):
         job.level_service_s = 0.0
         self._levels.setdefault(level, {})[job.job_id] = job
         self._level_of[job.job_id] = level
+        if level > 0 and job.job_id not in self._in_heap and self.starvation_limit_s is not None:
+            self._in_heap.add(job.job_id)
+            heapq.heappush(self._starve_heap, (job.waited_since(), next(self._ties), job.job_id))
 
     def _drop(self, job: Job) -> None:
         level = self._level_of.pop(job.job_id, None)
@@ -202,12 +224,30 @@ class MLFQPolicy(SchedulingPolicy):
         limit = self.starvation_limit_s
         if limit is None:
             return
+        heap, level_of = self._starve_heap, self._level_of
+        found: set[str] = set()
+        while heap and now - heap[0][0] > limit:
+            _, _, job_id = heapq.heappop(heap)
+            level = level_of.get(job_id)
+            if level is None or level == 0:  # finished, or back in queue 0: not a candidate
+                self._in_heap.discard(job_id)
+                continue
+            job = self._levels[level][job_id]
+            since = job.waited_since()
+            if now - since > limit:
+                found.add(job_id)
+                self._in_heap.discard(job_id)
+            else:  # it ran since it was pushed: wait for its new time
+                heapq.heappush(heap, (since, next(self._ties), job_id))
+        if not found:
+            return
+        # The same jobs, in the order a scan of the queues would list them (rare: a scan).
         starving = [
             job
             for level, jobs in self._levels.items()
             if level > 0
             for job in jobs.values()
-            if now - job.waited_since() > limit
+            if job.job_id in found
         ]
         # Longest-waiting first, so promoted jobs keep their relative age in queue 0.
         for job in sorted(starving, key=lambda j: j.waited_since()):

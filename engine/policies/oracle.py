@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from engine.policies.base import SchedulingPolicy
 from engine.request import Job
 
+_SEQ_BITS = 40  # admission numbers below 2**40: the sort key is one int, not a tuple
+
 
 class OracleSRPTPolicy(SchedulingPolicy):
     name = "oracle-srpt"
@@ -24,16 +26,30 @@ class OracleSRPTPolicy(SchedulingPolicy):
         self._jobs: dict[str, Job] = {}
         self._seq: dict[str, int] = {}
         self._counter = itertools.count()
+        # Last order, re-sorted in place each time: between iterations only the jobs that
+        # ran move (by one token), so the list is nearly sorted and the sort is near-linear.
+        self._order: list[Job] = []
+        self._removed = 0
 
     def admit(self, job: Job, now: float) -> None:
         job.queue_level = 0
         self._jobs[job.job_id] = job
         self._seq[job.job_id] = next(self._counter)
+        self._order.append(job)
+
+    def _key(self, job: Job) -> int:
+        left = job.params.max_tokens - len(job.output_ids)
+        return (left << _SEQ_BITS) + self._seq[job.job_id]
 
     def order(self, now: float) -> Iterable[Job]:
-        return sorted(self._jobs.values(),
-                      key=lambda j: (j.params.max_tokens - len(j.output_ids), self._seq[j.job_id]))
+        if self._removed:
+            jobs = self._jobs
+            self._order = [j for j in self._order if jobs.get(j.job_id) is j]
+            self._removed = 0
+        self._order.sort(key=self._key)
+        return list(self._order)
 
     def remove(self, job: Job) -> None:
-        self._jobs.pop(job.job_id, None)
-        self._seq.pop(job.job_id, None)
+        if self._jobs.pop(job.job_id, None) is not None:
+            self._seq.pop(job.job_id, None)
+            self._removed += 1

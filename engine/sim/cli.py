@@ -26,9 +26,6 @@ from engine.config import CacheConfig, SchedulerConfig
 
 # Per-request rows in the result file up to this many requests (100,000 rows is ~15 MB).
 MAX_ROWS = 20_000
-# The capacity run for --load (every job at t=0, fcfs) uses at most this many jobs: the
-# scheduler core scans the whole waiting queue each step, so a longer one costs quadratically.
-CAPACITY_JOBS = 400
 
 
 def add_simulate_args(p: argparse.ArgumentParser) -> None:
@@ -138,37 +135,42 @@ def _cost(args: argparse.Namespace):
              "num_host_blocks": host_blocks, "block_size": args.block_size})
 
 
-def _items(args: argparse.Namespace, max_job: int) -> tuple[list[WorkItem], object]:
-    """Lengths (arrivals at 0) and a function rate -> timed items."""
+def _items(args: argparse.Namespace, max_job: int) -> tuple[list[WorkItem], object, object]:
+    """Lengths (arrivals at 0), a function rate -> timed items, and a function n -> n items
+    of the same workload at t=0 (the capacity run; a trace gives what it has)."""
     if args.requests is not None:
         args.num_prompts = args.requests
     if args.workload is None and not args.model_shape:
-        items, gaps = heavy_tailed(args.num_prompts, seed=args.seed,
-                                   prompt_median=args.prompt_median, prompt_p99=args.prompt_max,
-                                   output_median=args.output_median, output_p99=args.output_max,
-                                   max_job_tokens=max_job)
-        return items, lambda rate: with_rate(items, gaps, rate)
+        def lengths(n: int) -> tuple[list[WorkItem], list[float]]:
+            return heavy_tailed(n, seed=args.seed, prompt_median=args.prompt_median,
+                                prompt_p99=args.prompt_max, output_median=args.output_median,
+                                output_p99=args.output_max, max_job_tokens=max_job)
+
+        items, gaps = lengths(args.num_prompts)
+        return items, lambda rate: with_rate(items, gaps, rate), lambda n: lengths(n)[0]
     args.workload = args.workload or "sharegpt"
 
     def fit(its: list[WorkItem]) -> list[WorkItem]:  # prompt + output within the context
         return [WorkItem(max(1, min(it.prompt_len, max_job - it.output_len)),
                          min(it.output_len, max_job - 1), it.arrival_s) for it in its]
 
-    def at(rate: float) -> list[WorkItem]:
-        return fit(build_workload(args.workload, args.num_prompts, rate=rate, seed=args.seed,
-                                  burstiness=args.burstiness, max_input_len=args.max_input_len,
+    def at(rate: float, n: int | None = None) -> list[WorkItem]:
+        return fit(build_workload(args.workload, args.num_prompts if n is None else n,
+                                  rate=rate, seed=args.seed, burstiness=args.burstiness,
+                                  max_input_len=args.max_input_len,
                                   max_output_len=args.max_output_len, input_len=args.input_len,
                                   output_len=args.output_len))
 
     base = at(math.inf)
     if args.workload.startswith("trace:"):  # a trace keeps its own times
-        return [WorkItem(it.prompt_len, it.output_len, 0.0) for it in base], at
-    return base, at
+        base = [WorkItem(it.prompt_len, it.output_len, 0.0) for it in base]
+        return base, at, lambda n: base
+    return base, at, lambda n: at(math.inf, n)
 
 
 def run_simulate(args: argparse.Namespace) -> int:
     from engine.sim import simulate
-    from engine.sim.simulator import build_scheduler
+    from engine.sim.simulator import build_scheduler, capacity_jobs, fcfs_capacity
 
     analytic = bool(args.model_shape or args.gpu)
     cost, profile, gpu_blocks, host_blocks, max_len, described = _cost(args)
@@ -188,10 +190,13 @@ def run_simulate(args: argparse.Namespace) -> int:
         return tuple((knob, value) for scope, knob, value in scoped
                      if scope == policy or (not scope and policy not in no_knobs))
 
-    def core(policy: str, swap: str):
+    def core(policy: str, swap: str, capacity_run: bool = False):
+        # The capacity run queues all its jobs at once: no admission cap may refuse them.
+        limits = ({"max_waiting": 1 << 30, "max_waiting_tokens": None} if capacity_run
+                  else {"max_waiting": args.max_waiting})
         cfg = SchedulerConfig(
             policy=policy, swap_policy=swap, max_num_seqs=max_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
+            max_num_batched_tokens=args.max_num_batched_tokens, **limits,
             eager_recompute=args.eager_recompute, policy_options=options_for(policy),
             swap_policy_options=tuple(args.swap_policy_option))
         return build_scheduler(cfg, gpu_blocks, host_blocks, args.block_size, profile)
@@ -199,15 +204,16 @@ def run_simulate(args: argparse.Namespace) -> int:
     pairs = [(pol, swap) for pol in policies for swap in args.swap_policy.split(",")]
     for pol, swap in pairs:  # a bad name or knob fails before anything runs
         core(pol, swap)
-    base, timed_at = _items(args, max_job)
+    base, timed_at, sized = _items(args, max_job)
     rates = args.rate
-    if rates is None:  # fractions of what fcfs sustains with every job queued at t=0
-        sample = base[:CAPACITY_JOBS]
-        capacity = simulate(core("fcfs", SchedulerConfig().swap_policy), sample, cost,
-                            max_model_len=max_len).saturated_capacity
+    if rates is None:  # fractions of what fcfs sustains with a queue that never runs dry
+        sample = sized(capacity_jobs(base, gpu_blocks * args.block_size, max_seqs))
+        capacity = fcfs_capacity(
+            core("fcfs", SchedulerConfig().swap_policy, capacity_run=True),
+            sample, cost, max_model_len=max_len)
         rates = [f * capacity for f in args.load]
         print(json.dumps({"fcfs_capacity_req_s": round(capacity, 4),
-                          "rate_req_s": round(rates[0], 4)}))
+                          "capacity_jobs": len(sample), "rate_req_s": round(rates[0], 4)}))
     oracle = (lambda it: it.output_len) if args.oracle_priority else None
     big = args.num_prompts > MAX_ROWS
     runs: dict[tuple[str, str], list[dict]] = {pair: [] for pair in pairs}

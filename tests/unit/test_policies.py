@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.memory.block_manager import BlockManager
 from engine.memory.proactive import ProactivePolicy
@@ -103,6 +105,43 @@ def test_starvation_guard_can_be_disabled():
     p.charge(job, 0.05, 0.05)
     p.order(1e9)
     assert job.queue_level == 1 and job.stats.promotions == 0
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["admit", "charge", "order", "remove"]),
+                              st.integers(0, 7), st.sampled_from([0.01, 0.05, 0.3, 1.5])),
+                    max_size=60),
+       pin=st.booleans())
+def test_starvation_guard_promotes_exactly_the_jobs_a_full_scan_finds(ops, pin):
+    # The guard keeps a heap instead of scanning every queue: whatever the history, the
+    # jobs it promotes at order(now) are exactly those below queue 0 that have waited more
+    # than the limit, longest-waiting first, and the order is otherwise untouched.
+    p = MLFQPolicy(**QUEUES, starvation_limit_s=1.0, pin_promoted=pin)
+    now, jobs, live = 0.0, {}, set()
+    for op, k, dt in ops:
+        now += dt
+        name = f"j{k}"
+        if op == "admit" and name not in live:
+            jobs[name] = make_job(name, 4, 9, arrival=now)
+            p.admit(jobs[name], now)
+            live.add(name)
+        elif op == "charge" and name in live:
+            p.charge(jobs[name], dt / 3, now)
+        elif op == "remove" and name in live:
+            p.remove(jobs[name])
+            live.discard(name)
+        elif op == "order":
+            before = list(p.order(now - dt))  # what order looked like just before (no promotions due)
+            starving = [j for j in before if j.queue_level > 0 and now - j.waited_since() > 1.0]
+            starving.sort(key=lambda j: j.waited_since())
+            promotions = {n: jobs[n].stats.promotions for n in live}
+            after = ids(p.order(now))
+            rest = [j.job_id for j in before if j not in starving]
+            top = [j.job_id for j in before if j.queue_level == 0 and j not in starving]
+            assert after == top + ids(starving) + [x for x in rest if x not in top]
+            for n in live:
+                promoted = jobs[n] in starving
+                assert jobs[n].stats.promotions == promotions[n] + promoted
 
 
 def test_batch_is_highest_queue_first_fifo_within_a_level():

@@ -2,12 +2,15 @@ from __future__ import annotations
 
 import pytest
 
+from engine.config import SchedulerConfig
+from engine.memory.block_manager import BlockManager, Residency
+from engine.memory.proactive import ProactivePolicy
 from engine.memory.swap import ReactivePolicy, RecomputePolicy
 from engine.policies.fcfs import FCFSPolicy
 from engine.policies.mlfq import MLFQPolicy
 from engine.policies.priority import PriorityPolicy
 from engine.request import FinishReason, JobState
-from engine.scheduler import AdmissionError, QueueFullError
+from engine.scheduler import AdmissionError, QueueFullError, Scheduler
 
 from .fakes import VirtualClock, make_job, make_scheduler, run_step, run_until_idle
 
@@ -260,3 +263,48 @@ def test_a_job_in_flight_is_never_evicted_for_a_more_urgent_one():
     assert not plan.seqs and s.blocks.residency("low").value == "gpu" and s.is_in_flight("low")
     s.update(flying, {"low": 7}, 0.01, 0.01)
     assert [x.job.job_id for x in s.schedule(0.01).seqs] == ["urgent"]  # now low may be evicted
+
+
+class CountingBlocks(BlockManager):
+    """A block manager that counts the per-job questions the scheduler asks it."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.calls = 0
+
+    def extra_blocks_needed(self, job_id: str, num_tokens: int) -> int:
+        self.calls += 1
+        return super().extra_blocks_needed(job_id, num_tokens)
+
+    def residency(self, job_id: str) -> Residency:
+        self.calls += 1
+        return super().residency(job_id)
+
+
+def _questions_per_step_behind_a_full_pool(num_waiting: int) -> list[int]:
+    """Four jobs fill the GPU pool exactly (7-token prompts: 2 blocks of 4, and the next
+    token still fits); ``num_waiting`` more wait for room. Questions asked per step."""
+    blocks = CountingBlocks(8, 8, 4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=8), FCFSPolicy(), ProactivePolicy(), blocks)
+    for i in range(4):
+        s.add(make_job(f"run{i}", 7, 2), 0.0)
+    for i in range(num_waiting):
+        s.add(make_job(f"wait{i}", 4, 2), 0.0)
+    clock, counts = VirtualClock(), []
+    for _ in range(2):
+        blocks.calls = 0
+        plan = run_step(s, clock)
+        assert [x.job.job_id for x in plan.seqs] == [f"run{i}" for i in range(4)]
+        counts.append(blocks.calls)
+    s.check_integrity()
+    return counts
+
+
+def test_a_step_asks_about_the_batch_not_about_every_job_waiting_behind_a_full_pool():
+    # Regression guard for the iteration's cost (not a timing): with the pool full and
+    # nothing below the waiting jobs to evict, the walk stops at the first job that cannot
+    # get room, so a step asks the block manager as many questions with 1,000 jobs waiting
+    # as with 5 (it used to ask about, and look for victims below, every waiting job).
+    few, many = _questions_per_step_behind_a_full_pool(5), _questions_per_step_behind_a_full_pool(1000)
+    assert many == few
+    assert max(many) <= 10 * 4  # a few questions per job in the batch (and its window)
