@@ -10,12 +10,15 @@ produces exactly its output length. Workload, capacity and arrivals as in
 lengths, capacity measured on an fcfs server with every request at t=0, then Poisson
 arrivals at ``--load`` x capacity with the same arrival times for both rows.
 
-Order of runs, a fresh server each (the two timed runs back to back, so machine drift
-hurts both alike): fcfs (capacity), default with an empty profile cache (measures the
-profile once: cold start), fcfs (timed), default again (cached profile: warm start) and
-timed. Start-up seconds (process start to the ready line) are reported for each server.
+Order of runs, a fresh server each: the default with an empty profile cache (measures the
+profile once: cold start); then per workload seed (``--seeds 0,1,2``; one seed's mean JCT
+moves by several percent with the arrival draw, so several are pooled): fcfs (capacity),
+fcfs (timed), default (cached profile: warm start, timed) -- the two timed runs back to
+back, so machine drift hurts both alike. Start-up seconds (process start to the ready
+line) are reported for each server.
 
-    .venv/bin/python benchmarks/default_policy_cpu.py [--requests 120] [--load 0.9] [--quick]
+    .venv/bin/python benchmarks/default_policy_cpu.py [--seeds 0,1,2] [--requests 120]
+        [--load 0.9] [--quick]
 
 ``--quick`` is a smoke run (8 short requests, no file unless ``--out``).
 """
@@ -188,14 +191,22 @@ def knobs(banner: dict) -> str:
             f"{policy.get('starvation_limit_s', 0):.1f} s) + {swap.get('name')}")
 
 
-async def bench(args: argparse.Namespace, tmp: str) -> str:
-    started, load_before = time.perf_counter(), os.getloadavg()[0]
-    info = load_model_info(default_model_path())
-    max_job = min(info.max_model_len - 1, args.num_gpu_blocks * CacheConfig().block_size)
-    items, gaps = workload_shape(args, args.seed, max_job)
-    reqs = to_requests(items, info.vocab_size, args.seed)
-    cache, log = os.path.join(tmp, "cache"), os.path.join(tmp, "servers.log")
+@dataclass
+class SeedRun:
+    seed: int
+    reqs: list[Request]
+    capacity: float
+    rate: float
+    fcfs: tuple[Server, Result]
+    default: tuple[Server, Result]
 
+
+async def bench_seed(args: argparse.Namespace, seed: int, cache: str, log: str,
+                     info) -> SeedRun:
+    """One workload seed: capacity on an fcfs server, then fcfs and the default timed."""
+    max_job = min(info.max_model_len - 1, args.num_gpu_blocks * CacheConfig().block_size)
+    items, gaps = workload_shape(args, seed, max_job)
+    reqs = to_requests(items, info.vocab_size, seed)
     cap_server = start_server(args, FCFS, cache, log)
     try:
         await warm_up(cap_server.url, info.vocab_size)
@@ -206,12 +217,9 @@ async def bench(args: argparse.Namespace, tmp: str) -> str:
     rate = args.load * capacity
     timed = [Request(r.prompt, r.max_tokens, it.arrival_s)
              for r, it in zip(reqs, with_rate(items, gaps, rate), strict=True)]
-    print(f"capacity {capacity:.3f} req/s; arrivals {rate:.3f} req/s", flush=True)
-
-    cold = start_server(args, (), cache, log)  # measures and caches the profile
-    stop_server(cold)
+    print(f"seed {seed}: capacity {capacity:.3f} req/s; arrivals {rate:.3f} req/s", flush=True)
     results = {}
-    for name, flags in (("fcfs + reactive (old default)", FCFS), ("default", ())):
+    for name, flags in (("fcfs", FCFS), ("default", ())):
         server = start_server(args, flags, cache, log)
         try:
             await warm_up(server.url, info.vocab_size)
@@ -219,49 +227,76 @@ async def bench(args: argparse.Namespace, tmp: str) -> str:
         finally:
             stop_server(server)
         r = results[name][1]
-        print(f"{name}: mean JCT {statistics.mean(r.jct):.2f} s, mean TTFT "
+        print(f"seed {seed} {name}: mean JCT {statistics.mean(r.jct):.2f} s, mean TTFT "
               f"{statistics.mean(r.ttft):.2f} s", flush=True)
+    return SeedRun(seed, reqs, capacity, rate, results["fcfs"], results["default"])
 
-    (fs, fr), (ds, dr) = results["fcfs + reactive (old default)"], results["default"]
-    prompts, outputs = [len(r.prompt) for r in reqs], [r.max_tokens for r in reqs]
+
+def ratio_line(label: str, f: list[Result], d: list[Result]) -> str:
+    def mean(rs: list[Result], key: str) -> float:
+        return statistics.mean(x for r in rs for x in getattr(r, key))
+
+    return (f"| {label} | {mean(f, 'jct') / mean(d, 'jct'):.2f}x "
+            f"| {mean(f, 'ttft') / mean(d, 'ttft'):.2f}x |")
+
+
+async def bench(args: argparse.Namespace, tmp: str) -> str:
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
+    info = load_model_info(default_model_path())
+    cache, log = os.path.join(tmp, "cache"), os.path.join(tmp, "servers.log")
+    cold = start_server(args, (), cache, log)  # measures and caches the profile once
+    stop_server(cold)
+    runs = [await bench_seed(args, seed, cache, log, info) for seed in args.seeds]
+
+    ds = runs[0].default[0]
+    dtype, weights = ds.banner.get("dtype", "?"), ds.banner.get("weight_bytes") or 0
     cmd = " ".join([".venv/bin/python", "benchmarks/default_policy_cpu.py", *sys.argv[1:]])
     lines = [
         "# The default configuration vs FCFS on the real server (CPU, heavy-tailed workload)",
         "",
         f"- command: `{cmd}` (whole run {(time.perf_counter() - started) / 60:.1f} min)",
         (f"- machine: {os.cpu_count()} CPU cores, load average {load_before:.2f} at start, "
-         f"{os.getloadavg()[0]:.2f} at end"),
-        ("- model: SmolLM2-135M-Instruct (bundled GGUF, fp32), greedy, EOS ignored; "
-         "`fastserve serve` subprocesses, streamed /v1/completions"),
-        (f"- workload: {len(reqs)} requests, seed {args.seed}; prompt median "
-         f"{statistics.median(prompts):g}, max {max(prompts)}; output median "
-         f"{statistics.median(outputs):g}, mean {statistics.mean(outputs):.1f}, max "
-         f"{max(outputs)}"),
+         f"{os.getloadavg()[0]:.2f} at end; {time.strftime('%Y-%m-%d', time.gmtime())}"),
+        (f"- model: SmolLM2-135M-Instruct (bundled Q4_1 GGUF, default --quantization auto: "
+         f"{weights / 2**20:.0f} MiB of weights in memory; compute {dtype}), greedy, EOS "
+         "ignored; `fastserve serve` subprocesses, streamed /v1/completions"),
+        (f"- workload per seed: {args.requests} requests, log-normal prompt (median "
+         f"{args.prompt_median}, p99 and clip {args.prompt_max}) and output (median "
+         f"{args.output_median}, p99 and clip {args.output_max}) lengths"),
         (f"- engine: {args.num_gpu_blocks} device / {args.num_host_blocks} host KV blocks, "
          f"max_num_seqs {args.max_num_seqs}"),
-        (f"- capacity (fcfs, all at t=0): {capacity:.3f} req/s; arrivals Poisson at "
-         f"{args.load:g} x capacity = {rate:.3f} req/s, the same times for both rows"),
+        ("- per seed: capacity measured on an fcfs server with every request at t=0; then "
+         f"Poisson arrivals at {args.load:g} x capacity, the same times for both rows"),
         f"- default as shipped: {knobs(ds.banner)}",
-        (f"- start-up to ready: default cold (measures the profile) {cold.startup_s:.1f} s, "
-         f"default warm (cached profile) {ds.startup_s:.1f} s, fcfs {fs.startup_s:.1f} s"),
+        (f"- start-up to ready: default cold (measures the profile) {cold.startup_s:.1f} s; "
+         "warm starts (cached profile) in the table"),
         "",
-        ("| configuration | mean JCT (s) | p50 JCT (s) | p99 JCT (s) | mean TTFT (s) "
+        ("| seed | configuration | mean JCT (s) | p50 JCT (s) | p99 JCT (s) | mean TTFT (s) "
          "| p99 TTFT (s) | output tok/s | makespan (s) | preemptions | start-up (s) |"),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        row("fcfs + reactive (old default)", fs, fr),
-        row("default (skip-join-mlfq + proactive)", ds, dr),
-        "",
-        (f"fcfs / default: mean JCT {statistics.mean(fr.jct) / statistics.mean(dr.jct):.2f}x, "
-         f"mean TTFT {statistics.mean(fr.ttft) / statistics.mean(dr.ttft):.2f}x "
-         "(above 1: the default wins)"),
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    for r in runs:
+        lines.append(f"| {r.seed} " + row("fcfs + reactive (old default)", *r.fcfs))
+        lines.append(f"| {r.seed} " + row("default (skip-join-mlfq + proactive)", *r.default))
+    lines += ["", ("fcfs / default (above 1: the default wins; pooled: means over every "
+                   "request of every seed):"), "", "| seeds | mean JCT | mean TTFT |",
+              "|---|---:|---:|"]
+    for r in runs:
+        lines.append(ratio_line(str(r.seed), [r.fcfs[1]], [r.default[1]]))
+    if len(runs) > 1:
+        lines.append(ratio_line("pooled", [r.fcfs[1] for r in runs],
+                                [r.default[1] for r in runs]))
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = build_parser(__doc__, DEFAULT_OUT)
     parser.set_defaults(sim_seeds=0)
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated workload seeds, each a full comparison "
+                             "(default: --seed only)")
     args = finish_args(parser.parse_args(), DEFAULT_OUT)
+    args.seeds = ([int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed])
     with tempfile.TemporaryDirectory(prefix="default_policy_cpu_") as tmp:
         report = asyncio.run(bench(args, tmp))
     print(report)
