@@ -25,11 +25,13 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from typing import Any
 
 from engine.config import ParallelConfig
+from engine.parallel.ray_reaper import INSTANCE_ENV
 
 log = logging.getLogger("fastserve.ray")
 
@@ -118,6 +120,7 @@ class RayRanks:
         self._pg: Any = None
         self._initialized = False  # whether this object called ray.init (and so shuts down)
         self._temp_dir: str | None = None
+        self._reaper: subprocess.Popen | None = None  # engine.parallel.ray_reaper
 
     def connect(self, device: str) -> None:
         """``ray.init`` unless this process already has a Ray session (``device``: the
@@ -139,12 +142,27 @@ class RayRanks:
             if device == "cpu":
                 opts["num_gpus"] = 0
             log.info("starting a local Ray instance for %d ranks", world)
+            # If this process is SIGKILLed, some of Ray's helper processes outlive it; the
+            # reaper kills them and removes the directory (after a normal stop it finds the
+            # directory gone and exits).
+            self._reaper = subprocess.Popen(
+                [sys.executable, "-m", "engine.parallel.ray_reaper", str(os.getpid()),
+                 self._temp_dir],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
+                close_fds=True)
         else:
             opts["address"] = address
             log.info("connecting to the Ray cluster at %s", address)
         t0 = time.monotonic()
         self._initialized = True
-        ray.init(**opts)
+        if self._temp_dir is None:
+            ray.init(**opts)
+        else:  # every process of the private instance inherits the tag the reaper looks for
+            os.environ[INSTANCE_ENV] = self._temp_dir
+            try:
+                ray.init(**opts)
+            finally:
+                os.environ.pop(INSTANCE_ENV, None)
         log.info("Ray ready in %.1f s", time.monotonic() - t0)
 
     def uses_gpu(self, device: str) -> bool:
@@ -219,3 +237,10 @@ class RayRanks:
         if self._temp_dir is not None:
             shutil.rmtree(self._temp_dir, ignore_errors=True)
             self._temp_dir = None
+        if self._reaper is not None:  # sees the directory gone within a poll, and exits
+            try:
+                self._reaper.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._reaper.kill()
+                self._reaper.wait()
+            self._reaper = None

@@ -193,7 +193,9 @@ async def test_server_stopped_mid_stream_raises_instead_of_hanging() -> None:
         got_one = threading.Event()
 
         def sync_stream() -> BaseException | None:
-            with Client(srv.address, timeout=0.5) as c:
+            # The timeout is the silence a client tolerates; 2 s rides out a loaded machine
+            # (a 0.5 s one failed at load average 9.5 before the server was stopped).
+            with Client(srv.address, timeout=2.0) as c:
                 try:
                     for _ in c.generate("x", max_tokens=4_000):
                         got_one.set()
@@ -202,7 +204,7 @@ async def test_server_stopped_mid_stream_raises_instead_of_hanging() -> None:
             return None
 
         sync_task = asyncio.ensure_future(asyncio.to_thread(sync_stream))
-        async with AsyncClient(srv.address, timeout=0.5) as c:
+        async with AsyncClient(srv.address, timeout=2.0) as c:
             stream = c.generate("y", max_tokens=4_000)
             await stream.__anext__()
             await wait_for(got_one.is_set)

@@ -10,14 +10,20 @@ single-process engine matches token for token (test_engine_greedy.py).
 from __future__ import annotations
 
 import asyncio
+import glob
 import os
+import re
 import signal
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
 
 from engine.api import Engine, EngineDeadError
 from engine.config import ParallelConfig
+from engine.parallel.ray_reaper import processes_naming
 from engine.sampling import SamplingParams
 from tests.tiny_models import make_tiny_model_dir
 
@@ -137,3 +143,59 @@ async def test_a_killed_ray_rank_fails_every_stream_fast_and_a_fresh_group_serve
     finally:
         await engine.shutdown()
     assert await _all_gone(seen) == set()
+
+
+
+def _title(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _serve_with_ray(path: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "engine.cli", "serve", "--model", path, "--dtype", "float32",
+           "--tensor-parallel-size", "2", "--distributed-executor-backend", "ray",
+           "--torch-threads", "1", "--port", "0", "--zmq-address", "off", "--log-level", "INFO"]
+    return subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": os.getcwd()},
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+async def test_a_sigkilled_engine_leaves_no_ray_process_and_no_ray_directory(model):
+    # Nothing of the engine runs: Ray's GCS, raylet and the rank actors die with it, and the
+    # reaper started beside the private instance kills the helper agents that would not.
+    path, _ = model
+    tmp = os.environ.get("TMPDIR", "/tmp")
+    dirs_before = set(glob.glob(os.path.join(tmp, "fsray-*")))
+    proc = _serve_with_ray(path)
+    lines: list[str] = []
+    try:
+        ready = threading.Event()
+
+        def read() -> None:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                lines.append(line)
+                if re.search(r"serving \S+ on http://", line):
+                    ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        assert await asyncio.to_thread(ready.wait, 180), "".join(lines[-30:])
+        new_dirs = set(glob.glob(os.path.join(tmp, "fsray-*"))) - dirs_before
+        assert len(new_dirs) == 1, new_dirs
+        ray_dir = new_dirs.pop()
+        ray_procs = set(processes_naming(ray_dir))
+        assert len(ray_procs) >= 3  # Ray's own processes, the rank actors and the reaper
+        # Among them the ones that retitle themselves ("ray::..."): found by their tag.
+        assert any(_title(p).startswith("ray::") for p in ray_procs), [_title(p) for p in ray_procs]
+        proc.kill()
+        await asyncio.to_thread(proc.wait, 10)
+        assert await _all_gone(ray_procs, timeout=40.0) == set(), "a Ray process outlived it"
+        assert processes_naming(ray_dir) == []
+        assert not os.path.exists(ray_dir)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
