@@ -192,10 +192,20 @@ def headline(setup: str, workload: str, cap: float, results: dict, args) -> list
     orc = row["oracle-srpt"]["mean_jct_s"]
     for base in ("fcfs+reactive", "orca-fcfs"):
         b = row[base]["mean_jct_s"]
-        captured = (b - sj) / (b - orc) if b > orc else float("nan")
+        captured = (f"skip-join captures {100 * (b - sj) / (b - orc):.0f} % of the oracle's "
+                    "reduction" if b > orc else "no reduction to capture: the oracle does no better")
         out.append(f"\n- {base} / skip-join+proactive mean JCT: **{b / sj:.2f}x** (oracle bound: "
-                   f"{b / orc:.2f}x; skip-join captures {100 * captured:.0f} % of the oracle's "
-                   f"reduction); p99: {row[base]['p99_jct_s'] / row['skip-join+proactive']['p99_jct_s']:.2f}x")
+                   f"{b / orc:.2f}x; {captured}); "
+                   f"p99: {row[base]['p99_jct_s'] / row['skip-join+proactive']['p99_jct_s']:.2f}x")
+    # Every load of the run, not only the headline one: where a queue forms, the policies part.
+    loads = sorted(args.loads)
+    out += ["", "Mean JCT (s) at every load of the run:", "",
+            "| configuration | " + " | ".join(f"{f:g} x ({f * cap:.2f} req/s)" for f in loads) + " |",
+            "|---|" + "---|" * len(loads)]
+    for label, _, _ in CONFIGS:
+        cells = [f"{_at(results[(setup, workload, label)], f * cap)['mean_jct_s']:.2f}"
+                 for f in loads]
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
     out.append(f"\nPlots: `{setup}/{workload}/jct_vs_rate.png`, `ttft_vs_rate.png`, `jct_cdf.png`.")
     return out
 
