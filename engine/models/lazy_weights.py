@@ -18,6 +18,8 @@ than its shard:
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -49,8 +51,9 @@ class _Boxed(LazyWeight):
         box = (*self.box[:dim], (lo, lo + length), *self.box[dim + 1 :])
         return self._with_box(box)
 
+    @abstractmethod
     def _with_box(self, box: Box) -> _Boxed:
-        raise NotImplementedError
+        """The same source, narrowed to ``box``."""
 
 
 class SafetensorsSlice(_Boxed):

@@ -214,7 +214,7 @@ UNQUANTIZED = UnquantizedLinearMethod()
 # --------------------------------------------------------------------------- layers
 
 
-class LinearBase(nn.Module):
+class LinearBase(nn.Module, ABC):
     """Shared plumbing: the method's weights, an optional bias, the loader entry point.
 
     Subclasses say how a checkpoint tensor maps onto this rank's rows and columns
@@ -246,14 +246,15 @@ class LinearBase(nn.Module):
             f"tp={self.tp.rank}/{self.tp.size}, method={self.quant_method.describe()}"
         )
 
+    @abstractmethod
     def _source_slices(
         self, full_shape: tuple[int, ...], shard_id: ShardId
     ) -> tuple[list[tuple[int, int, int]], int]:
         """``([(dim, start, length)...] to narrow the checkpoint tensor by, dst row offset)``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _expected_full_shape(self, shard_id: ShardId, is_bias: bool) -> tuple[int, ...]:
-        raise NotImplementedError
+        """The checkpoint tensor's shape (the whole of it, or one shard of a fused one)."""
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: ShardId = None) -> int:
         """Keep this rank's part of ``loaded`` (a checkpoint tensor or one shard of a fused

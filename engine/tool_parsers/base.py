@@ -13,6 +13,7 @@ A parser has two sides:
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from typing import ClassVar
 
 from engine.tool_parsers.calls import ParsedOutput
@@ -21,7 +22,7 @@ from engine.tool_parsers.scanner import CallFormat, CallStream
 __all__ = ["ToolParser", "arguments_json", "functions_json", "parse_text"]
 
 
-class ToolParser:
+class ToolParser(ABC):
     """Subclasses set ``name`` and ``format`` and write the prompt side."""
 
     name: ClassVar[str]
@@ -40,15 +41,15 @@ class ToolParser:
         return parse_text(self.format, text, tool_names, max_calls)
 
     # -- prompt -------------------------------------------------------------------------------
+    @abstractmethod
     def system_prompt(self, functions: list[dict]) -> str:
         """Text added to the system message offering ``functions`` (OpenAI function
         objects: name, description, parameters) and the format to call them in."""
-        raise NotImplementedError
 
+    @abstractmethod
     def render_calls(self, calls: list[dict]) -> str:
         """An assistant turn's calls (``[{name, arguments: dict | str}]``) as the model
         writes them."""
-        raise NotImplementedError
 
     def render_result(self, content: str, name: str | None) -> str:
         """A tool's result as the text of the message that carries it back."""
