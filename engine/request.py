@@ -35,6 +35,7 @@ class JobStats:
     swapped_time_s: float = 0.0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    last_token_time: float | None = None
     finish_time: float | None = None
 
     def to_dict(self) -> dict:
@@ -93,19 +94,20 @@ class Job:
 
     def check_stop(self) -> FinishReason | None:
         """Stop conditions known from token ids alone (stop strings live in the detokenizer)."""
+        # Runs for every token of every job: the length is taken once.
         out = self.output_ids
-        if not out:
+        n = len(out)
+        if not n:
             return None
-        last = out[-1]
         params = self.params
         # The sampler masks EOS and stop ids before min_tokens; a token that slips through
         # (an id past the logits) does not end the job early either.
-        if len(out) > params.min_tokens and (
-            (not params.ignore_eos and last in self.eos_token_ids)
-            or last in params.stop_token_ids
+        if n > params.min_tokens and (
+            (not params.ignore_eos and out[-1] in self.eos_token_ids)
+            or out[-1] in params.stop_token_ids
         ):
             return FinishReason.STOP
-        if len(out) >= params.max_tokens or len(self.prompt_ids) + len(out) >= self.max_model_len:
+        if n >= params.max_tokens or len(self.prompt_ids) + n >= self.max_model_len:
             return FinishReason.LENGTH
         return None
 

@@ -37,6 +37,7 @@ import bisect
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from engine.config import SchedulerConfig
 from engine.memory.block_manager import BlockManager, Residency
@@ -66,6 +67,17 @@ class ScheduledSeq:
     sample: bool  # False for a prompt chunk that does not reach the end
 
 
+class PlanTotals(NamedTuple):
+    """Sums over a plan's sequences, added up while the batch is formed so that whoever
+    prices or counts a step (the simulator's cost models, metrics) need not walk it again."""
+
+    num_seqs: int
+    tokens: int  # tokens fed
+    sampled: int  # sequences that sample a token
+    context: int  # KV positions already in the cache before the step, summed
+    attended: int  # (query, key) pairs in attention: sum of start + i + 1 over fed tokens
+
+
 @dataclass
 class StepPlan:
     step_id: int
@@ -79,9 +91,29 @@ class StepPlan:
     offload: list[tuple[int, int]] = field(default_factory=list)  # (gpu, host)
     prefetch: list[tuple[int, int]] = field(default_factory=list)  # (host, gpu)
     free: list[str] = field(default_factory=list)  # jobs the worker may forget
+    # Set by the scheduler for the seqs it placed; None on a plan built by hand.
+    totals: PlanTotals | None = None
+
+    def summed(self) -> PlanTotals:
+        """The plan's totals: the scheduler's, or added up now (a plan built or changed by
+        hand)."""
+        t = self.totals
+        if t is not None and t.num_seqs == len(self.seqs):
+            return t
+        tokens = sampled = context = attended = 0
+        for s in self.seqs:
+            n, start = s.num_tokens, s.start
+            tokens += n
+            sampled += s.sample
+            context += start
+            attended += (2 * start + n + 1) * n >> 1
+        return PlanTotals(len(self.seqs), tokens, sampled, context, attended)
 
     @property
     def num_tokens(self) -> int:
+        t = self.totals
+        if t is not None and t.num_seqs == len(self.seqs):
+            return t.tokens
         return sum(s.num_tokens for s in self.seqs)
 
     def is_empty(self) -> bool:
@@ -104,10 +136,17 @@ class Scheduler:
             check_number("fixed_step_time_s", fixed)
         self.config = config
         self.pipeline_depth = pipeline_depth
-        self._in_flight: dict[str, int] = {}  # job id -> step id of its batch in the pipeline
-        self._plans_in_flight: deque[int] = deque()  # step ids of batches in flight, oldest first
+        # job id -> step id of its batch in the pipeline, kept only with depth > 1: with one
+        # batch in flight ``schedule`` never runs while it is (``can_schedule``), so the map
+        # would be empty whenever it is read; ``is_in_flight`` then asks the plan itself.
+        self._in_flight: dict[str, int] = {}
+        self._track_in_flight = pipeline_depth > 1
+        self._plans_in_flight: deque[StepPlan] = deque()  # batches in flight, oldest first
         self.policy = policy
         self.swap_policy = swap_policy
+        # A swap policy that keeps the base ``plan`` proposes nothing: skip asking it (and
+        # building its arguments) every iteration.
+        self._plans_ahead = type(swap_policy).plan is not SwapPolicy.plan
         self.blocks = blocks
         self.jobs: dict[str, Job] = {}
         self._step_ids = itertools.count()
@@ -204,7 +243,9 @@ class Scheduler:
         return len(self._plans_in_flight) < self.pipeline_depth
 
     def is_in_flight(self, job_id: str) -> bool:
-        return job_id in self._in_flight
+        if self._track_in_flight:
+            return job_id in self._in_flight
+        return any(s.job.job_id == job_id for p in self._plans_in_flight for s in p.seqs)
 
     # -- one iteration ----------------------------------------------------------------------
     def schedule(self, now: float) -> StepPlan:
@@ -213,105 +254,138 @@ class Scheduler:
         plan = StepPlan(step_id=next(self._step_ids), free=self._to_free)
         self._to_free = []
         order = list(self.policy.order(now))
-        in_batch: set[str] = set()
         self._evicted_now = set()
         # Dropping a job's KV because the host pool is full wastes all the compute it had:
         # unless configured to, do it only if nothing at all can run otherwise (no deadlock).
-        self._fill_batch(order, in_batch, plan, now, allow_recompute=self.config.eager_recompute)
+        self._fill_batch(order, plan, now, allow_recompute=self.config.eager_recompute)
         if not plan.seqs and not self.config.eager_recompute:
-            self._fill_batch(order, in_batch, plan, now, allow_recompute=True)
-        self._apply_proactive(order, in_batch, plan, now)
+            self._fill_batch(order, plan, now, allow_recompute=True)
+        self._apply_proactive(order, plan, now)
         self.blocks.end_step()
         if plan.seqs:
-            self._plans_in_flight.append(plan.step_id)
-            for seq in plan.seqs:
-                self._in_flight[seq.job.job_id] = plan.step_id
+            self._plans_in_flight.append(plan)
+            if self._track_in_flight:
+                in_flight, step_id = self._in_flight, plan.step_id
+                for seq in plan.seqs:
+                    in_flight[seq.job.job_id] = step_id
         return plan
 
-    def _fill_batch(
-        self, order: list[Job], in_batch: set[str], plan: StepPlan, now: float, allow_recompute: bool,
-    ) -> None:
-        budget = self.config.max_num_batched_tokens - plan.num_tokens
+    def _fill_batch(self, order: list[Job], plan: StepPlan, now: float, allow_recompute: bool) -> None:
+        # This loop runs for every job of every iteration (tens of millions of times in a
+        # 100,000-request simulation), so it reads attributes into locals once, inlines the
+        # block-table arithmetic, and does only the checks that can be true here. The batch
+        # is empty when a pass starts (the second pass runs only if the first placed
+        # nothing) and each job appears once in ``order``, so no job the walk meets is in
+        # the batch already, and every job placed sits above the position the walk has
+        # reached, i.e. above every victim (``_pick_victims`` looks only below it): no set of
+        # the batch's jobs is needed here.
+        # The plan's totals, kept up as jobs join (``pairs`` is twice the attention pairs
+        # less the tokens: sum of n * (start + end), cheaper to add up).
+        placed, tokens, sampled, context, attended = plan.summed()
+        pairs = 2 * attended - tokens
+        budget = self.config.max_num_batched_tokens - tokens
         max_seqs = self.config.max_num_seqs
         seqs = plan.seqs
+        add_seq = seqs.append
         blocks = self.blocks
         in_flight = self._in_flight
         evicted = self._evicted_now
         finished, running = JobState.FINISHED, JobState.RUNNING
-        gpu_table, table_len = blocks.gpu_table, self._worker_table_len
+        table_of = blocks.gpu_tables.get
+        table_len = self._worker_table_len
+        known_len = table_len.get
+        worker_known = self._worker_known
         block_size = blocks.block_size
         self._resident_pos = None  # victim index: built on the first shortage of this pass
         # The most urgent job not in flight (with depth 1 nothing is in flight: order[0]).
         head = next((i for i, j in enumerate(order) if j.job_id not in in_flight), -1)
         for pos, job in enumerate(order):
-            if len(seqs) >= max_seqs or budget <= 0:
+            if placed >= max_seqs or budget <= 0:
                 break
             job_id = job.job_id
             if job_id in evicted:
                 continue  # evicted for a higher-priority job this step: running it now undoes that
-            if job_id in in_batch or job.state is finished:
-                continue  # a second pass: placed, or stopped for good, by the first
+            state = job.state
+            if state is finished:
+                continue  # a second pass: stopped for good by the first
             if job_id in in_flight:
                 continue  # an earlier batch of it is still in the pipeline
             start = job.num_computed_tokens
             total = len(job.prompt_ids) + len(job.output_ids)
-            n = min(total - start, budget)
-            table = gpu_table(job_id)
+            end = total if total - start <= budget else start + budget
+            table = table_of(job_id, ())
             size = len(table)
             # Resident with room for these tokens already (a decode step mostly): nothing to
             # allocate. Otherwise get the blocks, evicting below if needed.
-            if size * block_size < start + n:
-                if not size and pos != head and blocks.waits_its_turn(job_id):
+            if size * block_size < end:
+                if size:  # resident and growing (a decode crossing a block boundary, mostly)
+                    need = -(-end // block_size) - size
+                elif pos != head and blocks.waits_its_turn(job_id):
                     continue  # reserved behind another reservation: no room is enough
-                need = blocks.extra_blocks_needed(job_id, start + n)
-                if need and not self._make_resident(
-                    job, need, start + n, order, pos, in_batch, plan, now, allow_recompute
+                else:
+                    need = blocks.extra_blocks_needed(job_id, end)
+                if size and need <= blocks.num_free_gpu_blocks:
+                    blocks.allocate(job_id, end)  # room without evicting anyone
+                elif need and not self._make_resident(
+                    job, need, end, order, pos, plan, now, allow_recompute
                 ):
-                    if pos == head and not self._fits_alone(job, n):
+                    if pos == head and not self._fits_alone(job, end - start):
                         # Even an empty pool cannot hold it: stop it rather than deadlock.
                         self._finish(job, FinishReason.LENGTH, now)
                     elif blocks.num_free_gpu_blocks == 0 and not self._resident_below(pos):
                         # Every job further down needs a block, and none below holds one.
                         break
                     continue
-                table = gpu_table(job_id)
+                table = table_of(job_id, ())
                 size = len(table)
-            # What the worker must add to its copy of the block table (inlined: this runs
-            # for every job of every iteration).
-            known = table_len.get(job_id)
+                state = job.state
+            n = end - start
+            sample = end == total
+            # What the worker must add to its copy of the block table.
+            known = known_len(job_id)
             if known == size:
-                seqs.append(ScheduledSeq(job, start, n, [], False, start + n == total))
+                add_seq(ScheduledSeq(job, start, n, [], False, sample))
             else:
                 reset = known is None or known > size
-                seqs.append(ScheduledSeq(job, start, n, list(table) if reset else table[known:],
-                                         reset, start + n == total))
+                add_seq(ScheduledSeq(job, start, n, list(table) if reset else table[known:],
+                                     reset, sample))
                 table_len[job_id] = size
-            if job.state is not running:
+                # A job the worker has never seen has no table there yet (and one it has
+                # seen keeps an entry until it finishes, is swapped or is recomputed).
+                if known is None and job_id not in worker_known:
+                    worker_known.add(job_id)
+                    plan.new_jobs.append(job)
+                    if job.stats.first_scheduled_time is None:
+                        job.stats.first_scheduled_time = now
+            if state is not running:
                 self._set_state(job, running)
-            in_batch.add(job_id)
+            placed += 1
             budget -= n
-            if job.stats.first_scheduled_time is None:
-                job.stats.first_scheduled_time = now
-            if job_id not in self._worker_known:
-                self._worker_known.add(job_id)
-                plan.new_jobs.append(job)
+            sampled += sample
+            context += start
+            pairs += n * (start + end)
+        tokens = self.config.max_num_batched_tokens - budget
+        plan.totals = PlanTotals(placed, tokens, sampled, context, (pairs + tokens) >> 1)
 
     def update(self, plan: StepPlan, sampled: dict[str, int], step_time_s: float, now: float) -> list[Job]:
         """Apply a step's results (the oldest batch in flight). Returns the jobs that got a
         token or finished."""
-        if plan.seqs:
-            if not self._plans_in_flight or self._plans_in_flight[0] != plan.step_id:
+        seqs = plan.seqs
+        if seqs:
+            flying = self._plans_in_flight
+            if not flying or flying[0].step_id != plan.step_id:
                 raise RuntimeError(f"results of step {plan.step_id} applied out of order")
-            self._plans_in_flight.popleft()
-            in_flight = self._in_flight
-            for seq in plan.seqs:
-                in_flight.pop(seq.job.job_id, None)
+            flying.popleft()
+            if self._track_in_flight:
+                in_flight = self._in_flight
+                for seq in seqs:
+                    in_flight.pop(seq.job.job_id, None)
         if self.config.fixed_step_time_s is not None:
             step_time_s = self.config.fixed_step_time_s
         touched: list[Job] = []
         charge = self.policy.charge
         finished = JobState.FINISHED
-        for seq in plan.seqs:
+        for seq in seqs:  # every job of every iteration: locals, no repeated lookups
             job = seq.job
             if job.state is finished:  # aborted while the step ran
                 continue
@@ -320,8 +394,10 @@ class Scheduler:
             if not seq.sample:
                 continue
             job.output_ids.append(sampled[job.job_id])
-            if job.stats.first_token_time is None:
-                job.stats.first_token_time = now
+            stats = job.stats
+            if stats.first_token_time is None:
+                stats.first_token_time = now
+            stats.last_token_time = now
             reason = job.check_stop()
             if reason is not None:
                 self._finish(job, reason, now)
@@ -339,14 +415,14 @@ class Scheduler:
         return self.blocks.blocks_for(job.num_computed_tokens + n) <= self.blocks.num_gpu_blocks
 
     def _make_resident(
-        self, job: Job, need: int, num_tokens: int, order: list[Job], pos: int, in_batch: set[str],
-        plan: StepPlan, now: float, allow_recompute: bool = True,
+        self, job: Job, need: int, num_tokens: int, order: list[Job], pos: int, plan: StepPlan,
+        now: float, allow_recompute: bool = True,
     ) -> bool:
         """Give ``job`` (``order[pos]``), which needs ``need`` more GPU blocks, room for
         ``num_tokens``, evicting jobs below it in the order if needed."""
         short = need - self.blocks.num_free_gpu_blocks
         if short > 0:
-            victims = self._pick_victims(order, pos, in_batch, short, allow_recompute)
+            victims = self._pick_victims(order, pos, short, allow_recompute)
             if victims is None:
                 return False  # evicting everyone allowed below would not be enough: evict no one
             for victim, mode in victims:
@@ -377,11 +453,12 @@ class Scheduler:
         return rp is None or (bool(rp) and rp[-1] > pos)
 
     def _pick_victims(
-        self, order: list[Job], pos: int, in_batch: set[str], short: int, allow_recompute: bool,
+        self, order: list[Job], pos: int, short: int, allow_recompute: bool,
     ) -> list[tuple[Job, EvictMode]] | None:
         """Resident jobs below ``order[pos]`` to evict, lowest priority first, that free
         ``short`` GPU blocks; None if they cannot. Without ``allow_recompute`` a job the swap
-        policy would swap but the host pool has no room for is spared."""
+        policy would swap but the host pool has no room for is spared. (No job below
+        ``pos`` is in the batch: the walk places jobs in order.)"""
         rp = self._resident_index(order)
         first = bisect.bisect_right(rp, pos)
         if self._resident_suffix[first] < short:
@@ -392,7 +469,7 @@ class Scheduler:
             if short <= 0:
                 break
             victim = order[rp[k]]
-            if victim.job_id in in_batch or self.blocks.residency(victim.job_id) is not Residency.GPU:
+            if self.blocks.residency(victim.job_id) is not Residency.GPU:
                 continue
             if victim.job_id in self._in_flight:
                 continue  # its batch is still computing with these blocks
@@ -440,10 +517,13 @@ class Scheduler:
         self._set_state(job, JobState.WAITING)
         job.stats.recomputes += 1
 
-    def _apply_proactive(self, order: list[Job], in_batch: set[str], plan: StepPlan, now: float) -> None:
+    def _apply_proactive(self, order: list[Job], plan: StepPlan, now: float) -> None:
+        if not self._plans_ahead:
+            return
         batch = [s.job for s in plan.seqs]
         proposal = self.swap_policy.plan(self.blocks, order, batch)
         swapped_out_now: set[str] = set()
+        in_batch = {j.job_id for j in batch} if proposal.swap_out else set()
         for job in proposal.swap_out:
             if job.job_id in in_batch or job.is_finished or job.job_id in self._in_flight:
                 continue

@@ -31,7 +31,7 @@ from __future__ import annotations
 import enum
 import itertools
 from collections import deque
-from collections.abc import KeysView
+from collections.abc import KeysView, Mapping
 
 
 class Residency(enum.Enum):
@@ -86,6 +86,16 @@ class BlockManager:
 
     def gpu_table(self, job_id: str) -> list[int]:
         return self._gpu_tables.get(job_id, [])
+
+    @property
+    def gpu_tables(self) -> Mapping[str, list[int]]:
+        """Every GPU block table by job id (read-only: the scheduler's hot loop reads it
+        directly instead of calling ``gpu_table`` once per job per iteration)."""
+        return self._gpu_tables
+
+    def host_job_ids(self) -> KeysView[str]:
+        """Ids of the jobs whose KV is in the host pool (a live view, like ``gpu_job_ids``)."""
+        return self._host_tables.keys()
 
     def num_blocks_held(self, job_id: str) -> int:
         return len(self._gpu_tables.get(job_id, ())) + len(self._host_tables.get(job_id, ()))

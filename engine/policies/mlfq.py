@@ -166,8 +166,10 @@ class MLFQPolicy(SchedulingPolicy):
             return
         if job.level_service_s < self.base_quantum_s * self.quantum_ratio**level:
             return  # the common case: still within its quantum (``quantum(level)``, inlined)
-        last = self.last_level
-        if job.job_id in self._pinned or (last is not None and level >= last):
+        # Past its quantum: jobs in the last queue stay there (every iteration of theirs
+        # comes here, so ``last_level`` is inlined), and so do pinned ones.
+        num_queues = self.num_queues
+        if (num_queues is not None and level >= num_queues - 1) or job.job_id in self._pinned:
             return
         job.stats.demotions += 1
         self._enter(job, level + 1)

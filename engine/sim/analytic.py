@@ -120,15 +120,10 @@ class AnalyticCost:
         return t
 
     def forward_s(self, plan: StepPlan) -> float:
-        tokens = sampled = 0
-        context = attended = 0.0
-        for s in plan.seqs:
-            n, start = s.num_tokens, s.start
-            tokens += n
-            sampled += s.sample
-            context += start
-            attended += n * (start + (n + 1) / 2)
-        return self.forward_time(tokens, sampled, context, attended)
+        # The scheduler adds these up as it forms the batch; whole numbers, far below 2**53,
+        # so as floats they are exactly what a walk over the seqs would sum.
+        t = plan.summed()
+        return self.forward_time(t.tokens, t.sampled, float(t.context), float(t.attended))
 
     def step(self, plan: StepPlan) -> StepCost:
         forward = self.forward_s(plan) if plan.seqs else 0.0

@@ -140,6 +140,9 @@ def simulate(
         for i, it in enumerate(items)
     ]
     index = {j.job_id: i for i, j in enumerate(jobs)}
+    # The model's answer for every job, built once: ``update`` looks up only the jobs that
+    # sample, so no per-step dict is needed.
+    answers = dict.fromkeys(index, TOKEN)
     times: list[list[float]] = [[] for _ in jobs]
     times_of = {j.job_id: ts for j, ts in zip(jobs, times, strict=True)}
     rejected: list[int] = []
@@ -148,7 +151,7 @@ def simulate(
     now = 0.0
     steps = forwards = 0
     busy = busy_until = 0.0
-    moved = {"swap_out": 0, "swap_in": 0, "offload": 0, "prefetch": 0}
+    swapped_out = swapped_in = offloaded = prefetched = 0
     preempted_before = scheduler.num_preemptions
     step_cost = cost.step
     depth = scheduler.pipeline_depth
@@ -176,8 +179,10 @@ def simulate(
                     now = max(now, pending[nxt].arrival_time)
                 continue
         if plan is not None:
-            for key in moved:
-                moved[key] += len(getattr(plan, key))
+            swapped_out += len(plan.swap_out)
+            swapped_in += len(plan.swap_in)
+            offloaded += len(plan.offload)
+            prefetched += len(plan.prefetch)
             took = step_cost(plan).seconds
             t = now
             for stage in range(depth):
@@ -190,18 +195,12 @@ def simulate(
         plan, sent, done, took = in_flight.popleft()
         busy += done - max(now, busy_until)
         busy_until = now = max(now, done)
-        sampled = dict.fromkeys([s.job.job_id for s in plan.seqs if s.sample], TOKEN)
-        scheduler.update(plan, sampled, done - sent if depth > 1 else took, now)
+        # The jobs that got a token (no job is aborted here, so every one that sampled).
+        # Without record_tokens the first and last token times come from the jobs' stats.
+        got = scheduler.update(plan, answers, done - sent if depth > 1 else took, now)
         if record_tokens:
-            for job_id in sampled:
-                times_of[job_id].append(now)
-        else:
-            for job_id in sampled:
-                ts = times_of[job_id]
-                if len(ts) < 2:
-                    ts.append(now)
-                else:
-                    ts[1] = now
+            for job in got:
+                times_of[job.job_id].append(now)
         scheduler.drain_finished()
         if check_every and steps % check_every == 0:
             scheduler.check_integrity()
@@ -212,6 +211,11 @@ def simulate(
                   if i not in refused and j.stats.finish_time is None]
     if unfinished:
         raise SimulationStalled(f"jobs never finished: {unfinished[:5]}")
+    if not record_tokens:
+        for j, ts in zip(jobs, times, strict=True):
+            if j.output_ids:
+                first, last = j.stats.first_token_time, j.stats.last_token_time
+                ts.extend((first,) if len(j.output_ids) == 1 else (first, last))
     done = [j for i, j in enumerate(jobs) if i not in refused]
     records = []
     for i, (it, j) in enumerate(zip(items, jobs, strict=True)):
@@ -233,9 +237,9 @@ def simulate(
         steps=steps,
         preemptions=scheduler.num_preemptions - preempted_before,
         forward_steps=forwards,
-        swap_out_blocks=moved["swap_out"] + moved["offload"],
-        swap_in_blocks=moved["swap_in"] + moved["prefetch"],
-        proactive_blocks=moved["offload"] + moved["prefetch"],
+        swap_out_blocks=swapped_out + offloaded,
+        swap_in_blocks=swapped_in + prefetched,
+        proactive_blocks=offloaded + prefetched,
         recomputes=sum(j.stats.recomputes for j in done),
         busy_s=busy,
         jobs=jobs,
