@@ -92,6 +92,15 @@ class Job:
     def waited_since(self) -> float:
         return self.last_run_time if self.last_run_time is not None else self.arrival_time
 
+    def first_stop_length(self) -> int:
+        """The fewest output tokens at which ``check_stop`` may return a reason: 1 when a
+        sampled token can stop the job (EOS honoured, or stop ids), else the length limit
+        (``max_tokens``, or the context length). Callers may skip ``check_stop`` below it."""
+        params = self.params
+        if params.stop_token_ids or (not params.ignore_eos and self.eos_token_ids):
+            return 1
+        return min(params.max_tokens, self.max_model_len - len(self.prompt_ids))
+
     def check_stop(self) -> FinishReason | None:
         """Stop conditions known from token ids alone (stop strings live in the detokenizer)."""
         # Runs for every token of every job: the length is taken once.

@@ -36,6 +36,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -62,7 +63,7 @@ class ScheduledSeq:
     job: Job
     start: int  # position of the first token fed
     num_tokens: int  # tokens fed this step
-    new_blocks: list[int]  # appended to the worker's block table...
+    new_blocks: Sequence[int]  # appended to the worker's block table (often ``()``)...
     reset_table: bool  # ...or, if set, the table's whole new content
     sample: bool  # False for a prompt chunk that does not reach the end
 
@@ -154,7 +155,12 @@ class Scheduler:
         self._worker_table_len: dict[str, int] = {}  # block-table length the worker holds
         self._to_free: list[str] = []
         self._finished: list[Job] = []
-        self._evicted_now: set[str] = set()
+        # Jobs that may not run in the step being planned: evicted for a more urgent job
+        # (running them now would undo that), or, with depth > 1, in flight.
+        self._sitting_out: set[str] = set()
+        # Output length from which a job's check_stop may fire (Job.first_stop_length):
+        # update asks check_stop only from there on.
+        self._stop_from: dict[str, int] = {}
         self.num_preemptions = 0
         # Jobs in state WAITING, and the prompt tokens of the jobs queued (WAITING or
         # SWAPPED): counters kept at every state change, so admission does not scan.
@@ -221,6 +227,7 @@ class Scheduler:
         self._num_waiting += 1
         self._queued_prompt_tokens += job.num_prompt_tokens
         self.jobs[job.job_id] = job
+        self._stop_from[job.job_id] = job.first_stop_length()
         self.policy.admit(job, now)
 
     def abort(self, job_id: str, now: float) -> Job | None:
@@ -254,7 +261,7 @@ class Scheduler:
         plan = StepPlan(step_id=next(self._step_ids), free=self._to_free)
         self._to_free = []
         order = list(self.policy.order(now))
-        self._evicted_now = set()
+        self._sitting_out = set(self._in_flight) if self._track_in_flight else set()
         # Dropping a job's KV because the host pool is full wastes all the compute it had:
         # unless configured to, do it only if nothing at all can run otherwise (no deadlock).
         self._fill_batch(order, plan, now, allow_recompute=self.config.eager_recompute)
@@ -289,7 +296,7 @@ class Scheduler:
         add_seq = seqs.append
         blocks = self.blocks
         in_flight = self._in_flight
-        evicted = self._evicted_now
+        sitting_out = self._sitting_out
         finished, running = JobState.FINISHED, JobState.RUNNING
         table_of = blocks.gpu_tables.get
         table_len = self._worker_table_len
@@ -303,13 +310,11 @@ class Scheduler:
             if placed >= max_seqs or budget <= 0:
                 break
             job_id = job.job_id
-            if job_id in evicted:
-                continue  # evicted for a higher-priority job this step: running it now undoes that
+            if job_id in sitting_out:
+                continue  # evicted for a more urgent job this step, or its last batch in flight
             state = job.state
             if state is finished:
                 continue  # a second pass: stopped for good by the first
-            if job_id in in_flight:
-                continue  # an earlier batch of it is still in the pipeline
             start = job.num_computed_tokens
             total = len(job.prompt_ids) + len(job.output_ids)
             end = total if total - start <= budget else start + budget
@@ -344,7 +349,7 @@ class Scheduler:
             # What the worker must add to its copy of the block table.
             known = known_len(job_id)
             if known == size:
-                add_seq(ScheduledSeq(job, start, n, [], False, sample))
+                add_seq(ScheduledSeq(job, start, n, (), False, sample))
             else:
                 reset = known is None or known > size
                 add_seq(ScheduledSeq(job, start, n, list(table) if reset else table[known:],
@@ -385,6 +390,7 @@ class Scheduler:
         touched: list[Job] = []
         charge = self.policy.charge
         finished = JobState.FINISHED
+        stop_from = self._stop_from
         for seq in seqs:  # every job of every iteration: locals, no repeated lookups
             job = seq.job
             if job.state is finished:  # aborted while the step ran
@@ -393,14 +399,17 @@ class Scheduler:
             charge(job, step_time_s, now)
             if not seq.sample:
                 continue
-            job.output_ids.append(sampled[job.job_id])
+            job_id = job.job_id
+            out = job.output_ids
+            out.append(sampled[job_id])
             stats = job.stats
             if stats.first_token_time is None:
                 stats.first_token_time = now
             stats.last_token_time = now
-            reason = job.check_stop()
-            if reason is not None:
-                self._finish(job, reason, now)
+            if len(out) >= stop_from[job_id]:  # below it no token can stop the job
+                reason = job.check_stop()
+                if reason is not None:
+                    self._finish(job, reason, now)
             touched.append(job)
         return touched
 
@@ -487,7 +496,7 @@ class Scheduler:
         return chosen if short <= 0 else None
 
     def _evict(self, victim: Job, mode: EvictMode, plan: StepPlan, now: float) -> None:
-        self._evicted_now.add(victim.job_id)
+        self._sitting_out.add(victim.job_id)
         self.num_preemptions += 1
         victim.stats.preemptions += 1
         if mode == "swap":
@@ -533,7 +542,7 @@ class Scheduler:
         if plan.swap_out or plan.offload:
             return  # no ping-pong: a step that offloads does not also upload
         for job in proposal.swap_in:
-            if job.job_id in swapped_out_now or job.job_id in self._evicted_now or job.is_finished:
+            if job.job_id in swapped_out_now or job.job_id in self._sitting_out or job.is_finished:
                 continue
             if self.blocks.can_swap_in(job.job_id):
                 plan.prefetch.extend(self.blocks.swap_in(job.job_id))
@@ -553,6 +562,7 @@ class Scheduler:
         self.blocks.free(job.job_id)
         self._finished.append(job)
         self.jobs.pop(job.job_id, None)
+        self._stop_from.pop(job.job_id, None)
         self._worker_table_len.pop(job.job_id, None)
         if job.job_id in self._worker_known:
             self._worker_known.discard(job.job_id)

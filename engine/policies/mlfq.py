@@ -159,12 +159,12 @@ class MLFQPolicy(SchedulingPolicy):
 
     def charge(self, job: Job, service_s: float, now: float) -> None:
         job.attained_service_s += service_s
-        job.level_service_s += service_s
+        job.level_service_s = level_service = job.level_service_s + service_s
         job.last_run_time = now
         level = self._level_of.get(job.job_id)
         if level is None:  # removed while its step ran
             return
-        if job.level_service_s < self.base_quantum_s * self.quantum_ratio**level:
+        if level_service < self.base_quantum_s * self.quantum_ratio**level:
             return  # the common case: still within its quantum (``quantum(level)``, inlined)
         # Past its quantum: jobs in the last queue stay there (every iteration of theirs
         # comes here, so ``last_level`` is inlined), and so do pinned ones.

@@ -64,7 +64,7 @@ def test_worker_gets_prompt_once_and_block_deltas_only():
     second = run_step(s, clock)  # token 5 needs a second block
     assert second.new_jobs == [] and second.seqs[0].new_blocks and not second.seqs[0].reset_table
     third = run_step(s, clock)
-    assert third.seqs[0].new_blocks == []
+    assert list(third.seqs[0].new_blocks) == []
 
 
 def test_preemption_by_recompute_when_pool_is_full():
