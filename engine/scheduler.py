@@ -58,14 +58,21 @@ class QueueFullError(RuntimeError):
     """Too many jobs are waiting; the client should retry later."""
 
 
-@dataclass(slots=True)
-class ScheduledSeq:
+class ScheduledSeq(NamedTuple):
+    """One job's part of a step. A tuple: the scheduler records its batch as plain tuples
+    of these fields (``StepPlan.rows``) and builds these only when asked (``seqs``)."""
+
     job: Job
     start: int  # position of the first token fed
     num_tokens: int  # tokens fed this step
     new_blocks: Sequence[int]  # appended to the worker's block table (often ``()``)...
     reset_table: bool  # ...or, if set, the table's whole new content
     sample: bool  # False for a prompt chunk that does not reach the end
+
+
+# A ScheduledSeq's fields as a plain tuple: what the fill walk records for every job of
+# every iteration (building an object per job costs more than the rest of placing it).
+SeqRow = tuple[Job, int, int, Sequence[int], bool, bool]
 
 
 class PlanTotals(NamedTuple):
@@ -81,8 +88,11 @@ class PlanTotals(NamedTuple):
 
 @dataclass
 class StepPlan:
+    """One iteration's plan. The batch is ``seqs`` (ScheduledSeq objects, built from
+    ``rows`` on first access and from then on the plan's batch, so changes to that list
+    count); the core itself reads it through ``batch()``, which does not build them."""
+
     step_id: int
-    seqs: list[ScheduledSeq] = field(default_factory=list)
     new_jobs: list[Job] = field(default_factory=list)  # first time the worker sees them
     # Demand moves: done before this step's forward (the batch needs the room or the KV).
     swap_out: list[tuple[int, int]] = field(default_factory=list)  # (gpu, host)
@@ -94,31 +104,47 @@ class StepPlan:
     free: list[str] = field(default_factory=list)  # jobs the worker may forget
     # Set by the scheduler for the seqs it placed; None on a plan built by hand.
     totals: PlanTotals | None = None
+    rows: list[SeqRow] = field(default_factory=list, repr=False)  # the batch, as placed
+    _seqs: list[ScheduledSeq] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def seqs(self) -> list[ScheduledSeq]:
+        if self._seqs is None:
+            make = tuple.__new__
+            self._seqs = [make(ScheduledSeq, r) for r in self.rows]
+        return self._seqs
+
+    def batch(self) -> Sequence[SeqRow]:
+        """The batch as tuples of ScheduledSeq's fields (ScheduledSeq objects are such
+        tuples), without building objects that nobody asked for."""
+        return self.rows if self._seqs is None else self._seqs
 
     def summed(self) -> PlanTotals:
         """The plan's totals: the scheduler's, or added up now (a plan built or changed by
         hand)."""
+        rows = self.batch()
         t = self.totals
-        if t is not None and t.num_seqs == len(self.seqs):
+        if t is not None and t.num_seqs == len(rows):
             return t
         tokens = sampled = context = attended = 0
-        for s in self.seqs:
-            n, start = s.num_tokens, s.start
+        for _, start, n, _, _, sample in rows:
             tokens += n
-            sampled += s.sample
+            sampled += sample
             context += start
             attended += (2 * start + n + 1) * n >> 1
-        return PlanTotals(len(self.seqs), tokens, sampled, context, attended)
+        return PlanTotals(len(rows), tokens, sampled, context, attended)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.batch())
 
     @property
     def num_tokens(self) -> int:
-        t = self.totals
-        if t is not None and t.num_seqs == len(self.seqs):
-            return t.tokens
-        return sum(s.num_tokens for s in self.seqs)
+        return self.summed().tokens
 
     def is_empty(self) -> bool:
-        return not (self.seqs or self.swap_out or self.swap_in or self.offload or self.prefetch or self.free)
+        return not (self.batch() or self.swap_out or self.swap_in or self.offload or self.prefetch
+                    or self.free)
 
 
 class Scheduler:
@@ -252,7 +278,7 @@ class Scheduler:
     def is_in_flight(self, job_id: str) -> bool:
         if self._track_in_flight:
             return job_id in self._in_flight
-        return any(s.job.job_id == job_id for p in self._plans_in_flight for s in p.seqs)
+        return any(r[0].job_id == job_id for p in self._plans_in_flight for r in p.batch())
 
     # -- one iteration ----------------------------------------------------------------------
     def schedule(self, now: float) -> StepPlan:
@@ -265,16 +291,16 @@ class Scheduler:
         # Dropping a job's KV because the host pool is full wastes all the compute it had:
         # unless configured to, do it only if nothing at all can run otherwise (no deadlock).
         self._fill_batch(order, plan, now, allow_recompute=self.config.eager_recompute)
-        if not plan.seqs and not self.config.eager_recompute:
+        if not plan.rows and not self.config.eager_recompute:
             self._fill_batch(order, plan, now, allow_recompute=True)
         self._apply_proactive(order, plan, now)
         self.blocks.end_step()
-        if plan.seqs:
+        if plan.rows:
             self._plans_in_flight.append(plan)
             if self._track_in_flight:
                 in_flight, step_id = self._in_flight, plan.step_id
-                for seq in plan.seqs:
-                    in_flight[seq.job.job_id] = step_id
+                for row in plan.rows:
+                    in_flight[row[0].job_id] = step_id
         return plan
 
     def _fill_batch(self, order: list[Job], plan: StepPlan, now: float, allow_recompute: bool) -> None:
@@ -292,8 +318,8 @@ class Scheduler:
         pairs = 2 * attended - tokens
         budget = self.config.max_num_batched_tokens - tokens
         max_seqs = self.config.max_num_seqs
-        seqs = plan.seqs
-        add_seq = seqs.append
+        rows = plan.rows  # the fill walk is the only writer: nobody has asked for seqs yet
+        add_row = rows.append
         blocks = self.blocks
         in_flight = self._in_flight
         sitting_out = self._sitting_out
@@ -349,11 +375,10 @@ class Scheduler:
             # What the worker must add to its copy of the block table.
             known = known_len(job_id)
             if known == size:
-                add_seq(ScheduledSeq(job, start, n, (), False, sample))
+                add_row((job, start, n, (), False, sample))
             else:
                 reset = known is None or known > size
-                add_seq(ScheduledSeq(job, start, n, list(table) if reset else table[known:],
-                                     reset, sample))
+                add_row((job, start, n, list(table) if reset else table[known:], reset, sample))
                 table_len[job_id] = size
                 # A job the worker has never seen has no table there yet (and one it has
                 # seen keeps an entry until it finishes, is swapped or is recomputed).
@@ -375,7 +400,7 @@ class Scheduler:
     def update(self, plan: StepPlan, sampled: dict[str, int], step_time_s: float, now: float) -> list[Job]:
         """Apply a step's results (the oldest batch in flight). Returns the jobs that got a
         token or finished."""
-        seqs = plan.seqs
+        seqs = plan.batch()
         if seqs:
             flying = self._plans_in_flight
             if not flying or flying[0].step_id != plan.step_id:
@@ -383,21 +408,20 @@ class Scheduler:
             flying.popleft()
             if self._track_in_flight:
                 in_flight = self._in_flight
-                for seq in seqs:
-                    in_flight.pop(seq.job.job_id, None)
+                for row in seqs:
+                    in_flight.pop(row[0].job_id, None)
         if self.config.fixed_step_time_s is not None:
             step_time_s = self.config.fixed_step_time_s
         touched: list[Job] = []
         charge = self.policy.charge
         finished = JobState.FINISHED
         stop_from = self._stop_from
-        for seq in seqs:  # every job of every iteration: locals, no repeated lookups
-            job = seq.job
+        for job, start, n, _, _, sample in seqs:  # every job of every iteration: locals only
             if job.state is finished:  # aborted while the step ran
                 continue
-            job.num_computed_tokens = seq.start + seq.num_tokens
+            job.num_computed_tokens = start + n
             charge(job, step_time_s, now)
-            if not seq.sample:
+            if not sample:
                 continue
             job_id = job.job_id
             out = job.output_ids
@@ -529,7 +553,7 @@ class Scheduler:
     def _apply_proactive(self, order: list[Job], plan: StepPlan, now: float) -> None:
         if not self._plans_ahead:
             return
-        batch = [s.job for s in plan.seqs]
+        batch = [r[0] for r in plan.batch()]
         proposal = self.swap_policy.plan(self.blocks, order, batch)
         swapped_out_now: set[str] = set()
         in_batch = {j.job_id for j in batch} if proposal.swap_out else set()

@@ -126,11 +126,11 @@ class AnalyticCost:
         return self.forward_time(t.tokens, t.sampled, float(t.context), float(t.attended))
 
     def step(self, plan: StepPlan) -> StepCost:
-        forward = self.forward_s(plan) if plan.seqs else 0.0
+        forward = self.forward_s(plan) if plan.batch() else 0.0
         demand = (len(plan.swap_out) + len(plan.swap_in)) * self.swap_s_per_block
         proactive = (len(plan.offload) + len(plan.prefetch)) * self.swap_s_per_block
         body = max(forward, proactive) if self.overlap else forward + proactive
-        overhead = self.step_overhead_s if plan.seqs else 0.0
+        overhead = self.step_overhead_s if plan.batch() else 0.0
         return StepCost(overhead + demand + body, forward, demand, proactive)
 
     def profile(self, decode_context: int = 512) -> PrefillProfile:

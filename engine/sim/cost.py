@@ -52,7 +52,8 @@ class CostModel:
         return CostModel(self.profile, self.swap_s_per_block, self.overlap, step_overhead_s)
 
     def forward_s(self, plan: StepPlan) -> float:
-        decode = sum(1 for s in plan.seqs if s.num_tokens == 1 and s.start >= s.job.num_prompt_tokens)
+        decode = sum(1 for job, start, n, *_ in plan.batch()
+                     if n == 1 and start >= job.num_prompt_tokens)
         prefill = plan.num_tokens - decode
         p = self.profile
         if decode and prefill:
@@ -62,9 +63,9 @@ class CostModel:
         return p.prefill_time(prefill)
 
     def step(self, plan: StepPlan) -> StepCost:
-        forward = self.forward_s(plan) if plan.seqs else 0.0
+        forward = self.forward_s(plan) if plan.batch() else 0.0
         demand = (len(plan.swap_out) + len(plan.swap_in)) * self.swap_s_per_block
         proactive = (len(plan.offload) + len(plan.prefetch)) * self.swap_s_per_block
         body = max(forward, proactive) if self.overlap else forward + proactive
-        overhead = self.step_overhead_s if plan.seqs else 0.0
+        overhead = self.step_overhead_s if plan.batch() else 0.0
         return StepCost(overhead + demand + body, forward, demand, proactive)

@@ -188,7 +188,7 @@ def simulate(
             for stage in range(depth):
                 t = stage_free[stage] = max(t, stage_free[stage]) + took / depth
             in_flight.append((plan, now, t if depth > 1 else now + took, took))
-            forwards += bool(plan.seqs)
+            forwards += plan.num_seqs > 0
             steps += 1
             if len(in_flight) < depth and scheduler.can_schedule():
                 continue  # fill the pipeline before waiting for a result
