@@ -128,15 +128,21 @@ def simulate(
     if scheduler.jobs:
         raise ValueError("simulate needs an empty scheduler")
     ctx = {"max_model_len": max_model_len} if max_model_len else {}
+    # SamplingParams are frozen and validated on construction (tens of microseconds): jobs
+    # with the same length and priority share one.
+    params: dict[tuple[int, int], SamplingParams] = {}
+
+    def params_for(it: WorkItem) -> SamplingParams:
+        key = (it.output_len, priority(it) if priority else 0)
+        p = params.get(key)
+        if p is None:
+            p = params[key] = SamplingParams(max_tokens=key[0], temperature=0.0,
+                                             ignore_eos=True, priority=key[1])
+        return p
+
     jobs = [
-        Job(
-            job_id=f"sim-{i}",
-            prompt_ids=[TOKEN] * it.prompt_len,
-            params=SamplingParams(max_tokens=it.output_len, temperature=0.0, ignore_eos=True,
-                                  priority=priority(it) if priority else 0),
-            arrival_time=it.arrival_s,
-            **ctx,
-        )
+        Job(job_id=f"sim-{i}", prompt_ids=[TOKEN] * it.prompt_len, params=params_for(it),
+            arrival_time=it.arrival_s, **ctx)
         for i, it in enumerate(items)
     ]
     index = {j.job_id: i for i, j in enumerate(jobs)}
