@@ -36,7 +36,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -73,6 +73,27 @@ class ScheduledSeq(NamedTuple):
 # A ScheduledSeq's fields as a plain tuple: what the fill walk records for every job of
 # every iteration (building an object per job costs more than the rest of placing it).
 SeqRow = tuple[Job, int, int, Sequence[int], bool, bool]
+
+
+class BatchJobs(Sequence[Job]):
+    """The jobs of a batch, read from its rows on demand: what the swap policy is given
+    every iteration, so that a policy that looks only at its size costs nothing per job."""
+
+    __slots__ = ("_rows",)
+
+    def __init__(self, rows: Sequence[SeqRow]) -> None:
+        self._rows = rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [r[0] for r in self._rows[i]]
+        return self._rows[i][0]
+
+    def __iter__(self) -> Iterator[Job]:
+        return (r[0] for r in self._rows)
 
 
 class PlanTotals(NamedTuple):
@@ -553,7 +574,7 @@ class Scheduler:
     def _apply_proactive(self, order: list[Job], plan: StepPlan, now: float) -> None:
         if not self._plans_ahead:
             return
-        batch = [r[0] for r in plan.batch()]
+        batch = BatchJobs(plan.batch())
         proposal = self.swap_policy.plan(self.blocks, order, batch)
         swapped_out_now: set[str] = set()
         in_batch = {j.job_id for j in batch} if proposal.swap_out else set()

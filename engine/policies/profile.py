@@ -37,13 +37,15 @@ def _points(name: str, raw: Iterable[Any]) -> Points:
     return tuple(sorted(out.items()))
 
 
-def _interp(points: Points, x: float) -> float:
+def _interp(points: Points, x: float, xs: Sequence[int] | None = None) -> float:
     """Piecewise-linear through the points; outside them, the end segment's slope (never
-    negative, so more work never looks cheaper); one point: cost proportional to x."""
+    negative, so more work never looks cheaper); one point: cost proportional to x.
+    ``xs``: the points' x values, if the caller keeps them (skip-join asks once per job)."""
     if len(points) == 1:
         x0, y0 = points[0]
         return y0 * x / x0
-    xs = [p[0] for p in points]
+    if xs is None:
+        xs = [p[0] for p in points]
     i = bisect.bisect_left(xs, x)
     i = min(max(i, 1), len(points) - 1)  # segment (i-1, i); the end ones extrapolate
     (x0, y0), (x1, y1) = points[i - 1], points[i]
@@ -67,12 +69,13 @@ class PrefillProfile:
         self.decode_points = _points("decode", decode)
         if not self.prefill_points:
             raise ValueError("a profile needs at least one prefill point")
+        self._prefill_xs = [x for x, _ in self.prefill_points]
 
     def prefill_time(self, num_tokens: int) -> float:
         """Estimated seconds to prefill ``num_tokens`` input tokens."""
         if num_tokens <= 0:
             return 0.0
-        return _interp(self.prefill_points, num_tokens)
+        return _interp(self.prefill_points, num_tokens, self._prefill_xs)
 
     def decode_step_time(self, batch_size: int) -> float:
         """Estimated seconds of one decode iteration of ``batch_size`` jobs."""
