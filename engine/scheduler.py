@@ -365,49 +365,55 @@ class Scheduler:
             start = job.num_computed_tokens
             total = len(job.prompt_ids) + len(job.output_ids)
             end = total if total - start <= budget else start + budget
-            table = table_of(job_id, ())
-            size = len(table)
-            # Resident with room for these tokens already (a decode step mostly): nothing to
-            # allocate. Otherwise get the blocks, evicting below if needed.
-            if size * block_size < end:
-                if size:  # resident and growing (a decode crossing a block boundary, mostly)
-                    need = -(-end // block_size) - size
-                elif pos != head and blocks.waits_its_turn(job_id):
-                    continue  # reserved behind another reservation: no room is enough
-                else:
-                    need = blocks.extra_blocks_needed(job_id, end)
-                if size and need <= blocks.num_free_gpu_blocks:
-                    blocks.allocate(job_id, end)  # room without evicting anyone
-                elif need and not self._make_resident(
-                    job, need, end, order, pos, plan, now, allow_recompute
-                ):
-                    if pos == head and not self._fits_alone(job, end - start):
-                        # Even an empty pool cannot hold it: stop it rather than deadlock.
-                        self._finish(job, FinishReason.LENGTH, now)
-                    elif blocks.num_free_gpu_blocks == 0 and not self._resident_below(pos):
-                        # Every job further down needs a block, and none below holds one.
-                        break
-                    continue
-                table = table_of(job_id, ())
-                size = len(table)
-                state = job.state
             n = end - start
             sample = end == total
-            # What the worker must add to its copy of the block table.
+            # The block-table length the worker holds: when known, it is the table's own
+            # (every change to a table either is followed by this job's placement, which
+            # records the new length, or drops the entry; check_integrity checks it).
             known = known_len(job_id)
-            if known == size:
+            if known is not None and known * block_size >= end:
+                # Resident, the worker's table up to date, room for these tokens already:
+                # a decode step, mostly. Nothing to allocate, nothing to tell the worker.
                 add_row((job, start, n, (), False, sample))
             else:
-                reset = known is None or known > size
-                add_row((job, start, n, list(table) if reset else table[known:], reset, sample))
-                table_len[job_id] = size
-                # A job the worker has never seen has no table there yet (and one it has
-                # seen keeps an entry until it finishes, is swapped or is recomputed).
-                if known is None and job_id not in worker_known:
-                    worker_known.add(job_id)
-                    plan.new_jobs.append(job)
-                    if job.stats.first_scheduled_time is None:
-                        job.stats.first_scheduled_time = now
+                table = table_of(job_id, ())
+                size = len(table)
+                if size * block_size < end:  # get the blocks, evicting below if needed
+                    if size:  # resident and growing (a decode crossing a block boundary)
+                        need = -(-end // block_size) - size
+                    elif pos != head and blocks.waits_its_turn(job_id):
+                        continue  # reserved behind another reservation: no room is enough
+                    else:
+                        need = blocks.extra_blocks_needed(job_id, end)
+                    if size and need <= blocks.num_free_gpu_blocks:
+                        blocks.allocate(job_id, end)  # room without evicting anyone
+                    elif need and not self._make_resident(
+                        job, need, end, order, pos, plan, now, allow_recompute
+                    ):
+                        if pos == head and not self._fits_alone(job, n):
+                            # Even an empty pool cannot hold it: stop it rather than deadlock.
+                            self._finish(job, FinishReason.LENGTH, now)
+                        elif blocks.num_free_gpu_blocks == 0 and not self._resident_below(pos):
+                            # Every job further down needs a block, and none below holds one.
+                            break
+                        continue
+                    table = table_of(job_id, ())
+                    size = len(table)
+                    state = job.state
+                # What the worker must add to its copy of the block table.
+                if known == size:
+                    add_row((job, start, n, (), False, sample))
+                else:
+                    reset = known is None or known > size
+                    add_row((job, start, n, list(table) if reset else table[known:], reset, sample))
+                    table_len[job_id] = size
+                    # A job the worker has never seen has no table there yet (and one it has
+                    # seen keeps an entry until it finishes, is swapped or is recomputed).
+                    if known is None and job_id not in worker_known:
+                        worker_known.add(job_id)
+                        plan.new_jobs.append(job)
+                        if job.stats.first_scheduled_time is None:
+                            job.stats.first_scheduled_time = now
             if state is not running:
                 self._set_state(job, running)
             placed += 1
@@ -625,6 +631,9 @@ class Scheduler:
         queued = sum(j.num_prompt_tokens for j in self.jobs.values() if j.state in _QUEUED)
         if waiting != self._num_waiting or queued != self._queued_prompt_tokens:
             raise AssertionError("waiting counters disagree with the jobs' states")
+        for job_id, size in self._worker_table_len.items():
+            if len(self.blocks.gpu_table(job_id)) != size:
+                raise AssertionError(f"job {job_id}: the worker's table length is out of date")
         ordered = [j.job_id for j in self.policy.order(0.0)]
         if len(ordered) != len(set(ordered)):
             raise AssertionError("a job appears twice in the policy order")
