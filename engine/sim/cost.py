@@ -15,14 +15,13 @@ measured one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from engine.policies.profile import PrefillProfile
 from engine.scheduler import StepPlan
 
 
-@dataclass(frozen=True)
-class StepCost:
+class StepCost(NamedTuple):  # one per simulated step: a tuple is the cheapest record
     seconds: float  # wall time of the step, copies included
     forward_s: float
     demand_copy_s: float
