@@ -341,7 +341,7 @@ def _decode(
     kv = kv.reshape(2, b, -1, num_kv, head_dim)
     if kv.shape[2] != plan.decode_keys:
         kv = kv[:, :, : plan.decode_keys]
-    keys, values = kv[0].transpose(1, 2), kv[1].transpose(1, 2)
+    keys, values = kv.transpose(2, 3).unbind(0)  # each [b, kv, keys, d]
     # One query token per sequence, so the query heads sharing a KV head can stand in for the
     # query-length axis: GQA without repeating K/V.
     grouped = q.reshape(b, num_kv, num_heads // num_kv, head_dim)
