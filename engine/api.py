@@ -161,7 +161,8 @@ class Engine:
         depth = config.parallel.max_batches_in_flight or config.parallel.pipeline_parallel_size
         core = Scheduler(config.scheduler, policy, swap_policy, blocks, pipeline_depth=depth)
         scheduler = SchedulerActor(core, executor, emit=self._emit, fail=self._fail,
-                                   grammars=GrammarBook(self._model_vocab_size))
+                                   grammars=GrammarBook(self._model_vocab_size),
+                                   overlap=config.parallel.overlap_steps)
         memory = MemoryManagerActor(blocks.num_gpu_blocks, blocks.num_host_blocks, ready["block_bytes"], scheduler)
         scheduler.memory = memory
         return _Workers(executor, scheduler, memory, ready)

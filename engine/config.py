@@ -130,6 +130,12 @@ class ParallelConfig:
     # Batches the scheduler keeps in flight; None: one per pipeline stage (1 shows the bubble
     # of a pipeline without streaming, as benchmarks/parallel_cpu.py does).
     max_batches_in_flight: int | None = None
+    # Plan step N+1 while step N runs (one worker rank, one batch in flight): a decode row
+    # feeds the token the worker sampled in step N, so the engine's update, planning,
+    # detokenizing and streaming overlap the worker's compute (engine/scheduler.py,
+    # schedule_continuation, says when a continuation is made). False: strictly plan ->
+    # execute -> update, the engine's work between the worker's steps.
+    overlap_steps: bool = True
     # How the worker's OpenMP threads wait between parallel regions: "passive" sleeps at once,
     # "active" spins first (libgomp's default). When anything else wants the same cores (the
     # engine process planning the next step, other programs), a spinning thread holds a core
