@@ -79,7 +79,15 @@ async def test_overlapped_steps_give_identical_outputs_under_preemption_and_stop
     assert stops
     runs = [await run(model_path, overlap=o, swap=swap, stops=stops) for o in (False, True)]
     (off, off_stats), (on, on_stats) = runs
-    assert on == off
+    assert [(ids, text, reason) for ids, text, _, reason in on] == \
+        [(ids, text, reason) for ids, text, _, reason in off]
+    # Logprobs agree to float rounding: batch composition (the dropped rows of finished jobs)
+    # changes the logits' last bits, as any change of batch does.
+    for (_, _, lp_on, _), (_, _, lp_off, _) in zip(on, off, strict=True):
+        assert len(lp_on) == len(lp_off)
+        for a, b in zip(lp_on, lp_off, strict=True):
+            assert a[0] == pytest.approx(b[0], abs=1e-4)
+            assert [t for t, _ in a[1]] == [t for t, _ in b[1]]
     assert on_stats["num_overlapped_steps"] > 0 and off_stats["num_overlapped_steps"] == 0
     assert on_stats["num_preemptions"] > 0
     assert {r for *_, r in on} >= {"stop", "length"}
