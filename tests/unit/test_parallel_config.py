@@ -30,3 +30,8 @@ def test_an_unknown_backend_or_remote_ranks_under_ray_are_refused():
     with pytest.raises(ValueError, match="Ray places every rank"):
         ParallelConfig(pipeline_parallel_size=2, remote_ranks=(1,), distributed_executor_backend="ray")
 
+
+
+def test_steps_overlap_by_default_and_the_flag_turns_it_off():
+    assert _config().overlap_steps is True
+    assert _config("--no-overlap-steps").overlap_steps is False
