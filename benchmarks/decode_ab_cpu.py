@@ -8,7 +8,7 @@ range over the rounds. All servers are started first and stay up (an idle server
 nothing); each is warmed up before the first round.
 
     .venv/bin/python benchmarks/decode_ab_cpu.py --rounds 5 \\
-        --config "sync=--no-overlap-steps" --config "overlap=" --out results/x.md
+        --config "sync=--overlap-steps off" --config "overlap=" --out results/x.md
 
 A ``--config`` is ``LABEL=ARGS``: ARGS are extra ``fastserve serve`` arguments (shell
 words) on top of ``--max-num-seqs 8 --torch-threads 2`` (``--threads``).

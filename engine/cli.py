@@ -128,9 +128,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "ranks: an equal share)")
     g.add_argument("--omp-wait-policy", choices=["passive", "active"], default=d.parallel.omp_wait_policy,
                    help="worker OpenMP threads sleep (passive) or spin (active) between ops")
-    g.add_argument("--no-overlap-steps", dest="overlap_steps", action="store_false",
-                   help="plan each step only after the previous one's result (default: plan a "
-                        "decode-only continuation while the worker computes)")
+    g.add_argument("--overlap-steps", choices=["auto", "on", "off"], default=d.parallel.overlap_steps,
+                   help="send the next decode step while the worker runs this one (auto: when the "
+                        "engine has a core the worker's threads leave free, e.g. a GPU worker)")
     g.add_argument("--tensor-parallel-size", "-tp", type=ck.positive_int, default=d.parallel.tensor_parallel_size,
                    help="ranks per pipeline stage, each holding a slice of every layer")
     g.add_argument("--pipeline-parallel-size", "-pp", type=ck.positive_int, default=d.parallel.pipeline_parallel_size,

@@ -47,7 +47,7 @@ async def run(path: str, overlap: bool, swap: str, stops: dict[int, list[str]] |
         scheduler=SchedulerConfig(policy="mlfq", swap_policy=swap, policy_options=TINY_QUANTUM,
                                   max_num_seqs=3, max_num_batched_tokens=64,
                                   fixed_step_time_s=STEP_S),
-        parallel=ParallelConfig(torch_threads=1, overlap_steps=overlap))
+        parallel=ParallelConfig(torch_threads=1, overlap_steps="on" if overlap else "off"))
     engine = await Engine.create(cfg)
     try:
         async def one(i: int, prompt: list[int], params: dict):
