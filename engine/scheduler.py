@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from engine.config import SchedulerConfig
 from engine.memory.block_manager import BlockManager, Residency
 from engine.memory.swap import EvictMode, SwapPolicy
-from engine.policies.base import SchedulingPolicy
+from engine.policies.base import STRICT_ADMISSION, AdmissionRules, SchedulingPolicy
 from engine.policies.mlfq import check_number
 from engine.request import FinishReason, Job, JobState
 
@@ -107,6 +107,12 @@ class Scheduler:
         self._in_flight: dict[str, int] = {}  # job id -> step id of its batch in the pipeline
         self._plans_in_flight: deque[int] = deque()  # step ids of batches in flight, oldest first
         self.policy = policy
+        # The policy's admission rules for jobs whose KV is not on the GPU; None: strict
+        # priority (they may evict anything below them), which needs no checks at all.
+        rules: AdmissionRules = getattr(policy, "admission", STRICT_ADMISSION)
+        self._admission = None if rules.strict else rules
+        self._reserve = 0 if rules.strict else rules.reserve_blocks(blocks.num_gpu_blocks)
+        self._admission_closed = False  # in_order: a job outside found no room this pass
         self.swap_policy = swap_policy
         self.blocks = blocks
         self.jobs: dict[str, Job] = {}
@@ -218,8 +224,10 @@ class Scheduler:
         # Dropping a job's KV because the host pool is full wastes all the compute it had:
         # unless configured to, do it only if nothing at all can run otherwise (no deadlock).
         self._fill_batch(order, in_batch, plan, now, allow_recompute=self.config.eager_recompute)
-        if not plan.seqs and not self.config.eager_recompute:
-            self._fill_batch(order, in_batch, plan, now, allow_recompute=True)
+        if not plan.seqs and not (self.config.eager_recompute and self._admission is None):
+            # Nothing could run: waive the admission rules and the host pool's limit, so
+            # that the most urgent job always makes progress (no deadlock).
+            self._fill_batch(order, in_batch, plan, now, allow_recompute=True, rules=False)
         self._apply_proactive(order, in_batch, plan, now)
         self.blocks.end_step()
         if plan.seqs:
@@ -230,6 +238,7 @@ class Scheduler:
 
     def _fill_batch(
         self, order: list[Job], in_batch: set[str], plan: StepPlan, now: float, allow_recompute: bool,
+        rules: bool = True,
     ) -> None:
         budget = self.config.max_num_batched_tokens - plan.num_tokens
         max_seqs = self.config.max_num_seqs
@@ -241,6 +250,8 @@ class Scheduler:
         gpu_table, table_len = blocks.gpu_table, self._worker_table_len
         block_size = blocks.block_size
         self._resident_pos = None  # victim index: built on the first shortage of this pass
+        self._admission_closed = False
+        admission = self._admission if rules else None
         # The most urgent job not in flight (with depth 1 nothing is in flight: order[0]).
         head = next((i for i, j in enumerate(order) if j.job_id not in in_flight), -1)
         for pos, job in enumerate(order):
@@ -265,7 +276,8 @@ class Scheduler:
                     continue  # reserved behind another reservation: no room is enough
                 need = blocks.extra_blocks_needed(job_id, start + n)
                 if need and not self._make_resident(
-                    job, need, start + n, order, pos, in_batch, plan, now, allow_recompute
+                    job, need, start + n, order, pos, in_batch, plan, now, allow_recompute,
+                    admission if not size else None,
                 ):
                     if pos == head and not self._fits_alone(job, n):
                         # Even an empty pool cannot hold it: stop it rather than deadlock.
@@ -341,20 +353,33 @@ class Scheduler:
     def _make_resident(
         self, job: Job, need: int, num_tokens: int, order: list[Job], pos: int, in_batch: set[str],
         plan: StepPlan, now: float, allow_recompute: bool = True,
+        admission: AdmissionRules | None = None,
     ) -> bool:
         """Give ``job`` (``order[pos]``), which needs ``need`` more GPU blocks, room for
-        ``num_tokens``, evicting jobs below it in the order if needed."""
-        short = need - self.blocks.num_free_gpu_blocks
+        ``num_tokens``, evicting jobs below it in the order if needed. ``admission``: the
+        rules for a job whose KV is not on the GPU (see ``AdmissionRules``), or None."""
+        blocks = self.blocks
+        short = need - blocks.num_free_gpu_blocks
+        if admission is not None:
+            if self._admission_closed:
+                return False
+            if blocks.num_gpu_jobs:
+                short += self._reserve  # room left for the resident jobs to grow
+            if short > 0 and not admission.evict_to_admit:
+                self._admission_closed = admission.in_order
+                return False
         if short > 0:
             victims = self._pick_victims(order, pos, in_batch, short, allow_recompute)
             if victims is None:
+                if admission is not None:
+                    self._admission_closed = admission.in_order
                 return False  # evicting everyone allowed below would not be enough: evict no one
             for victim, mode in victims:
                 self._evict(victim, mode, plan, now)
-        if self.blocks.residency(job.job_id) is Residency.HOST:
-            plan.swap_in.extend(self.blocks.swap_in(job.job_id))
+        if blocks.residency(job.job_id) is Residency.HOST:
+            plan.swap_in.extend(blocks.swap_in(job.job_id))
             self._note_swapped_in(job, now)
-        self.blocks.allocate(job.job_id, num_tokens)
+        blocks.allocate(job.job_id, num_tokens)
         return True
 
     def _resident_index(self, order: list[Job]) -> list[int]:
