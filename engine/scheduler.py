@@ -6,7 +6,11 @@ chunks if needed), or the one token it sampled last — until the batch-size cap
 token budget is reached. There is no prefill or decode phase: a batch mixes both. Jobs
 left out keep their KV where it is unless a higher-priority job needs the room; then
 victims are taken from the lowest-priority end of the order, and the swap policy says
-whether each is swapped to host or recomputed later. A victim that should be swapped but
+whether each is swapped to host or recomputed later. A job whose KV is not on the GPU (new,
+swapped out, or dropped for recompute) follows its policy's ``AdmissionRules``: with the
+MLFQ defaults it never evicts a resident job and gets in only while a reserve of the pool
+stays free; the rules are waived for an iteration in which nothing could run otherwise.
+A victim that should be swapped but
 does not fit the host pool is spared (the job that wanted its room waits) unless nothing
 at all could run; only then is its KV dropped for recompute, since that throws away all
 the compute it had (``SchedulerConfig.eager_recompute`` drops it at once instead).
