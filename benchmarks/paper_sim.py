@@ -240,7 +240,7 @@ def main() -> None:
     p.add_argument("--out-dir", default=os.path.join("benchmarks", "results", "paper_sim"))
     p.add_argument("--real", action="store_true", help="measure the real server on this machine")
     p.add_argument("--quick", action="store_true", help="with --real: a smoke run")
-    p.add_argument("--real-requests", type=int, default=60)
+    p.add_argument("--real-requests", type=int, default=120)
     p.add_argument("--real-load", type=float, default=0.9)
     args = p.parse_args()
     if args.real:

@@ -70,6 +70,10 @@ class Job:
     # The compiled grammar of ``params.structured`` (engine process only: the scheduler
     # actor makes the job's matcher from it; never sent to workers, never read by the core).
     grammar: Any = field(default=None, repr=False)
+    # ``params.prompt_logprobs``: the entries the worker returned so far, one per prompt
+    # position from 1 on (``[logprob, [[token id, logprob], ...]]``); complete once the
+    # first output token is sampled, since the prompt's last chunk runs in that step.
+    prompt_logprobs: list[Any] = field(default_factory=list, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -87,6 +91,16 @@ class Job:
     @property
     def is_finished(self) -> bool:
         return self.state is JobState.FINISHED
+
+    def add_prompt_logprobs(self, first: int, entries: list[Any]) -> None:
+        """Entries for prompt positions ``first``, ``first + 1``, ... Positions already held
+        are dropped, so a chunk scored again (never by the worker, which scores each once)
+        cannot make one appear twice."""
+        skip = len(self.prompt_logprobs) + 1 - first
+        if skip < 0:
+            raise ValueError(f"job {self.job_id}: prompt logprobs from position {first}, "
+                             f"but only {len(self.prompt_logprobs)} positions came before")
+        self.prompt_logprobs.extend(entries[skip:])
 
     def waited_since(self) -> float:
         return self.last_run_time if self.last_run_time is not None else self.arrival_time

@@ -27,6 +27,7 @@ MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGIT_BIAS = 300  # entries per request (OpenAI's limit)
 MAX_PENALTY = 2.0  # presence / frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI)
 MAX_BIAS = 100.0  # a logit bias lies in [-MAX_BIAS, MAX_BIAS] (OpenAI)
+MAX_LOGPROBS = 20  # top alternatives per token, for logprobs and prompt_logprobs (OpenAI's cap)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's plus the top k
+    # vLLM's: None: none; k >= 0: every prompt token's logprob given the tokens before it
+    # (from the second on), plus the top k there. Scored once per job, by the worker.
+    prompt_logprobs: int | None = None
     priority: int = 0  # lower runs first under the priority policy (vLLM's convention)
     n: int = 1
     skip_special_tokens: bool = True
@@ -88,11 +92,12 @@ class SamplingParams:
             raise bad("top_k", f"must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}")
         if self.seed is not None and not _is_int64(self.seed):
             raise bad("seed", f"must be an integer in [-2**63, 2**63), got {self.seed!r}")
-        if self.logprobs is not None and (
-            not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
-            or not 0 <= self.logprobs <= 20
-        ):
-            raise bad("logprobs", f"must be an integer in [0, 20], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (
+                not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS
+            ):
+                raise bad(name, f"must be an integer in [0, {MAX_LOGPROBS}], got {k!r}")
         if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= 16:
             raise bad("n", f"must be an integer in [1, 16], got {self.n!r}")
         if not _is_int64(self.priority):
@@ -144,6 +149,8 @@ class SamplingParams:
             "seed": self.seed,
             "logprobs": self.logprobs,
         }
+        if self.prompt_logprobs is not None:
+            view["prompt_logprobs"] = self.prompt_logprobs
         for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0),
                               ("repetition_penalty", 1.0), ("min_p", 0.0)):
             if getattr(self, name) != neutral:

@@ -38,6 +38,10 @@ class RequestOutput:
     queue_level: int = 0
     stats: dict | None = None
     prompt_token_ids: list[int] | None = None  # on the first output only
+    # ``params.prompt_logprobs``, on the first output only (vLLM's shape): one per prompt
+    # token, None for the first (nothing before it), then [logprob, [[token_id, logprob],
+    # ...]] of that token given the ones before it.
+    prompt_logprobs: list[Any] | None = None
     # On the finished output (vLLM's): the stop string or stop token id that ended it;
     # None for EOS, length or abort.
     stop_reason: int | str | None = None
@@ -171,6 +175,8 @@ class FrontendActor(Actor):
             stats=ev.stats if live.done else None,
             prompt_token_ids=live.prompt_ids if live.first else None,
             stop_reason=stop_reason,
+            prompt_logprobs=[None, *ev.prompt_logprobs]
+            if live.first and ev.prompt_logprobs is not None else None,
         )
         live.first = False
         return out

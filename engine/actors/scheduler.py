@@ -38,6 +38,9 @@ class TokenEvent:
     num_output_tokens: int
     stats: dict | None  # set when finished
     queue_level: int
+    # With the job's first token, when its params ask for prompt_logprobs: one entry per
+    # prompt position from 1 on (engine.request.Job.prompt_logprobs).
+    prompt_logprobs: list[Any] | None = None
 
 
 class SchedulerActor(Actor):
@@ -165,6 +168,16 @@ class SchedulerActor(Actor):
             s.num_tokens for s in plan.seqs
             if s.num_tokens > 1 or s.start < s.job.num_prompt_tokens)
         self.num_generation_tokens_total += len(tokens)
+        for jid, first, entries in reply.get("prompt_logprobs") or ():
+            job = core.jobs.get(jid)
+            if job is None:
+                continue  # aborted while the step ran
+            try:
+                job.add_prompt_logprobs(int(first), entries)
+            except ValueError as e:  # the worker skipped positions: a bug, fail only this job
+                log.error("%s", e)
+                core.abort(jid, now)
+                self.fail([jid], e)
         # Service: the worker's step time; with several batches in flight, the time this
         # batch spent in the pipeline (queued behind another stage included).
         service = float(reply["elapsed"]) if core.pipeline_depth == 1 else now - sent
@@ -221,6 +234,7 @@ class SchedulerActor(Actor):
 
     @staticmethod
     def _event(job: Job, token: int | None, logprob: Any) -> TokenEvent:
+        first = token is not None and len(job.output_ids) == 1
         return TokenEvent(
             job_id=job.job_id,
             token_id=token,
@@ -230,6 +244,8 @@ class SchedulerActor(Actor):
             num_output_tokens=len(job.output_ids),
             stats=job.stats.to_dict() if job.is_finished else None,
             queue_level=job.queue_level,
+            prompt_logprobs=job.prompt_logprobs
+            if first and job.params.prompt_logprobs is not None else None,
         )
 
     async def failed(self) -> None:

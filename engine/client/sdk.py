@@ -92,6 +92,9 @@ class Output:
     prompt_token_ids: list[int] | None = None
     request_id: str | None = None
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    # With ``prompt_logprobs=k``, on the first output: one per prompt token, None for the
+    # first, then ``[logprob, [[token_id, logprob], ...top k]]`` given the tokens before it.
+    prompt_logprobs: list[Any] | None = None
     # With tools: pieces of tool calls, as OpenAI streams them ({index, id, type,
     # function: {name, arguments}} first, then {index, function: {arguments}}); ``text``
     # is then the content outside calls. ``join_tool_calls`` puts them together.

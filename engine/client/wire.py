@@ -45,6 +45,7 @@ OUTPUT_FIELDS = (
     "stats",
     "prompt_token_ids",
     "stop_reason",
+    "prompt_logprobs",  # with params.prompt_logprobs, first output only: None, then per token
     "tool_calls",  # chat with tools: call deltas in OpenAI's streaming shape, else None
 )
 

@@ -416,9 +416,6 @@ def parse_completion(body: dict, model_name: str) -> GenerationRequest:
     stream, include_usage = _stream_opts(f)
     structured, structured_field = _structured(f)
     echo = f.get("echo", False)
-    if echo and f.get("logprobs") is not None:
-        # The prompt's own logprobs would need the worker to score every prompt position.
-        raise bad("echo", "echo together with logprobs is not supported by this server")
     try:
         # Without max_tokens, OpenAI's default of 16, cut to what the context leaves.
         base = _base_params(
@@ -427,7 +424,10 @@ def parse_completion(body: dict, model_name: str) -> GenerationRequest:
             f.get("logprobs"),
             clamp="max_tokens" not in f,
         )
-        base = dataclasses.replace(base, structured=structured)
+        # echo with logprobs: the echoed prompt's tokens carry logprobs too (the worker
+        # scores the prompt), with the same top-k as the generated ones.
+        prompt_logprobs = base.logprobs if echo else None
+        base = dataclasses.replace(base, structured=structured, prompt_logprobs=prompt_logprobs)
     except InvalidRequestError as e:
         raise _params_error(e, {}) from None
     return GenerationRequest(

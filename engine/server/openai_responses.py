@@ -18,7 +18,9 @@ class ChoiceState:
     num_output_tokens: int = 0
     finish_reason: str | None = None
     logprobs: list[tuple[int, Any]] = field(default_factory=list)  # (token id, engine entry)
-    text_offset: int = 0  # completions logprobs: characters of token strings emitted so far
+    # completions logprobs: characters of the token strings so far (the echoed prompt's
+    # tokens first), as vLLM counts them
+    text_offset: int = 0
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
     echo: str = ""  # completions with echo: the prompt's text, sent before the first text
 
@@ -78,8 +80,12 @@ def completion_logprobs(tok: TokenText, pairs: list[tuple[int, Any]], state: Cho
     for tid, entry in pairs:
         s = tok.text(tid)
         out["tokens"].append(s)
-        out["token_logprobs"].append(entry[0])
-        out["top_logprobs"].append({tok.text(t): lp for t, lp in entry[1]})
+        if entry is None:  # an echoed prompt's first token: nothing before it to condition on
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+        else:
+            out["token_logprobs"].append(entry[0])
+            out["top_logprobs"].append({tok.text(t): lp for t, lp in entry[1]})
         out["text_offset"].append(state.text_offset)
         state.text_offset += len(s)
     return out
@@ -96,8 +102,14 @@ def chat_logprobs(tok: TokenText, pairs: list[tuple[int, Any]]) -> dict:
     }
 
 
-def logprob_pairs(out: Any) -> list[tuple[int, Any]]:
-    return list(zip(out.token_ids, out.logprobs or [], strict=False))
+def logprob_pairs(out: Any, echo: bool = False) -> list[tuple[int, Any]]:
+    """(token id, entry) of an output's new tokens; with ``echo``, the prompt's tokens lead
+    the first output (its ``prompt_logprobs``: None for the first token)."""
+    pairs = list(zip(out.token_ids, out.logprobs or [], strict=False))
+    prompt = getattr(out, "prompt_logprobs", None)
+    if echo and prompt is not None and out.prompt_token_ids:
+        pairs = list(zip(out.prompt_token_ids, prompt, strict=True)) + pairs
+    return pairs
 
 
 def render_logprobs(

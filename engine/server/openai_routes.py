@@ -327,7 +327,7 @@ class GenerationRoutes:
             st = states[index]
             st.add(item)
             if req.logprobs is not None:
-                st.logprobs.extend(logprob_pairs(item))
+                st.logprobs.extend(logprob_pairs(item, req.echo))
         body = final_response(req, states, self.tok)
         if fan.tools:
             finish_response(body, fan.tools)
@@ -428,8 +428,8 @@ class GenerationRoutes:
     ) -> dict | None:
         st.add(out)
         lp = None
-        if req.logprobs is not None and out.token_ids:
-            lp = render_logprobs(req, self.tok, logprob_pairs(out), st)
+        if req.logprobs is not None and out.token_ids:  # echo: the prompt's lead the first
+            lp = render_logprobs(req, self.tok, logprob_pairs(out, req.echo), st)
         reason = out.finish_reason if out.finished else None
         stop_reason = st.stop_reason if out.finished else None
         text, st.echo = st.echo + out.text, ""  # the echoed prompt leads the first chunk

@@ -39,6 +39,9 @@ class OutputLike(Protocol):
     queue_level: int
     stats: dict | None  # on the final output: demotions, promotions, swapped_time_s, ...
     prompt_token_ids: list[int] | None
+    # On the first output, when params.prompt_logprobs is set: None for the first prompt
+    # token, then per token [logprob, [[token_id, logprob], ...]] (absent on fakes: None).
+    prompt_logprobs: list[Any] | None
 
 
 class EngineLike(Protocol):

@@ -3,7 +3,8 @@
 Deterministic: one token per character (token id = code point), and the text generated for
 a prompt is a function of its token ids and seed (``FakeEngine.expected``). It validates
 like the real frontend (empty / too-long prompt -> ``InvalidRequestError``), honours stop
-strings, stop token ids (with ``stop_reason``), ``min_tokens``, ``max_tokens`` and logprobs,
+strings, stop token ids (with ``stop_reason``), ``min_tokens``, ``max_tokens``, logprobs and
+prompt logprobs (position p of the prompt scores -1/p),
 checks ``logit_bias`` ids against its vocabulary (the other logit processors are the
 worker's and change nothing here), and records every request, finish and
 abort. ``script`` (a string) makes every request generate that text instead, then
@@ -46,6 +47,7 @@ class FakeOutput:  # the fields of engine.actors.frontend.RequestOutput
     stats: dict | None = None
     prompt_token_ids: list[int] | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: list[Any] | None = None
 
 
 class FakeTokenizer:
@@ -261,7 +263,7 @@ class FakeEngine:
                 "first_scheduled_time": first_scheduled,
                 "finish_time": time.monotonic(),
             }
-        return FakeOutput(
+        out = FakeOutput(
             rid,
             text,
             ids,
@@ -274,6 +276,12 @@ class FakeEngine:
             stats,
             prompt_ids if n_out <= 1 else None,
         )
+        if params.prompt_logprobs is not None and n_out <= 1:
+            # Prompt token p scores -1/p; its alternatives as the sampled tokens' do.
+            top = [[ord(c), -1.0 - k] for k, c in enumerate("xyz" + VOCAB)]
+            out.prompt_logprobs = [None] + [
+                [-1.0 / p, top[: params.prompt_logprobs]] for p in range(1, len(prompt_ids))]
+        return out
 
     async def abort(self, request_id: str) -> None:
         if request_id in self.live:

@@ -135,7 +135,7 @@ HTTP_CASES: list[Case] = [
     c(CMPL, b'{"\\ud800": 1}', 400, None, "key-lone-surrogate"),
     # -- fields
     c(CMPL, {**P, "foo": 1}, 400, "foo", "unknown-field"),
-    c(CMPL, {**P, "echo": True, "logprobs": 1}, 400, "echo", "echo-with-logprobs"),
+    c(CMPL, {**P, "echo": True, "logprobs": 21}, 400, "logprobs", "echo-with-logprobs-past-cap"),
     c(CMPL, {**P, "echo": 1}, 400, "echo", "echo-number"),
     c(CHATP, {**M, "echo": True}, 400, "echo", "chat-echo"),
     c(CMPL, {**P, "best_of": 3}, 400, "best_of", "best-of"),
@@ -300,6 +300,10 @@ ZMQ_CASES: list[ZCase] = [
     ZCase("frequency-penalty-nan", [_pack(gen(params={"frequency_penalty": float("nan")}))],
           "InvalidRequest", "frequency_penalty"),
     ZCase("min-p-string", [_pack(gen(params={"min_p": "0.1"}))], "InvalidRequest", "min_p"),
+    ZCase("prompt-logprobs-past-cap", [_pack(gen(params={"prompt_logprobs": 21}))],
+          "InvalidRequest", "prompt_logprobs"),
+    ZCase("prompt-logprobs-bool", [_pack(gen(params={"prompt_logprobs": True}))],
+          "InvalidRequest", "prompt_logprobs"),
     ZCase("min-tokens-past-max", [_pack(gen(params={"min_tokens": 9, "max_tokens": 3}))],
           "InvalidRequest", "min_tokens"),
 ]

@@ -33,6 +33,10 @@ os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 PROMPTS = [[(7 * i + 3 * n) % 497 + 3 for i in range(n)] for n in (1, 6, 19, 33, 20, 20, 20, 20)]
 NEW_TOKENS = 10
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+# The same, also scoring the prompt: on the last stage, every TP rank takes part in the LM
+# head over the prompt rows, and the driver returns their logprobs.
+SCORED = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True,
+                        prompt_logprobs=2)
 TINY_QUANTUM = (("base_quantum_s", 0.002), ("quantum_ratio", 2.0))  # demotions on a tiny model
 # 16 blocks of 4 tokens hold 64 tokens; the prompts above need ~250 with their outputs, so
 # jobs are preempted, swapped (or dropped for recompute) and brought back many times.
@@ -53,6 +57,30 @@ CASES = [
 def parallel(tp: int, pp: int) -> ParallelConfig:
     return ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp, torch_threads=1,
                           step_timeout_s=60.0, startup_timeout_s=120.0)
+
+
+def hf_prompt_logprobs(path: str, prompts: list[list[int]]) -> list[list[float]]:
+    """transformers' log P(prompt[p] | prompt[:p]) for p >= 1, fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    outs = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            lp = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+            outs.append([lp[p - 1, prompt[p]].item() for p in range(1, len(prompt))])
+    return outs
+
+
+async def scored(engine: Engine, prompt: list[int]) -> tuple[list[int], list]:
+    """(output ids, the prompt's logprobs as the first output carried them)."""
+    ids: list[int] = []
+    prompt_lp: list = []
+    async for out in engine.generate(prompt, SCORED):
+        ids += out.token_ids
+        prompt_lp = out.prompt_logprobs if out.prompt_logprobs is not None else prompt_lp
+    return ids, prompt_lp
 
 
 def hf_greedy(path: str, prompts: list[list[int]], n: int) -> list[list[int]]:
@@ -77,7 +105,7 @@ def models(tmp_path_factory):
     out = {}
     for arch in ("llama", "opt"):
         path = make_tiny_model_dir(arch, str(tmp_path_factory.mktemp(arch)), num_hidden_layers=4)
-        out[arch] = path, hf_greedy(path, PROMPTS, NEW_TOKENS)
+        out[arch] = path, hf_greedy(path, PROMPTS, NEW_TOKENS), hf_prompt_logprobs(path, PROMPTS)
     return out
 
 
@@ -86,7 +114,7 @@ def models(tmp_path_factory):
 async def test_greedy_tokens_match_through_swap_cycles_and_every_rank_moves_the_same_blocks(
     models, arch, tp, pp, swap, seqs, gpu_blocks
 ):
-    path, reference = models[arch]
+    path, reference, prompt_reference = models[arch]
     cfg = tiny_engine_config(path, gpu_blocks=gpu_blocks, host_blocks=128)
     cfg = cfg.replace(parallel=parallel(tp, pp), scheduler=SchedulerConfig(
         policy="mlfq", swap_policy=swap or "reactive", policy_options=TINY_QUANTUM,
@@ -100,6 +128,13 @@ async def test_greedy_tokens_match_through_swap_cycles_and_every_rank_moves_the_
         got = await asyncio.wait_for(asyncio.gather(*(collect(engine, p, GREEDY) for p in PROMPTS)), 180)
         assert [ids for ids, _, _ in got] == reference
         assert all(reason == "length" for _, _, reason in got)
+        # Again with the prompts scored: the same tokens, and transformers' prompt logprobs.
+        got = await asyncio.wait_for(asyncio.gather(*(scored(engine, p) for p in PROMPTS)), 180)
+        assert [ids for ids, _ in got] == reference
+        for (_, prompt_lp), want in zip(got, prompt_reference):
+            assert prompt_lp[0] is None and len(prompt_lp) == len(want) + 1
+            assert [e[0] for e in prompt_lp[1:]] == pytest.approx(want, abs=1e-4)
+            assert all(len(e[1]) == 2 for e in prompt_lp[1:])
         assert_pools_whole(await wait_all_blocks_free(engine))
         stats = await engine.stats()
         mem = stats["memory"]
@@ -186,7 +221,7 @@ def _start_worker(address: str, rank: int) -> subprocess.Popen:
 async def test_fastserve_worker_processes_joining_over_tcp_give_the_same_tokens(models):
     """The two-node recipe of docs/distributed.md on one host: the engine starts no worker
     itself; each rank is a `fastserve worker --engine tcp://... --rank R` process."""
-    path, reference = models["llama"]
+    path, reference, _ = models["llama"]
     address = f"tcp://127.0.0.1:{_free_port()}"
     workers = [_start_worker(address, rank) for rank in (0, 1)]
     try:

@@ -194,6 +194,25 @@ async def test_logprobs_in_completions_and_chat_shapes() -> None:
     assert all(len(t.top_logprobs) == 1 for t in content)
 
 
+async def test_echo_with_logprobs_puts_the_prompts_tokens_first() -> None:
+    async with running() as (engine, base):
+        kw = {"model": MODEL, "prompt": "Hey", "max_tokens": 2, "echo": True, "logprobs": 1}
+        r = await oai(base).completions.create(**kw)
+        chunks = [ch async for ch in await oai(base).completions.create(stream=True, **kw)]
+    assert engine.requests[0]["params"].prompt_logprobs == 1  # the prompt is scored
+    c = r.choices[0]
+    lp = c.logprobs
+    assert c.text.startswith("Hey") and "".join(lp.tokens) == c.text
+    # The fake scores prompt position p as -1/p and every sampled token as -0.5.
+    assert lp.token_logprobs == [None, -1.0, -0.5, -0.5, -0.5]
+    assert lp.top_logprobs[0] is None and all(len(t) == 1 for t in lp.top_logprobs[1:])
+    assert lp.text_offset == [0, 1, 2, 3, 4]
+    first = chunks[0].choices[0]
+    assert first.text == c.text[:4] and first.logprobs.tokens == lp.tokens[:4]
+    parts = [ch.choices[0].logprobs for ch in chunks if ch.choices[0].logprobs]
+    assert [x for part in parts for x in part.token_logprobs] == lp.token_logprobs
+
+
 async def test_each_invalid_request_gets_its_4xx_and_the_server_keeps_serving() -> None:
     cases = [
         ("/v1/completions", b"{not json", 400, None),
@@ -212,7 +231,7 @@ async def test_each_invalid_request_gets_its_4xx_and_the_server_keeps_serving() 
             400,
             "stream_options",
         ),
-        ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, 400, "echo"),
+        ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 21}, 400, "logprobs"),
         ("/v1/completions", {"prompt": "x", "logprobs": 99}, 400, "logprobs"),
         ("/v1/completions", {"max_tokens": 3}, 400, "prompt"),
         ("/v1/completions", {"prompt": []}, 400, "prompt"),

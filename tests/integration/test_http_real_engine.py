@@ -325,7 +325,7 @@ INVALID = [
     ("/v1/completions", {"prompt": "x", "seed": "s"}, 400, "seed"),
     ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400,
      "stream_options"),
-    ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, 400, "echo"),
+    ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 21}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "x", "logprobs": 99}, 400, "logprobs"),
     ("/v1/completions", {"max_tokens": 3}, 400, "prompt"),
     ("/v1/completions", {"prompt": []}, 400, "prompt"),

@@ -2,7 +2,8 @@
 ZeroMQ SDK, against the REAL engine (tiny random Llama): penalties, ``logit_bias`` and
 ``min_tokens`` give exactly the tokens of greedy decoding over transformers' logits with the
 processors applied by an independent reference (``tests/logit_reference.py``); ``min_p``
-keeps only what it should; ``echo`` and ``stop_reason`` come back as vLLM returns them;
+keeps only what it should; ``echo`` (with ``logprobs``: the prompt scored, as transformers
+scores it) and ``stop_reason`` come back as vLLM returns them;
 neutral values change nothing; bad values are 400s naming the field."""
 
 from __future__ import annotations
@@ -210,10 +211,96 @@ async def test_echo_puts_the_prompt_before_the_text(server, oai):
         assert c.text.startswith(PROMPTS[c.index])
 
 
-async def test_echo_with_logprobs_is_refused(oai):
-    with pytest.raises(openai.BadRequestError) as e:
-        await oai.completions.create(model=MODEL, prompt="x", max_tokens=2, echo=True, logprobs=1)
-    assert e.value.param == "echo"
+def reference_logprobs(hf, ids: list[int]):
+    """Row p: log P(next token | ids[: p + 1]) by transformers, fp32."""
+    import torch
+
+    with torch.no_grad():
+        return torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+async def test_echo_with_logprobs_scores_the_prompt_then_the_output(server, oai, hf):
+    tok = server.engine.tokenizer
+    prompt = PROMPTS[1]
+    kw = {"model": MODEL, "prompt": prompt, "max_tokens": N, "temperature": 0,
+          "extra_body": {"ignore_eos": True}}
+    plain = await oai.completions.create(**kw)
+    r = await oai.completions.create(echo=True, logprobs=3, **kw)
+    c, usage = r.choices[0], r.usage
+    assert c.text == prompt + plain.choices[0].text
+    lp = c.logprobs
+    num_prompt = usage.prompt_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == \
+        len(lp.text_offset) == num_prompt + usage.completion_tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    # The prompt's tokens spell the echoed prompt, each at its text_offset.
+    ids = tok.encode(prompt)
+    assert len(ids) == num_prompt
+    assert lp.tokens[:num_prompt] == [tok.token_to_text(t) for t in ids]
+    for t, off in zip(lp.tokens[:num_prompt], lp.text_offset[:num_prompt]):
+        assert c.text[off:].startswith(t)
+    assert all(b - a == len(t) for a, b, t in zip(lp.text_offset, lp.text_offset[1:], lp.tokens))
+    # Every logprob, prompt and output, is transformers' over the same ids.
+    out = await offline(server.engine, prompt, max_tokens=N, temperature=0, ignore_eos=True)
+    full = ids + out.ids
+    ref = reference_logprobs(hf, full)
+    for p in range(1, len(full)):
+        assert lp.token_logprobs[p] == pytest.approx(ref[p - 1, full[p]].item(), abs=1e-4)
+        vals, top = ref[p - 1].topk(3)
+        # Keyed by text, as the server keys them (tokens that show the same text collapse).
+        want = {tok.token_to_text(t): v for t, v in zip(top.tolist(), vals.tolist())}
+        assert lp.top_logprobs[p] == pytest.approx(want, abs=1e-4)
+    # Streaming: the prompt's entries lead the first chunk; the chunks add up to the same.
+    chunks = [ch async for ch in await oai.completions.create(echo=True, logprobs=3, stream=True,
+                                                               **kw)]
+    with_lp = [ch.choices[0].logprobs for ch in chunks if ch.choices[0].logprobs]
+    assert len(with_lp[0].tokens) == num_prompt + 1
+    assert chunks[0].choices[0].text.startswith(prompt)
+    for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for part in with_lp for x in getattr(part, name)] == getattr(lp, name)
+    # logprobs=0: each token's own logprob, no alternatives (as without echo).
+    zero = (await oai.completions.create(echo=True, logprobs=0, **kw)).choices[0].logprobs
+    assert zero.token_logprobs == lp.token_logprobs
+    assert zero.top_logprobs[0] is None and all(t == {} for t in zero.top_logprobs[1:])
+
+
+async def test_echo_with_logprobs_for_token_prompts_and_several_choices(server, oai, hf):
+    prompts = [prompt_ids(21, 9), prompt_ids(22, 5)]
+    r = await oai.completions.create(model=MODEL, prompt=prompts, max_tokens=3, temperature=0,
+                                     echo=True, logprobs=1, n=2, extra_body={"ignore_eos": True})
+    assert len(r.choices) == 4
+    for c in r.choices:
+        ids = prompts[c.index // 2]
+        ref = reference_logprobs(hf, ids)
+        lp = c.logprobs
+        assert len(lp.tokens) == len(ids) + 3 and lp.token_logprobs[0] is None
+        assert lp.token_logprobs[1 : len(ids)] == pytest.approx(
+            [ref[p - 1, ids[p]].item() for p in range(1, len(ids))], abs=1e-4)
+
+
+async def test_sdk_prompt_logprobs_equal_the_http_ones(server, oai):
+    ids = prompt_ids(23, 11)
+    http = await oai.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0,
+                                        echo=True, logprobs=2)
+    lp = http.choices[0].logprobs
+    async with AsyncClient(server.zmq, timeout=10) as c:
+        outs = [o async for o in c.generate(prompt_token_ids=ids, max_tokens=2, temperature=0,
+                                            prompt_logprobs=2)]
+        with pytest.raises(InvalidRequest) as e:
+            async for _ in c.generate("x", prompt_logprobs=21):
+                pass
+        assert e.value.param == "prompt_logprobs"
+    first = outs[0].prompt_logprobs
+    assert outs[0].prompt_token_ids == ids and len(first) == len(ids)
+    assert all(o.prompt_logprobs is None for o in outs[1:])
+    assert first[0] is None and lp.token_logprobs[0] is None
+    tok = server.engine.tokenizer
+    for p in range(1, len(ids)):
+        logprob, top = first[p]
+        assert len(top) == 2
+        assert logprob == pytest.approx(lp.token_logprobs[p], abs=1e-5)
+        assert {tok.token_to_text(t): v for t, v in top} == \
+            pytest.approx(lp.top_logprobs[p], abs=1e-5)
 
 
 # -- stop_reason ------------------------------------------------------------------------------
