@@ -95,7 +95,7 @@ class MLFQPolicy(SchedulingPolicy):
       the cache to the last block makes the running jobs preempt each other a few steps
       later, as each needs its next block. Measured in the simulator at the paper's scale
       (OPT-13B, one A100, ShareGPT-like, 1.3x / 1.6x FCFS capacity), skip-join's mean JCT
-      went from 38.9 / 80.3 s to 17.1 / 37.2 s with these rules; strict priority
+      went from 38.9 / 80.3 s to 17.6 / 37.2 s with these rules; strict priority
       (``evict_to_admit=True``, no reserve) is what it was before.
     """
 
