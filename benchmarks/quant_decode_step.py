@@ -7,7 +7,13 @@ mode alike. ``--warmup`` untimed rounds, then ``--iters`` timed ones; the median
 10th/90th percentiles of the per-step times are reported in ms. The LM head alone (the
 largest matrix) is timed the same way.
 
-    .venv/bin/python benchmarks/quant_decode_step.py [--threads 2] [--batch 1 8]
+    .venv/bin/python benchmarks/quant_decode_step.py [--threads 2] [--batch 1 8] \
+        [--dtype bfloat16] [--cpu-time] [--profile]
+
+``--dtype`` is the model's dtype (``--dtype auto`` picks bfloat16 on a CPU with native bf16);
+``--cpu-time`` reports process CPU time (all threads) instead of wall time, the steadier
+measure on a shared machine; ``--profile`` prints, per (mode, batch), torch.profiler's
+self-CPU time per aten op over a few extra steps (with input shapes for the matmuls).
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ class Case:
         )
         for cache in self.pool.caches:
             cache.normal_()  # a filled history; its values do not matter for timing
-        self.hidden = torch.randn(batch, model.lm_head.in_features)
+        self.hidden = torch.randn(batch, model.lm_head.in_features, dtype=dtype)
 
     def step(self) -> None:
         self.model.compute_logits(self.model(self.ids, self.positions, self.pool.caches, self.attn))
@@ -73,10 +79,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--cpu-time", action="store_true", help="process CPU time, not wall")
+    parser.add_argument("--profile", action="store_true", help="per-op table per case")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, context {args.context}", flush=True)
-    models = {m: load_model(None, torch.float32, "cpu", quantization=m)[0] for m in args.modes}
+    dtype = getattr(torch, args.dtype)
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    print(f"torch {torch.__version__}, {args.threads} threads, context {args.context}, "
+          f"{args.dtype}, {'CPU' if args.cpu_time else 'wall'} time", flush=True)
+    models = {m: load_model(None, dtype, "cpu", quantization=m)[0] for m in args.modes}
     cases = {(m, b): Case(models[m], b, args.context) for m in args.modes for b in args.batch}
     steps: dict = {key: [] for key in cases}
     heads: dict = {key: [] for key in cases}
@@ -84,14 +96,30 @@ def main() -> None:
         for i in range(args.warmup + args.iters):
             for key, case in cases.items():
                 for fn, times in ((case.step, steps[key]), (case.head, heads[key])):
-                    start = time.perf_counter()
+                    start = clock()
                     fn()
                     if i >= args.warmup:
-                        times.append((time.perf_counter() - start) * 1e3)
+                        times.append((clock() - start) * 1e3)
     for (mode, batch), times in steps.items():
         print(f"{mode:>5} batch {batch}: decode step {summary(times)}")
     for (mode, batch), times in heads.items():
         print(f"{mode:>5} batch {batch}: lm head     {summary(times)}")
+    if args.profile:
+        for (mode, batch), case in cases.items():
+            print(f"\n=== {mode} batch {batch}: per-op self CPU time over 5 steps")
+            print(profile_table(case, 5))
+
+
+def profile_table(case: Case, steps: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU],
+                                         record_shapes=True) as prof:
+        for _ in range(steps):
+            case.step()
+    return prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=40,
+        max_shapes_column_width=60)
 
 
 if __name__ == "__main__":

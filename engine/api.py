@@ -39,6 +39,19 @@ log = logging.getLogger("fastserve.engine")
 __all__ = ["Engine", "EngineDeadError", "RequestOutput", "SamplingParams"]
 
 
+def overlap_steps(mode: str, ready: dict) -> bool:
+    """``ParallelConfig.overlap_steps`` for the worker that answered ``ready``: "auto" is on
+    when the engine has a core of its own (a CUDA worker, or a CPU worker with fewer torch
+    threads than this host's physical cores)."""
+    if mode != "auto":
+        return mode == "on"
+    if not str(ready.get("device", "cpu")).startswith("cpu"):
+        return True
+    from engine.parallel.cpu import physical_cores
+
+    return int(ready.get("torch_threads") or 0) < physical_cores()
+
+
 class EngineDeadError(RuntimeError):
     """The engine cannot serve (its worker died or it was shut down)."""
 
@@ -161,7 +174,8 @@ class Engine:
         depth = config.parallel.max_batches_in_flight or config.parallel.pipeline_parallel_size
         core = Scheduler(config.scheduler, policy, swap_policy, blocks, pipeline_depth=depth)
         scheduler = SchedulerActor(core, executor, emit=self._emit, fail=self._fail,
-                                   grammars=GrammarBook(self._model_vocab_size))
+                                   grammars=GrammarBook(self._model_vocab_size),
+                                   overlap=overlap_steps(config.parallel.overlap_steps, ready))
         memory = MemoryManagerActor(blocks.num_gpu_blocks, blocks.num_host_blocks, ready["block_bytes"], scheduler)
         scheduler.memory = memory
         return _Workers(executor, scheduler, memory, ready)

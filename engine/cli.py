@@ -128,6 +128,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "ranks: an equal share)")
     g.add_argument("--omp-wait-policy", choices=["passive", "active"], default=d.parallel.omp_wait_policy,
                    help="worker OpenMP threads sleep (passive) or spin (active) between ops")
+    g.add_argument("--overlap-steps", choices=["auto", "on", "off"], default=d.parallel.overlap_steps,
+                   help="send the next decode step while the worker runs this one (auto: when the "
+                        "engine has a core the worker's threads leave free, e.g. a GPU worker)")
     g.add_argument("--tensor-parallel-size", "-tp", type=ck.positive_int, default=d.parallel.tensor_parallel_size,
                    help="ranks per pipeline stage, each holding a slice of every layer")
     g.add_argument("--pipeline-parallel-size", "-pp", type=ck.positive_int, default=d.parallel.pipeline_parallel_size,
@@ -187,6 +190,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         parallel=ParallelConfig(
             torch_threads=args.torch_threads,
             omp_wait_policy=args.omp_wait_policy,
+            overlap_steps=args.overlap_steps,
             tensor_parallel_size=args.tensor_parallel_size,
             pipeline_parallel_size=args.pipeline_parallel_size,
             engine_address=args.engine_address,

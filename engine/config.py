@@ -130,6 +130,16 @@ class ParallelConfig:
     # Batches the scheduler keeps in flight; None: one per pipeline stage (1 shows the bubble
     # of a pipeline without streaming, as benchmarks/parallel_cpu.py does).
     max_batches_in_flight: int | None = None
+    # Plan step N+1 while step N runs (one worker rank, one batch in flight): a decode row
+    # feeds the token the worker sampled in step N, so the engine's update, planning,
+    # detokenizing and streaming overlap the worker's compute (engine/scheduler.py,
+    # schedule_continuation, says when a continuation is made). "auto": on when the engine
+    # has a core the worker's threads leave free (a CUDA worker, or fewer torch threads than
+    # physical cores); on a CPU whose every core runs a worker thread the engine's work
+    # would take a core from the very step it overlaps, and measured end to end on a busy
+    # 2-core machine the two were within noise (benchmarks/results/decode_overhead_cpu.md).
+    # "on" / "off": always / never (off: strictly plan -> execute -> update).
+    overlap_steps: str = "auto"
     # How the worker's OpenMP threads wait between parallel regions: "passive" sleeps at once,
     # "active" spins first (libgomp's default). When anything else wants the same cores (the
     # engine process planning the next step, other programs), a spinning thread holds a core
@@ -154,6 +164,8 @@ class ParallelConfig:
         bad = [r for r in self.remote_ranks if not 0 <= r < self.world_size]
         if bad:
             raise ValueError(f"remote ranks {bad} outside 0..{self.world_size - 1}")
+        if self.overlap_steps not in ("auto", "on", "off"):
+            raise ValueError(f"overlap_steps must be 'auto', 'on' or 'off', not {self.overlap_steps!r}")
         if self.distributed_executor_backend not in ("mp", "ray"):
             raise ValueError(f"distributed_executor_backend must be 'mp' or 'ray', not "
                              f"{self.distributed_executor_backend!r}")

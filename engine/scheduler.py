@@ -25,7 +25,21 @@ not known until then); results must be applied in the order the plans were made,
 demotion, promotion and stop checks happen then, when the batch leaves the last stage.
 Blocks freed by an abort while a batch is in flight may be reused at once: every rank runs
 plans in order, so the batch that still writes them is done before the next one reads.
-With depth 1 ``schedule`` and ``update`` simply alternate.
+With depth 1 ``schedule`` and ``update`` simply alternate, except for continuations.
+
+Overlapped steps (``schedule_continuation``): while step N, the only batch in flight, still
+runs, step N+1 may be planned as its continuation -- every job of step N that samples feeds
+the token step N samples, which the worker already holds (a decode row ``(id, start, 1)``
+feeds the runner's own last sampled token), so the engine's planning, update, detokenizing
+and streaming overlap the worker's compute instead of sitting between its steps. A
+continuation is only made when it is the plan ``schedule`` would make once step N's result
+is in, whatever that result: every job held is in step N and samples there, none waits or
+is swapped out (so no policy order or eviction could change who runs), and the pool has a
+free block for each job that needs one. A job that step N ends for certain (``max_tokens``,
+the context length) is left out; one that step N ends by chance (EOS, a stop token, a stop
+string, an abort) computes one token that ``update`` drops, as it drops any token of a job
+finished while its batch ran. So greedy outputs, stop conditions and preemption behave as
+without overlap; only the tokens computed and dropped differ.
 
 Cost. The core runs every iteration of a server and of the simulator (100,000-request runs),
 so its bookkeeping is incremental: admission checks counters kept at every state change (no
@@ -240,6 +254,55 @@ class Scheduler:
                 self._in_flight[seq.job.job_id] = plan.step_id
         return plan
 
+    def schedule_continuation(self, last: StepPlan) -> StepPlan | None:
+        """Step N+1 while ``last`` (step N, the only batch in flight) runs: each of its jobs
+        that samples feeds the token step N samples (see the module docstring). None, with
+        nothing changed, unless that is exactly the plan ``schedule`` would make after step
+        N's result, whatever it is."""
+        if list(self._plans_in_flight) != [last.step_id] or not last.seqs:
+            return None
+        if self._num_waiting or len(self.jobs) > len(last.seqs):
+            return None  # someone else might be chosen, or need room: plan after the result
+        blocks = self.blocks
+        carry: list[tuple[ScheduledSeq, int]] = []  # (seq of step N, blocks it needs next)
+        held = 0
+        for seq in last.seqs:
+            job = seq.job
+            if job.state is JobState.FINISHED:
+                continue  # aborted or stopped while step N runs: it will not run again
+            if not seq.sample or job.state is not JobState.RUNNING:
+                return None  # a prompt chunk feeds known tokens: the ordinary plan does it
+            held += 1
+            outputs = len(job.output_ids) + 1  # once step N's token is applied
+            if outputs >= job.params.max_tokens or job.num_prompt_tokens + outputs >= job.max_model_len:
+                continue  # step N's token ends it for certain
+            end = seq.start + seq.num_tokens
+            carry.append((seq, blocks.extra_blocks_needed(job.job_id, end + 1)))
+        if held != len(self.jobs) or not carry:
+            return None
+        if sum(need for _, need in carry) > blocks.num_free_gpu_blocks:
+            return None  # someone would have to be evicted: that is the ordinary plan's call
+        plan = StepPlan(step_id=next(self._step_ids), free=self._to_free)
+        self._to_free = []
+        table_len = self._worker_table_len
+        for seq, need in carry:
+            job_id = seq.job.job_id
+            start = seq.start + seq.num_tokens
+            if need:
+                blocks.allocate(job_id, start + 1)
+            table = blocks.gpu_table(job_id)
+            known, size = table_len.get(job_id), len(table)
+            if known == size:
+                plan.seqs.append(ScheduledSeq(seq.job, start, 1, [], False, True))
+            else:  # as in _fill_batch: a delta, or the whole table if the worker's is stale
+                reset = known is None or known > size
+                plan.seqs.append(ScheduledSeq(seq.job, start, 1, list(table) if reset else table[known:],
+                                              reset, True))
+                table_len[job_id] = size
+            self._in_flight[job_id] = plan.step_id
+        self._plans_in_flight.append(plan.step_id)
+        return plan
+
     def _fill_batch(
         self, order: list[Job], in_batch: set[str], plan: StepPlan, now: float, allow_recompute: bool,
         rules: bool = True,
@@ -321,7 +384,9 @@ class Scheduler:
             self._plans_in_flight.popleft()
             in_flight = self._in_flight
             for seq in plan.seqs:
-                in_flight.pop(seq.job.job_id, None)
+                job_id = seq.job.job_id
+                if in_flight.get(job_id) == plan.step_id:  # not if a continuation holds it
+                    del in_flight[job_id]
         if self.config.fixed_step_time_s is not None:
             step_time_s = self.config.fixed_step_time_s
         touched: list[Job] = []

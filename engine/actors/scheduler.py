@@ -4,6 +4,10 @@ While the worker computes step N, the actor's mailbox keeps filling (new jobs, a
 stop-string finishes); they are applied before step N+1 is planned. With P pipeline stages
 the actor plans and sends up to P disjoint batches before it waits for the oldest result,
 so no stage idles while another works; results are applied in the order they were sent.
+With one rank and ``overlap`` on, the actor sends step N+1 as step N's continuation (the
+core's ``schedule_continuation``) before it waits for step N, so the worker finds its next
+plan queued when it finishes, and applying, streaming and planning run beside its compute.
+Constrained jobs are never continued: their next bitmask needs step N's token.
 """
 
 from __future__ import annotations
@@ -55,9 +59,13 @@ class SchedulerActor(Actor):
         memory: Actor | None = None,
         clock: Callable[[], float] = time.monotonic,
         grammars: GrammarBook | None = None,
+        overlap: bool = False,
     ) -> None:
         super().__init__()
         self.core = core
+        # Overlapped steps need every rank to feed its own sampled tokens: one rank only.
+        self.overlap = overlap and core.pipeline_depth == 1 and executor.world_size == 1
+        self.num_overlapped_steps = 0
         # Grammar state of constrained jobs (engine/structured/book.py says why it is here):
         # a matcher per job, advanced when its tokens are applied, read when plans are built.
         self.grammars = grammars
@@ -148,8 +156,26 @@ class SchedulerActor(Actor):
                 self._die(e)
                 return
             self._in_flight.append((plan, answer, self.clock()))
+        if self.overlap and len(self._in_flight) == 1 and self.error is None:
+            await self._send_continuation(self._in_flight[0][0])
         if self._in_flight:
             await self._complete_oldest()
+
+    async def _send_continuation(self, last: StepPlan) -> None:
+        """Step N+1 while ``last`` (step N) runs, when the core can plan it now."""
+        if self.grammars and any(s.job.job_id in self.grammars for s in last.seqs):
+            return
+        plan = self.core.schedule_continuation(last)
+        if plan is None:
+            return
+        try:
+            msg = plan_to_message(plan, 0)
+            answer = await self.executor.submit("step", **_fields(msg))
+        except (WorkerDiedError, WorkerError) as e:
+            self._die(e)
+            return
+        self.num_overlapped_steps += 1
+        self._in_flight.append((plan, answer, self.clock()))
 
     async def _complete_oldest(self) -> None:
         core = self.core
@@ -167,7 +193,6 @@ class SchedulerActor(Actor):
         self.num_prompt_tokens_total += sum(
             s.num_tokens for s in plan.seqs
             if s.num_tokens > 1 or s.start < s.job.num_prompt_tokens)
-        self.num_generation_tokens_total += len(tokens)
         for jid, first, entries in reply.get("prompt_logprobs") or ():
             job = core.jobs.get(jid)
             if job is None:
@@ -182,6 +207,7 @@ class SchedulerActor(Actor):
         # batch spent in the pipeline (queued behind another stage included).
         service = float(reply["elapsed"]) if core.pipeline_depth == 1 else now - sent
         touched = core.update(plan, sampled, service, now)
+        self.num_generation_tokens_total += len(touched)  # not tokens of jobs already finished
         if self.grammars:
             self._advance_grammars(touched, now)
         self.num_steps += 1
@@ -311,6 +337,7 @@ class SchedulerActor(Actor):
             "num_host_blocks": core.blocks.num_host_blocks,
             "num_preemptions": core.num_preemptions,
             "num_steps": self.num_steps,
+            "num_overlapped_steps": self.num_overlapped_steps,
             "num_prompt_tokens_total": self.num_prompt_tokens_total,
             "num_generation_tokens_total": self.num_generation_tokens_total,
             "policy": core.policy.describe(),

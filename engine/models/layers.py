@@ -39,7 +39,21 @@ class RMSNorm(nn.Module):
         # does. The fused kernel on bf16 input is not good enough: SmolLM2-135M in bf16
         # answered the Paris prompt with nonsense through it (measured), and right this way.
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        return normed.to(x.dtype).mul_(self.weight)
+
+    def add_norm(
+        self, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A pre-norm block's residual add and norm in one call: ``residual += x``, then
+        ``(norm(residual), residual)``. ``residual`` None (the first layer): ``x`` is the
+        stream itself and becomes the residual (it is added to in place from then on, so the
+        caller hands over a tensor it owns). The sum is the reference's ``residual + x``
+        exactly; doing it in place saves an allocation per layer."""
+        if residual is None:
+            residual = x
+        else:
+            residual.add_(x)
+        return self(residual), residual
 
 
 # --------------------------------------------------------------------------- rotary embedding
@@ -155,8 +169,14 @@ class SwiGLUMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.intermediate_size))
+
+
+def silu_and_mul(gate_up: torch.Tensor, size: int) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up = [gate | up]`` (last dimension ``2 * size``): the
+    product is written over the SiLU's own (contiguous) output, so one new tensor instead
+    of two and no split; the values are those of ``F.silu(gate) * up``."""
+    return F.silu(gate_up[..., :size]).mul_(gate_up[..., size:])
 
 
 # --------------------------------------------------------------------------- paged attention
@@ -321,7 +341,7 @@ def _decode(
     kv = kv.reshape(2, b, -1, num_kv, head_dim)
     if kv.shape[2] != plan.decode_keys:
         kv = kv[:, :, : plan.decode_keys]
-    keys, values = kv[0].transpose(1, 2), kv[1].transpose(1, 2)
+    keys, values = kv.transpose(2, 3).unbind(0)  # each [b, kv, keys, d]
     # One query token per sequence, so the query heads sharing a KV head can stand in for the
     # query-length axis: GQA without repeating K/V.
     grouped = q.reshape(b, num_kv, num_heads // num_kv, head_dim)

@@ -150,13 +150,19 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: KVCache,
         plan: AttentionPlan,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, plan)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it): the add of that output
+        is left to the next norm (``RMSNorm.add_norm``), which does add and norm together.
+        ``residual`` None: ``x`` is the whole stream (the first layer of a stage)."""
+        h, residual = self.input_layernorm.add_norm(x, residual)
+        h = self.self_attn(h, cos, sin, kv_cache, plan)
+        h, residual = self.post_attention_layernorm.add_norm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaBackbone(nn.Module):
@@ -221,13 +227,20 @@ class LlamaForCausalLM(nn.Module):
         attn: AttentionMetadata,
         hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids) if self.stage.is_first else hidden
+        if self.stage.is_first:
+            x = self.model.embed_tokens(input_ids)
+        else:  # the residual stream is added to in place: not the caller's tensor
+            assert hidden is not None
+            x = hidden.clone()
         plan = AttentionPlan.build(attn, x.device)
         cos, sin = self.rotary(positions, x.dtype)
         layers = self.model.layers[self.stage.start_layer : self.stage.end_layer]
+        residual = None
         for layer, cache in zip(layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, cache, plan)
-        return self.model.norm(x) if self.stage.is_last else x
+            x, residual = layer(x, residual, cos, sin, cache, plan)
+        if self.stage.is_last:
+            return self.model.norm.add_norm(x, residual)[0]
+        return x if residual is None else residual.add_(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

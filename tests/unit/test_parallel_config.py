@@ -30,3 +30,19 @@ def test_an_unknown_backend_or_remote_ranks_under_ray_are_refused():
     with pytest.raises(ValueError, match="Ray places every rank"):
         ParallelConfig(pipeline_parallel_size=2, remote_ranks=(1,), distributed_executor_backend="ray")
 
+
+
+def test_steps_overlap_when_the_engine_has_a_core_of_its_own():
+    from engine.api import overlap_steps
+    from engine.parallel.cpu import physical_cores
+
+    assert _config().overlap_steps == "auto"
+    assert _config("--overlap-steps", "off").overlap_steps == "off"
+    with pytest.raises(ValueError, match="overlap_steps"):
+        ParallelConfig(overlap_steps="yes")
+    cores = physical_cores()
+    assert overlap_steps("auto", {"device": "cuda:0", "torch_threads": cores})
+    assert not overlap_steps("auto", {"device": "cpu", "torch_threads": cores})
+    assert overlap_steps("auto", {"device": "cpu", "torch_threads": cores - 1}) == (cores > 1)
+    assert overlap_steps("on", {"device": "cpu", "torch_threads": cores})
+    assert not overlap_steps("off", {"device": "cuda:0", "torch_threads": 1})

@@ -373,6 +373,24 @@ def test_smollm2_quantized_chat_answer_says_paris(smollm2_pair):
     assert "Paris" in Tokenizer.load(default_model_path()).decode(out)
 
 
+@pytest.mark.slow
+def test_smollm2_quantized_in_bf16_agrees_with_fp32_and_says_paris(smollm2_pair):
+    """What a user gets on a CPU with native bf16 (``--dtype auto --quantization auto``): the
+    kernels' own dtype end to end, no casts around them."""
+    from engine.tokenizer import Tokenizer
+
+    fp32, _ = smollm2_pair
+    packed, _ = load_model(None, torch.bfloat16, "cpu", quantization="auto")
+    tokenizer = Tokenizer.load(default_model_path())
+    ids = tokenizer.encode(TEACHER_TEXT)[:257]
+    want = PagedDriver(fp32, num_blocks=32, block_size=16).step([(0, ids)])[0].argmax(-1)
+    got = PagedDriver(packed, num_blocks=32, block_size=16).step([(0, ids)])[0].argmax(-1)
+    agreement = (got[:256] == want[:256]).float().mean().item()
+    assert agreement >= 0.95, agreement
+    out = PagedDriver(packed, num_blocks=32, block_size=16).greedy([PARIS_PROMPT], 12)[0]
+    assert "Paris" in tokenizer.decode(out)
+
+
 def test_packed_kernels_are_cpu_only_auto_dequantizes_elsewhere():
     from engine.models.loader import load_hf_config, plan_quantization
 

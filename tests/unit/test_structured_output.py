@@ -463,3 +463,27 @@ def test_grammar_mask_composes_with_min_tokens_and_wins_when_only_the_end_is_lef
     assert s.sample(logits, ["j"], mask(EOS, 5)).token_ids == [5]
     # the grammar allows only the end: it wins over min_tokens instead of leaving nothing
     assert s.sample(logits, ["j"], mask(EOS)).token_ids == [EOS]
+
+
+async def test_overlapped_steps_never_continue_a_batch_with_a_constrained_job():
+    """A continuation feeds a token the engine has not seen yet, but a constrained job's
+    next bitmask needs that token: while one is in the batch, the actor plans after each
+    result; once only unconstrained jobs are left it overlaps, with the same tokens."""
+    def mixed() -> list[Job]:
+        free = [Job(job_id=f"u{i}", prompt_ids=[3 + i] * 6,
+                    params=SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True),
+                    arrival_time=0.0, eos_token_ids=frozenset({EOS})) for i in range(3)]
+        return regex_jobs(3) + free
+
+    plain = mixed()
+    await run_jobs(scheduler("fcfs", "reactive", 256, 256, 8), plain)
+    jobs, workers = mixed(), FakeWorkers()
+    h = Harness(scheduler("fcfs", "reactive", 256, 256, 8), workers)
+    h.actor.overlap = True
+    await h.run(jobs)
+    assert h.failed == {}
+    assert [j.output_ids for j in jobs] == [j.output_ids for j in plain]
+    for job in jobs[:3]:
+        assert re.fullmatch(REGEX, text_of(job.output_ids))
+    assert workers.constrained_rows == sum(len(j.output_ids) for j in jobs[:3])
+    assert h.actor.num_overlapped_steps > 0
