@@ -6,7 +6,11 @@ chunks if needed), or the one token it sampled last — until the batch-size cap
 token budget is reached. There is no prefill or decode phase: a batch mixes both. Jobs
 left out keep their KV where it is unless a higher-priority job needs the room; then
 victims are taken from the lowest-priority end of the order, and the swap policy says
-whether each is swapped to host or recomputed later. A victim that should be swapped but
+whether each is swapped to host or recomputed later. A job whose KV is not on the GPU (new,
+swapped out, or dropped for recompute) follows its policy's ``AdmissionRules``: with the
+MLFQ defaults it never evicts a resident job and gets in only while a reserve of the pool
+stays free; the rules are waived for an iteration in which nothing could run otherwise.
+A victim that should be swapped but
 does not fit the host pool is spared (the job that wanted its room waits) unless nothing
 at all could run; only then is its KV dropped for recompute, since that throws away all
 the compute it had (``SchedulerConfig.eager_recompute`` drops it at once instead).
@@ -57,7 +61,7 @@ from typing import NamedTuple
 from engine.config import SchedulerConfig
 from engine.memory.block_manager import BlockManager, Residency
 from engine.memory.swap import EvictMode, SwapPolicy
-from engine.policies.base import SchedulingPolicy
+from engine.policies.base import STRICT_ADMISSION, AdmissionRules, SchedulingPolicy
 from engine.policies.mlfq import check_number
 from engine.request import FinishReason, Job, JobState
 
@@ -205,6 +209,12 @@ class Scheduler:
         self._track_in_flight = pipeline_depth > 1
         self._plans_in_flight: deque[StepPlan] = deque()  # batches in flight, oldest first
         self.policy = policy
+        # The policy's admission rules for jobs whose KV is not on the GPU; None: strict
+        # priority (they may evict anything below them), which needs no checks at all.
+        rules: AdmissionRules = getattr(policy, "admission", STRICT_ADMISSION)
+        self._admission = None if rules.strict else rules
+        self._reserve = 0 if rules.strict else rules.reserve_blocks(blocks.num_gpu_blocks)
+        self._admission_closed = False  # in_order: a job outside found no room this pass
         self.swap_policy = swap_policy
         # A swap policy that keeps the base ``plan`` proposes nothing: skip asking it (and
         # building its arguments) every iteration.
@@ -326,8 +336,10 @@ class Scheduler:
         # Dropping a job's KV because the host pool is full wastes all the compute it had:
         # unless configured to, do it only if nothing at all can run otherwise (no deadlock).
         self._fill_batch(order, plan, now, allow_recompute=self.config.eager_recompute)
-        if not plan.rows and not self.config.eager_recompute:
-            self._fill_batch(order, plan, now, allow_recompute=True)
+        if not plan.rows and not (self.config.eager_recompute and self._admission is None):
+            # Nothing could run: waive the admission rules and the host pool's limit, so
+            # that the most urgent job always makes progress (no deadlock).
+            self._fill_batch(order, plan, now, allow_recompute=True, rules=False)
         self._apply_proactive(order, plan, now)
         self.blocks.end_step()
         if plan.rows:
@@ -387,7 +399,10 @@ class Scheduler:
         self._plans_in_flight.append(plan)
         return plan
 
-    def _fill_batch(self, order: list[Job], plan: StepPlan, now: float, allow_recompute: bool) -> None:
+    def _fill_batch(
+        self, order: list[Job], plan: StepPlan, now: float, allow_recompute: bool,
+        rules: bool = True,
+    ) -> None:
         # This loop runs for every job of every iteration (tens of millions of times in a
         # 100,000-request simulation), so it reads attributes into locals once, inlines the
         # block-table arithmetic, and does only the checks that can be true here. The batch
@@ -414,6 +429,8 @@ class Scheduler:
         worker_known = self._worker_known
         block_size = blocks.block_size
         self._resident_pos = None  # victim index: built on the first shortage of this pass
+        self._admission_closed = False
+        admission = self._admission if rules else None
         # The most urgent job not in flight (with depth 1 nothing is in flight: order[0]).
         head = next((i for i, j in enumerate(order) if j.job_id not in in_flight), -1)
         for pos, job in enumerate(order):
@@ -451,7 +468,8 @@ class Scheduler:
                     if size and need <= blocks.num_free_gpu_blocks:
                         blocks.allocate(job_id, end)  # room without evicting anyone
                     elif need and not self._make_resident(
-                        job, need, end, order, pos, plan, now, allow_recompute
+                        job, need, end, order, pos, plan, now, allow_recompute,
+                        admission if not size else None,
                     ):
                         if pos == head and not self._fits_alone(job, n):
                             # Even an empty pool cannot hold it: stop it rather than deadlock.
@@ -542,21 +560,33 @@ class Scheduler:
 
     def _make_resident(
         self, job: Job, need: int, num_tokens: int, order: list[Job], pos: int, plan: StepPlan,
-        now: float, allow_recompute: bool = True,
+        now: float, allow_recompute: bool = True, admission: AdmissionRules | None = None,
     ) -> bool:
         """Give ``job`` (``order[pos]``), which needs ``need`` more GPU blocks, room for
-        ``num_tokens``, evicting jobs below it in the order if needed."""
-        short = need - self.blocks.num_free_gpu_blocks
+        ``num_tokens``, evicting jobs below it in the order if needed. ``admission``: the
+        rules for a job whose KV is not on the GPU (see ``AdmissionRules``), or None."""
+        blocks = self.blocks
+        short = need - blocks.num_free_gpu_blocks
+        if admission is not None:
+            if self._admission_closed:
+                return False
+            if blocks.num_gpu_jobs:
+                short += self._reserve  # room left for the resident jobs to grow
+            if short > 0 and not admission.evict_to_admit:
+                self._admission_closed = admission.in_order
+                return False
         if short > 0:
             victims = self._pick_victims(order, pos, short, allow_recompute)
             if victims is None:
+                if admission is not None:
+                    self._admission_closed = admission.in_order
                 return False  # evicting everyone allowed below would not be enough: evict no one
             for victim, mode in victims:
                 self._evict(victim, mode, plan, now)
-        if self.blocks.residency(job.job_id) is Residency.HOST:
-            plan.swap_in.extend(self.blocks.swap_in(job.job_id))
+        if blocks.residency(job.job_id) is Residency.HOST:
+            plan.swap_in.extend(blocks.swap_in(job.job_id))
             self._note_swapped_in(job, now)
-        self.blocks.allocate(job.job_id, num_tokens)
+        blocks.allocate(job.job_id, num_tokens)
         return True
 
     def _resident_index(self, order: list[Job]) -> list[int]:

@@ -52,6 +52,7 @@ class ProactivePolicy(SwapPolicy):
         headroom_frac: float | None = None,
         headroom_blocks: int | None = None,
         lookahead: int | None = None,
+        spare_last_batch: bool = True,
     ) -> None:
         if headroom_frac is not None and headroom_blocks is not None:
             raise ValueError("give headroom_frac or headroom_blocks, not both")
@@ -74,6 +75,11 @@ class ProactivePolicy(SwapPolicy):
                 raise TypeError(f"lookahead must be an integer, got {type(lookahead).__name__}")
             if lookahead < 0:
                 raise ValueError(f"lookahead must be >= 0, got {lookahead}")
+        if not isinstance(spare_last_batch, bool):
+            raise TypeError(
+                f"spare_last_batch must be a bool, got {type(spare_last_batch).__name__}")
+        self.spare_last_batch = spare_last_batch
+        self._last_batch: set[str] = set()  # ids of the jobs in the previous plan's batch
         self.headroom_frac = None if headroom_blocks is not None else float(headroom_frac)
         self.headroom_blocks = headroom_blocks
         self.lookahead = lookahead
@@ -95,19 +101,21 @@ class ProactivePolicy(SwapPolicy):
     def plan(self, view: MemoryView, upcoming: Sequence[Job], batch: Sequence[Job]) -> SwapPlan:
         headroom = self.headroom(view)
         soon = self.window(upcoming, batch)
+        ran_last, self._last_batch = self._last_batch, {j.job_id for j in batch}
         if view.num_free_gpu_blocks < headroom:
-            return SwapPlan(swap_out=self._victims(view, upcoming, batch, soon, headroom))
+            spared = ran_last if self.spare_last_batch else set()
+            return SwapPlan(swap_out=self._victims(view, upcoming, batch, soon, headroom, spared))
         if not _count(view, "num_host_jobs", 1):
             return SwapPlan()  # nothing on the host to upload
         return SwapPlan(swap_in=self._uploads(view, soon, headroom))
 
     def _victims(
         self, view: MemoryView, upcoming: Sequence[Job], batch: Sequence[Job],
-        soon: Sequence[Job], headroom: int,
+        soon: Sequence[Job], headroom: int, spared: set[str],
     ) -> list[Job]:
         free, host_free = view.num_free_gpu_blocks, view.num_free_host_blocks
         in_batch = {j.job_id for j in batch}
-        keep = in_batch.union(j.job_id for j in soon)
+        keep = in_batch.union((j.job_id for j in soon), spared)
         # The batch is resident (the scheduler made it so); the other resident jobs are the
         # only candidates, so once all of them are seen the walk stops: the tail of
         # ``upcoming`` is mostly jobs that hold no GPU blocks at all.

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from engine.policies.base import SchedulingPolicy
+from engine.policies.base import AdmissionRules, SchedulingPolicy
 from engine.request import Job
 
 
 class FCFSPolicy(SchedulingPolicy):
     name = "fcfs"
 
-    def __init__(self) -> None:
+    def __init__(self, evict_to_admit: bool = True, admission_reserve_frac: float = 0.0,
+                 admission_in_order: bool = False) -> None:
+        # vLLM-style by default: a job outside the GPU may take room from anyone below it,
+        # and no room is held back (see AdmissionRules for the knobs).
+        self.admission = AdmissionRules(evict_to_admit, admission_reserve_frac, admission_in_order)
         # Insertion-ordered dict: arrival order, O(1) removal.
         self._jobs: dict[str, Job] = {}
 
@@ -24,3 +28,6 @@ class FCFSPolicy(SchedulingPolicy):
 
     def remove(self, job: Job) -> None:
         self._jobs.pop(job.job_id, None)
+
+    def describe(self) -> dict:
+        return {"name": self.name, **self.admission.describe()}

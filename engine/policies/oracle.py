@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 
-from engine.policies.base import SchedulingPolicy
+from engine.policies.base import AdmissionRules, SchedulingPolicy
 from engine.request import Job
 
 _SEQ_BITS = 40  # admission numbers below 2**40: the sort key is one int, not a tuple
@@ -22,7 +22,12 @@ _SEQ_BITS = 40  # admission numbers below 2**40: the sort key is one int, not a 
 class OracleSRPTPolicy(SchedulingPolicy):
     name = "oracle-srpt"
 
-    def __init__(self) -> None:
+    def __init__(self, evict_to_admit: bool = True, admission_reserve_frac: float = 0.0,
+                 admission_in_order: bool = False) -> None:
+        # Strict shortest-remaining-first by default (a shorter job outside the GPU evicts a
+        # longer resident one); the knobs give it the admission rules of another policy, to
+        # bound that policy's order under the same memory rules (see AdmissionRules).
+        self.admission = AdmissionRules(evict_to_admit, admission_reserve_frac, admission_in_order)
         self._jobs: dict[str, Job] = {}
         self._seq: dict[str, int] = {}
         self._counter = itertools.count()
@@ -53,3 +58,6 @@ class OracleSRPTPolicy(SchedulingPolicy):
         if self._jobs.pop(job.job_id, None) is not None:
             self._seq.pop(job.job_id, None)
             self._removed += 1
+
+    def describe(self) -> dict:
+        return {"name": self.name, **self.admission.describe()}

@@ -37,7 +37,10 @@ GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
 # head over the prompt rows, and the driver returns their logprobs.
 SCORED = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True,
                         prompt_logprobs=2)
-TINY_QUANTUM = (("base_quantum_s", 0.002), ("quantum_ratio", 2.0))  # demotions on a tiny model
+# Demotions on a tiny model, and strict priority (a job outside the GPU may evict resident
+# ones, no reserve): the swap cycles this test checks every rank through.
+TINY_QUANTUM = (("base_quantum_s", 0.002), ("quantum_ratio", 2.0), ("evict_to_admit", True),
+                ("admission_reserve_frac", 0.0))
 # 16 blocks of 4 tokens hold 64 tokens; the prompts above need ~250 with their outputs, so
 # jobs are preempted, swapped (or dropped for recompute) and brought back many times.
 SMALL_POOL = 16

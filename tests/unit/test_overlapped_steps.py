@@ -131,13 +131,17 @@ def outcome(arrivals: dict[int, list]) -> dict[str, tuple]:
     return {j.job_id: (j.output_ids, j.finish_reason) for js in arrivals.values() for j in js}
 
 
+# MLFQ with strict priority (a job outside the GPU may evict resident ones, no reserve), so
+# that the tight pools preempt as often as possible.
+_MLFQ = {"base_quantum_s": 0.01, "quantum_ratio": 2.0, "evict_to_admit": True,
+         "admission_reserve_frac": 0.0}
 CASES = [
     # (policy, swap policy, gpu blocks, max seqs): roomy; tight with swapping; tight with
     # recompute; proactive offloading under MLFQ demotions.
     (FCFSPolicy, RecomputePolicy, 256, 8),
-    (lambda: MLFQPolicy(base_quantum_s=0.01, quantum_ratio=2.0), ReactivePolicy, 10, 4),
-    (lambda: MLFQPolicy(base_quantum_s=0.01, quantum_ratio=2.0), RecomputePolicy, 10, 4),
-    (lambda: MLFQPolicy(base_quantum_s=0.01, quantum_ratio=2.0), ProactivePolicy, 12, 2),
+    (lambda: MLFQPolicy(**_MLFQ), ReactivePolicy, 10, 4),
+    (lambda: MLFQPolicy(**_MLFQ), RecomputePolicy, 10, 4),
+    (lambda: MLFQPolicy(**_MLFQ), ProactivePolicy, 12, 2),
 ]
 
 

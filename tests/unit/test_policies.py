@@ -294,7 +294,10 @@ def test_proactive_uploads_next_to_run_jobs_within_headroom():
 
 
 def test_proactive_uploads_the_next_job_while_the_current_one_runs():
-    s = make_scheduler(MLFQPolicy(base_quantum_s=0.02, starvation_limit_s=None),
+    # Strict priority (a swapped-out job may evict the running ones to come back), so the
+    # jobs take turns on the one batch slot and the next one's KV is on the host each time.
+    strict = {"evict_to_admit": True, "admission_reserve_frac": 0.0}
+    s = make_scheduler(MLFQPolicy(base_quantum_s=0.02, starvation_limit_s=None, **strict),
                        ProactivePolicy(headroom_blocks=1, lookahead=1), gpu_blocks=9,
                        host_blocks=16, block_size=4, max_num_seqs=1)
     clock, jobs, history = VirtualClock(step_s=0.01), [make_job(x, 8, 8) for x in "abc"], []

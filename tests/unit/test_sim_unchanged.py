@@ -2,7 +2,9 @@
 
 The scheduler core and the simulator were made faster (per-job hot paths, plan totals
 added up while the batch is formed, no per-step dicts in the simulator loop). These runs
-were recorded with the code before that work (commit 9fb72b2): every decision (steps,
+were recorded with main's code without that work (commit a850b71, which has the admission
+rules of the preemption work; the speed work was first checked against 9fb72b2, before
+them, the same way): every decision (steps,
 preemptions, blocks swapped each way, recomputes) and every time (mean and p99 JCT, mean
 TTFT, makespan, the sum of every job's token times) must come out exactly the same. A
 preemption-heavy setup is used on purpose (a KV pool of a few hundred blocks for
@@ -40,28 +42,28 @@ PROFILE_CASES = [
     ("fcfs", "recompute", 1),
 ]
 
-# Recorded before the speed work: (steps, forward steps, preemptions, swapped-out blocks,
-# swapped-in blocks, proactive blocks, recomputes, rejected) and (mean JCT, p99 JCT,
-# mean TTFT, makespan, sum of all token times), in the order of the cases above.
+# Recorded at a850b71, without the speed work: (steps, forward steps, preemptions,
+# swapped-out blocks, swapped-in blocks, proactive blocks, recomputes, rejected) and
+# (mean JCT, p99 JCT, mean TTFT, makespan, sum of all token times).
 EXPECTED: dict[tuple, tuple[tuple[int, ...], tuple[float, ...]]] = {
-    ('skip-join-mlfq', 'proactive', 32, 300, 600, False): ((4260, 4259, 1055, 9288, 9288, 143, 116, 20),
-        (44.875807231003925, 76.24024925429481, 0.2621028753820806, 90.39012632353126, 2080853.6387598882)),
-    ('skip-join-mlfq', 'reactive', 64, 200, 40, False): ((7975, 7974, 630, 991, 991, 0, 484, 0),
-        (76.43769226744452, 131.76421139532056, 5.210998628858134, 148.60885426608507, 3897666.6285033156)),
-    ('mlfq', 'recompute', 32, 300, 600, True): ((4047, 4046, 1232, 0, 0, 0, 1232, 22),
-        (46.7120202448987, 82.19231600503859, 0.09504197258127572, 90.51908701144193, 2056357.9379568861)),
+    ('skip-join-mlfq', 'proactive', 32, 300, 600, False): ((4597, 4596, 205, 2071, 2071, 17, 63, 6),
+        (41.32742813688705, 72.5901520382815, 6.469958833556356, 87.75866231101779, 2056505.939810167)),
+    ('skip-join-mlfq', 'reactive', 64, 200, 40, False): ((7640, 7639, 404, 515, 515, 0, 351, 0),
+        (71.32637153942089, 123.43341300817706, 6.033090301373088, 140.9858261811507, 3631155.9686868014)),
+    ('mlfq', 'recompute', 32, 300, 600, True): ((4650, 4649, 116, 0, 0, 0, 116, 0),
+        (39.01112077900343, 82.56531689099232, 9.648675263211983, 90.15767085491309, 1711321.17183857)),
     ('fcfs', 'reactive', 256, 400, 100, False): ((3589, 3588, 987, 6531, 6531, 0, 20, 0),
         (32.95590759602401, 60.34337718603335, 21.166065404784067, 75.97218200009087, 1961917.0748817066)),
     ('orca-fcfs', 'reactive', 32, 300, 600, False): ((23920, 23919, 0, 0, 0, 0, 0, 21),
         (184.3607052581126, 372.9774181406686, 178.8184791135914, 387.31271091306155, 9260210.065921053)),
     ('oracle-srpt', 'proactive', 64, 200, 40, False): ((7623, 7622, 428, 1605, 1605, 16, 275, 0),
-        (37.87190292156927, 130.34599394535223, 24.41119921956745, 137.938347909273, 2970906.52205297)),
-    ('priority', 'proactive', 32, 300, 600, False): ((4617, 4616, 1282, 11295, 11295, 105, 0, 0),
-        (27.502202947040765, 80.71296447527074, 13.055697671208579, 96.17157245066312, 2204893.8118522023)),
-    ('mlfq', 'proactive', 2): ((531, 523, 35, 206, 206, 0, 0, 0),
-        (0.8730113011219404, 5.373164470805623, 0.14330904085759666, 19.79989708494329, 17333.8803540086)),
-    ('skip-join-mlfq', 'reactive', 3): ((596, 585, 28, 169, 169, 0, 0, 0),
-        (0.8242822101294057, 5.050350904532635, 0.13614351013291862, 19.690528213083518, 17204.035936053027)),
+        (37.87190288540152, 130.34599444318312, 24.41130717533879, 137.9383484071039, 2970907.695706371)),
+    ('priority', 'proactive', 32, 300, 600, False): ((4617, 4616, 1285, 11218, 11218, 36, 0, 0),
+        (27.49911370288034, 80.66944547093264, 13.064878796495938, 96.12805344632503, 2204743.521994629)),
+    ('mlfq', 'proactive', 2): ((531, 523, 1, 14, 14, 0, 0, 0),
+        (0.8056585219771493, 4.685907522455416, 0.15184675411219206, 19.675192999125922, 17190.335568716142)),
+    ('skip-join-mlfq', 'reactive', 3): ((665, 652, 0, 0, 0, 0, 0, 0),
+        (0.7772906917840385, 4.545429457213544, 0.1502359478946022, 19.606687825944427, 17136.995364472124)),
     ('fcfs', 'recompute', 1): ((378, 376, 3, 0, 0, 0, 3, 0),
         (1.3818944460189586, 4.79050411267276, 0.6583701001852361, 21.242320722170312, 18023.46326209078)),
 }
