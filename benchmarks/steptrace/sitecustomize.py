@@ -41,7 +41,7 @@ _TARGETS: dict[str, list[tuple[str, str]]] = {
     "engine.server.openai_routes": [("GenerationRoutes._send", "sse_write")],
     "engine.parallel.runner": [("ModelRunner.step", "runner_step"),
                                ("ModelRunner._assemble", "assemble")],
-    "engine.sampling": [("Sampler.sample", "sample")],
+    "engine.sampler": [("Sampler.sample", "sample")],
 }
 
 

@@ -21,7 +21,7 @@ import torch
 from engine.memory.kv_cache import AsyncBlockCopier, KVCachePool, copy_blocks
 from engine.models.base import AttentionMetadata
 from engine.parallel.distributed import Distributed, stage_forward
-from engine.sampling import Sampler
+from engine.sampler import Sampler
 
 # Prompt logprobs: rows of hidden states put through the LM head at a time, which bounds the
 # fp32 logits held at once to this many x vocab (a long prompt chunk does not hold them all).

@@ -14,7 +14,8 @@ import torch
 
 from engine.api import Engine
 from engine.config import SchedulerConfig
-from engine.sampling import SamplingParams, race_noise
+from engine.sampler import race_noise
+from engine.sampling import SamplingParams
 from tests.tiny_models import make_tiny_model_dir
 
 from .engine_utils import assert_pools_whole, collect, tiny_engine_config, wait_all_blocks_free

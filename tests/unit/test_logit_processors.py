@@ -15,13 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.sampling import (
-    InvalidRequestError,
-    Sampler,
-    SamplingParams,
-    check_vocab,
-    race_noise,
-)
+from engine.sampler import Sampler, race_noise
+from engine.sampling import InvalidRequestError, SamplingParams, check_vocab
 from tests import logit_reference as reference
 
 VOCAB = 64

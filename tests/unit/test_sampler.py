@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.sampling import TOP_P_CANDIDATES, Sampler, SamplingParams, top_k_top_p
+from engine.sampler import TOP_P_CANDIDATES, Sampler, top_k_top_p
+from engine.sampling import SamplingParams
 
 VOCAB = 1000
 

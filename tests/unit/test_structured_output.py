@@ -20,7 +20,8 @@ from engine.config import SchedulerConfig
 from engine.memory.block_manager import BlockManager
 from engine.policies.registry import create_scheduling_policy, create_swap_policy
 from engine.request import Job
-from engine.sampling import InvalidRequestError, Sampler, SamplingParams
+from engine.sampler import Sampler
+from engine.sampling import InvalidRequestError, SamplingParams
 from engine.scheduler import Scheduler
 from engine.structured.bitmask import apply_token_bitmask, unpack_bitmask
 from engine.structured.book import GrammarBook
