@@ -241,7 +241,10 @@ def main() -> None:
     p.add_argument("--real", action="store_true", help="measure the real server on this machine")
     p.add_argument("--quick", action="store_true", help="with --real: a smoke run")
     p.add_argument("--real-requests", type=int, default=120)
-    p.add_argument("--real-load", type=float, default=0.9)
+    p.add_argument("--real-load", type=float, default=0.7,
+                   help="with --real: arrival rate as a fraction of the measured fcfs capacity")
+    p.add_argument("--real-repeats", type=int, default=3,
+                   help="with --real: measured runs per configuration (the median is reported)")
     args = p.parse_args()
     if args.real:
         from benchmarks.paper_real import run_real
