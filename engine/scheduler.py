@@ -433,6 +433,13 @@ class Scheduler:
         admission = self._admission if rules else None
         # The most urgent job not in flight (with depth 1 nothing is in flight: order[0]).
         head = next((i for i, j in enumerate(order) if j.job_id not in in_flight), -1)
+        # The smallest need of a job off the GPU that this pass refused, and the free blocks
+        # then. Whatever refused it (no room under the admission rules, or too little to
+        # evict below it) refuses every job further down that needs at least as much while
+        # no block has been freed since: such a job has no more room and fewer jobs below
+        # it. Under overload thousands of waiting jobs sit below a full pool, and this
+        # turns each of them into a few comparisons instead of the admission path.
+        refused_need = refused_free = -1
         for pos, job in enumerate(order):
             if placed >= max_seqs or budget <= 0:
                 break
@@ -463,6 +470,9 @@ class Scheduler:
                         need = -(-end // block_size) - size
                     elif pos != head and blocks.waits_its_turn(job_id):
                         continue  # reserved behind another reservation: no room is enough
+                    elif (refused_need >= 0 and -(-end // block_size) >= refused_need
+                          and blocks.num_free_gpu_blocks <= refused_free):
+                        continue  # needs at least every block of ``end``: refused as well
                     else:
                         need = blocks.extra_blocks_needed(job_id, end)
                     if size and need <= blocks.num_free_gpu_blocks:
@@ -471,11 +481,17 @@ class Scheduler:
                         job, need, end, order, pos, plan, now, allow_recompute,
                         admission if not size else None,
                     ):
+                        free = blocks.num_free_gpu_blocks
+                        if not size and (refused_need < 0 or need < refused_need
+                                         or free > refused_free):
+                            refused_need, refused_free = need, free
                         if pos == head and not self._fits_alone(job, n):
                             # Even an empty pool cannot hold it: stop it rather than deadlock.
                             self._finish(job, FinishReason.LENGTH, now)
-                        elif blocks.num_free_gpu_blocks == 0 and not self._resident_below(pos):
-                            # Every job further down needs a block, and none below holds one.
+                        elif (free == 0 or 0 <= refused_need <= 1) and not self._resident_below(
+                                pos, order):
+                            # Every job further down is off the GPU and needs a block (one
+                            # is what was just refused), and none below holds one.
                             break
                         continue
                     table = table_of(job_id, ())
@@ -603,10 +619,11 @@ class Scheduler:
             self._resident_suffix = suffix
         return self._resident_pos
 
-    def _resident_below(self, pos: int) -> bool:
-        """Whether a job below ``pos`` held GPU blocks when this fill pass indexed them."""
-        rp = self._resident_pos
-        return rp is None or (bool(rp) and rp[-1] > pos)
+    def _resident_below(self, pos: int, order: list[Job]) -> bool:
+        """Whether a job below ``pos`` in ``order`` holds GPU blocks (it may after this pass
+        indexed them only if the walk placed it, and the walk has not reached it yet)."""
+        rp = self._resident_index(order)
+        return bool(rp) and rp[-1] > pos
 
     def _pick_victims(
         self, order: list[Job], pos: int, short: int, allow_recompute: bool,

@@ -116,20 +116,21 @@ class ProactivePolicy(SwapPolicy):
         free, host_free = view.num_free_gpu_blocks, view.num_free_host_blocks
         in_batch = {j.job_id for j in batch}
         keep = in_batch.union((j.job_id for j in soon), spared)
-        # The batch is resident (the scheduler made it so); the other resident jobs are the
-        # only candidates, so once all of them are seen the walk stops: the tail of
-        # ``upcoming`` is mostly jobs that hold no GPU blocks at all.
-        left = _count(view, "num_gpu_jobs", len(upcoming)) - len(in_batch)
+        # Only resident jobs are candidates, and under overload the tail of ``upcoming`` is
+        # thousands of jobs that hold no GPU block: with a view that lists the resident ones
+        # (``BlockManager`` does), they are picked out at C speed first.
+        gpu_ids = getattr(view, "gpu_job_ids", None)
+        if gpu_ids is not None:
+            gpu = gpu_ids()
+            candidates = [j for j in reversed(upcoming) if j.job_id in gpu]
+        else:
+            candidates = [j for j in reversed(upcoming)
+                          if view.residency(j.job_id) is Residency.GPU]
         out: list[Job] = []
-        for job in reversed(upcoming):
-            if free >= headroom or left <= 0:
+        for job in candidates:
+            if free >= headroom:
                 break
-            if job.job_id in in_batch or job.is_finished:
-                continue
-            if view.residency(job.job_id) is not Residency.GPU:
-                continue
-            left -= 1
-            if job.job_id in keep:
+            if job.job_id in keep or job.is_finished:
                 continue
             held = view.num_blocks_held(job.job_id)
             if held == 0 or held > host_free:

@@ -278,6 +278,25 @@ def test_proactive_offloads_lowest_priority_idle_jobs_until_headroom():
     assert ids(plan.swap_out) == ["4", "3"] and plan.swap_in == []  # "1" is next to run
 
 
+def test_proactive_offload_search_asks_only_about_resident_jobs_not_the_waiting_tail():
+    # Under overload ``upcoming`` ends in thousands of jobs that hold no GPU block; the
+    # search for an offload victim asks the block manager about resident jobs only (a
+    # regression guard for the iteration's cost, not a timing), and still finds the same one.
+    class Counting(BlockManager):
+        calls = 0
+
+        def residency(self, job_id):
+            Counting.calls += 1
+            return super().residency(job_id)
+
+    bm = Counting(num_gpu_blocks=10, num_host_blocks=10, block_size=4)
+    jobs = [make_job(str(i), 8, 4) for i in range(5)]
+    _resident(bm, jobs)  # the pool is full
+    waiting = [make_job(f"w{i}", 8, 4) for i in range(1000)]
+    plan = ProactivePolicy(headroom_blocks=3, lookahead=1).plan(bm, jobs + waiting, jobs[:1])
+    assert ids(plan.swap_out) == ["4", "3"] and Counting.calls <= 2 * len(jobs)
+
+
 def test_proactive_uploads_next_to_run_jobs_within_headroom():
     bm = BlockManager(num_gpu_blocks=10, num_host_blocks=10, block_size=4)
     jobs = [make_job(str(i), 8, 4) for i in range(5)]

@@ -308,3 +308,43 @@ def test_a_step_asks_about_the_batch_not_about_every_job_waiting_behind_a_full_p
     few, many = _questions_per_step_behind_a_full_pool(5), _questions_per_step_behind_a_full_pool(1000)
     assert many == few
     assert max(many) <= 10 * 4  # a few questions per job in the batch (and its window)
+
+
+def _questions_per_step_behind_the_admission_reserve(num_waiting: int) -> list[int]:
+    """MLFQ's admission rules (no eviction to admit, a reserve kept free): four resident
+    jobs hold 8 of 10 blocks (blocks of 8 tokens), so 2 are free but every waiting job needs
+    3 (17-token prompts) and is refused. Three run per step (``max_num_seqs=3``): each
+    job's quantum is one step, so the three that ran drop below the one that did not, and
+    the fourth is resident outside the batch; proactive's headroom (3 blocks) is short, so
+    each step also looks for a job to offload. Questions asked per step."""
+    blocks = CountingBlocks(10, 40, 8)
+    policy = MLFQPolicy(base_quantum_s=0.005, num_queues=None)
+    s = Scheduler(SchedulerConfig(max_num_seqs=3), policy, ProactivePolicy(headroom_blocks=3),
+                  blocks)
+    for i in range(4):
+        s.add(make_job(f"run{i}", 9, 6), 0.0)
+    clock = VirtualClock()
+    run_step(s, clock)  # three prompts; the fourth's next
+    run_step(s, clock)
+    assert blocks.num_gpu_jobs == 4 and blocks.num_free_gpu_blocks == 2
+    for i in range(num_waiting):
+        s.add(make_job(f"wait{i}", 17, 2), clock.now)
+    counts = []
+    for _ in range(3):
+        blocks.calls = 0
+        plan = run_step(s, clock)
+        assert len(plan.seqs) == 3 and all(x.job.job_id.startswith("run") for x in plan.seqs)
+        counts.append(blocks.calls)
+    s.check_integrity()
+    return counts
+
+
+def test_a_step_asks_once_about_waiting_jobs_the_admission_rules_refuse_for_the_same_reason():
+    # Regression guard for the iteration's cost under overload (not a timing): once a job
+    # off the GPU is refused, jobs below needing at least as many blocks are refused without
+    # asking the block manager, and proactive's search for an offload victim looks only at
+    # resident jobs, so 1,000 waiting jobs cost a step no more questions than 5 do.
+    few = _questions_per_step_behind_the_admission_reserve(5)
+    many = _questions_per_step_behind_the_admission_reserve(1000)
+    assert many == few
+    assert max(many) <= 10 * 4
