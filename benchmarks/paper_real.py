@@ -8,9 +8,11 @@ Steps (every configuration sees the same jobs and the same arrival times):
    bind as on a GPU at scale) profiles itself; the profile is saved and handed to every
    skip-join engine and to the simulator.
 2. On it, the whole Alpaca-like workload is submitted at t=0 over HTTP: the measured
-   saturated capacity sets the arrival rate (``--real-load`` x capacity), and the run's
-   makespan calibrates the simulator's per-step overhead
-   (``engine.sim.simulator.calibrate_overhead``).
+   saturated capacity sets the arrival rate (``--real-load`` x capacity). A second fcfs
+   engine with a batch cap of 1 serves the first ``CALIBRATION_JOBS`` jobs at t=0. The
+   two makespans fit the simulator's decode line (step cost at batch 1 and per extra
+   job, ``engine.sim.simulator.calibrate_decode_line``); the prefill curve stays the
+   worker's.
 3. The simulator predicts each configuration's run (profile cost model, copies serial
    with the step as on a CPU). Then each configuration is served ``--real-repeats`` times
    at the timed arrivals, the repeats going round the configurations, each run by a fresh
@@ -72,6 +74,7 @@ CONFIGS = [
     ("skip-join+recompute", "skip-join-mlfq", "recompute"),
 ]
 QUICK = ["fcfs+reactive", "skip-join+proactive"]
+CALIBRATION_JOBS = 24  # served one at a time to pin the batch-1 step cost
 MEASURE_TIMEOUT_S = 3600  # one measured run, start-up included, on a busy machine
 
 
@@ -102,12 +105,13 @@ def steady_profile(raw: list[dict]) -> PrefillProfile:
     return PrefillProfile(fastest("prefill"), decode)
 
 
-def engine_config(policy: str, swap: str, profile_path: str | None) -> EngineConfig:
+def engine_config(policy: str, swap: str, profile_path: str | None,
+                  max_num_seqs: int = MAX_NUM_SEQS) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(dtype="float32", max_model_len=1024),
         cache=CacheConfig(block_size=BLOCK_SIZE, num_gpu_blocks_override=NUM_GPU_BLOCKS,
                           num_host_blocks_override=4 * NUM_GPU_BLOCKS),
-        scheduler=SchedulerConfig(policy=policy, swap_policy=swap, max_num_seqs=MAX_NUM_SEQS,
+        scheduler=SchedulerConfig(policy=policy, swap_policy=swap, max_num_seqs=max_num_seqs,
                                   profile_path=profile_path if policy != "orca-fcfs" else None),
         server=ServerConfig(host="127.0.0.1", port=0, zmq_address="off"),
         # A busy machine can take minutes to load and profile; a slow start is not a failure.
@@ -188,7 +192,10 @@ def _median_run(runs: list[dict]) -> dict:
     return ranked[(len(ranked) - 1) // 2]
 
 
-async def _profile_and_capacity(lengths: list[WorkItem], profile_path: str, out: str):
+async def _profile_and_calibrate(lengths: list[WorkItem], profile_path: str, out: str):
+    """The worker's profile, then the two saturated fcfs runs the simulator is calibrated
+    on: every job at t=0 with the batch cap (its makespan also gives the capacity), and
+    the first ``CALIBRATION_JOBS`` at t=0 one at a time (batch cap 1)."""
     from engine.bench.prompts import PromptBuilder
 
     async with Served(engine_config("fcfs", "reactive", None)) as s:
@@ -204,12 +211,16 @@ async def _profile_and_capacity(lengths: list[WorkItem], profile_path: str, out:
         with open(os.path.join(out, "profile_raw.json"), "w", encoding="utf-8") as f:  # noqa: ASYNC230
             json.dump(raw, f)
         records, makespan = await _load(s, lengths, prompts, "capacity")
-    return profile, records, makespan
+    one_by_one = lengths[:CALIBRATION_JOBS]
+    async with Served(engine_config("fcfs", "reactive", None, max_num_seqs=1)) as s:
+        await _warm_up(s, prompts)
+        _, makespan_1 = await _load(s, one_by_one, prompts, "batch cap 1")
+    return profile, records, makespan, one_by_one, makespan_1
 
 
 def _real(args: argparse.Namespace) -> None:
     from engine.sim import CostModel, simulate
-    from engine.sim.simulator import build_scheduler, calibrate_overhead
+    from engine.sim.simulator import build_scheduler, calibrate_decode_line
 
     out = os.path.join(args.out_dir, "real")
     runs_dir = os.path.join(out, "runs")
@@ -220,20 +231,28 @@ def _real(args: argparse.Namespace) -> None:
     configs = [c for c in CONFIGS if c[0] in labels]
     lengths = _workload(n, math.inf, args.seed, args.quick)
     profile_path = os.path.join(out, "profile.json")
-    profile, records, makespan = asyncio.run(_profile_and_capacity(lengths, profile_path, out))
+    profile, records, makespan, one_by_one, makespan_1 = asyncio.run(
+        _profile_and_calibrate(lengths, profile_path, out))
     ok = [r for r in records if r.ok]
     cap = saturated_capacity([r.token_s for r in ok], [r.num_output_tokens for r in ok])
     rate = args.real_load * cap
     timed = _workload(n, rate, args.seed, args.quick)
     print(f"fcfs capacity {cap:.3f} req/s (makespan {makespan:.1f} s); rate {rate:.3f} req/s")
 
-    def core(policy: str, swap: str):
-        cfg = SchedulerConfig(policy=policy, swap_policy=swap, max_num_seqs=MAX_NUM_SEQS)
+    def core(policy: str, swap: str, max_num_seqs: int = MAX_NUM_SEQS):
+        cfg = SchedulerConfig(policy=policy, swap_policy=swap, max_num_seqs=max_num_seqs)
         return build_scheduler(cfg, NUM_GPU_BLOCKS, 4 * NUM_GPU_BLOCKS, BLOCK_SIZE, profile)
 
-    cost = CostModel(profile, SWAP_MS_PER_BLOCK / 1e3, overlap=False)
-    overhead = calibrate_overhead(core("fcfs", "reactive"), lengths, cost, makespan)
-    cost = cost.with_overhead(overhead)
+    cost = calibrate_decode_line(
+        [(lambda: core("fcfs", "reactive"), lengths, makespan),
+         (lambda: core("fcfs", "reactive", 1), one_by_one, makespan_1)],
+        CostModel(profile, SWAP_MS_PER_BLOCK / 1e3, overlap=False))
+    line = cost.profile
+    line.save(os.path.join(out, "profile_calibrated.json"))
+    d1, d4 = line.decode_step_time(1), line.decode_step_time(MAX_NUM_SEQS)
+    print(f"decode line from served runs: {1e3 * d1:.1f} ms at batch 1, {1e3 * d4:.1f} ms at "
+          f"batch {MAX_NUM_SEQS} (profile: {1e3 * profile.decode_step_time(1):.1f} / "
+          f"{1e3 * profile.decode_step_time(MAX_NUM_SEQS):.1f} ms)")
     simulated = {label: result_entry(simulate(core(policy, swap), timed, cost,
                                               max_model_len=1024).records, rate)
                  for label, policy, swap in configs}
@@ -283,11 +302,15 @@ def _real(args: argparse.Namespace) -> None:
          f"Each configuration was served {repeats} time(s), each run by a fresh process, the "
          f"repeats going round the configurations; the measured columns are the run with the "
          f"median mean JCT, and the spread is the lowest and highest mean JCT of the runs "
-         f"(every run: `runs/`). Simulator: the profile measured on the fcfs engine after "
-         f"warm-up (each point the fastest of {PROFILE_ROUNDS} rounds of {PROFILE_REPEATS} "
-         f"repeats, the decode curve its least-squares line; `profile.json`, rounds in "
-         f"`profile_raw.json`), per-step overhead {1e3 * overhead:.1f} ms calibrated on the "
-         f"capacity run.\n"),
+         f"(every run: `runs/`). Simulator: the prefill curve the fcfs engine's worker "
+         f"measured after warm-up (each point the fastest of {PROFILE_ROUNDS} rounds of "
+         f"{PROFILE_REPEATS} repeats; `profile.json`, rounds in `profile_raw.json`) and a "
+         f"decode line fitted on two saturated fcfs runs served at t=0 (the whole workload "
+         f"with the batch cap, makespan {makespan:.1f} s; its first {len(one_by_one)} jobs one "
+         f"at a time, {makespan_1:.1f} s): {1e3 * d1:.1f} ms per step at batch 1, "
+         f"{1e3 * d4:.1f} ms at batch {MAX_NUM_SEQS} (`profile_calibrated.json`; the worker's "
+         f"own decode profile said {1e3 * profile.decode_step_time(1):.1f} / "
+         f"{1e3 * profile.decode_step_time(MAX_NUM_SEQS):.1f} ms).\n"),
         ("| configuration | measured mean JCT (s), median run | spread over runs (s) | simulated "
          "mean JCT (s) | error vs median | measured p99 JCT (s) | simulated p99 JCT (s) | "
          "measured mean TTFT (ms) |"),

@@ -302,6 +302,58 @@ def calibrate_overhead(
     return max(0.0, (measured_makespan_s - base.makespan) / base.forward_steps)
 
 
+def calibrate_decode_line(
+    runs: Sequence[tuple[Callable[[], Scheduler], Sequence[WorkItem], float]],
+    cost: CostModel,
+) -> CostModel:
+    """``cost`` with its decode curve replaced by the line ``d1 + slope * (batch - 1)``
+    (over the profile's decode batch sizes; no per-step overhead) that makes simulated runs
+    last as long as measured ones. ``runs``: (fresh-scheduler factory, items all at t=0,
+    measured makespan), at least two whose batches differ (say, one with a batch cap of 1
+    and one saturating the cap), on step sequences that do not depend on step times (fcfs).
+
+    Why: the worker's own decode profile is taken in a tight loop on an idle worker, and on
+    a shared CPU it can miss what a step costs in service by more than the difference
+    between batch sizes (one profile here measured batch 1 at 31 ms and batch 4 at 28 ms,
+    while batch-1 steps in service took 26 ms); one overhead calibrated on a saturated run
+    then prices every small batch too high. Fitted on served runs, the line is what
+    service costs. A negative slope fits as flat (the best single step time); the
+    intercept is never negative.
+    """
+    if len(runs) < 2:
+        raise ValueError("fitting a line takes at least two runs")
+    xs = [x for x, _ in cost.profile.decode_points] or [1]
+    xs = sorted(set(xs) | {1})
+
+    def priced(d1: float, slope: float) -> CostModel:
+        line = PrefillProfile(cost.profile.prefill_points,
+                              [(x, d1 + slope * (x - 1)) for x in xs])
+        return CostModel(line, cost.swap_s_per_block, cost.overlap, 0.0)
+
+    rows = []  # makespan = c + d1 * u + slope * v, exactly (a fixed step sequence)
+    for make, items, measured in runs:
+        if any(it.arrival_s for it in items):
+            raise ValueError("calibrate on runs with every item at t=0")
+        c = simulate(make(), items, priced(0.0, 0.0)).makespan
+        u = simulate(make(), items, priced(1.0, 0.0)).makespan - c
+        v = simulate(make(), items, priced(0.0, 1.0)).makespan - c
+        rows.append((u, v, measured - c))
+    # Least squares over the runs (exact for two): the 2x2 normal equations.
+    suu = sum(u * u for u, _, _ in rows)
+    suv = sum(u * v for u, v, _ in rows)
+    svv = sum(v * v for _, v, _ in rows)
+    suy = sum(u * y for u, _, y in rows)
+    svy = sum(v * y for _, v, y in rows)
+    det = suu * svv - suv * suv
+    d1 = slope = 0.0
+    if det > 1e-12 * max(1.0, suu * svv):
+        d1, slope = (suy * svv - svy * suv) / det, (svy * suu - suy * suv) / det
+    if slope < 0.0 or det <= 1e-12 * max(1.0, suu * svv):
+        slope = 0.0
+        d1 = suy / suu if suu else 0.0
+    return priced(max(0.0, d1), slope)
+
+
 def build_scheduler(
     config: SchedulerConfig,
     num_gpu_blocks: int,

@@ -17,7 +17,7 @@ from engine.policies.profile import PrefillProfile
 from engine.policies.registry import create_scheduling_policy, create_swap_policy
 from engine.scheduler import Scheduler
 from engine.sim import CostModel, simulate
-from engine.sim.simulator import calibrate_overhead
+from engine.sim.simulator import calibrate_decode_line, calibrate_overhead
 
 # A made-up but CPU-shaped profile: prefill ~1 ms/token above a 30 ms floor, decode
 # steps grow slowly with the batch.
@@ -231,6 +231,29 @@ def test_simulate_cli_scopes_a_policy_option_to_one_policy(tmp_path, capsys):
     assert main([*base, "--policy-option", "fcfs.base_quantum_s=0.1"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "'fcfs' is not one of the policies compared" in err
+
+
+def test_decode_line_calibrated_on_two_served_runs_recovers_the_true_step_costs():
+    # "Served" runs priced by a true decode line (20 ms + 4 ms per extra job); the profile
+    # handed to the calibration has a wrong, flat decode curve. Two fcfs runs at t=0, one
+    # with a batch cap of 1 and one of 4, pin both the intercept and the slope.
+    at_once = [WorkItem(it.prompt_len, it.output_len, 0.0) for it in workload(30)]
+    true = CostModel(PrefillProfile(PROFILE.prefill_points,
+                                    [(1, 0.020), (2, 0.024), (4, 0.032)]))
+    runs = [(lambda seqs=seqs: scheduler(seqs=seqs), at_once,
+             simulate(scheduler(seqs=seqs), at_once, true).makespan) for seqs in (1, 4)]
+    wrong = CostModel(PrefillProfile(PROFILE.prefill_points, [(1, 0.05), (4, 0.05)]))
+    fitted = calibrate_decode_line(runs, wrong)
+    assert fitted.step_overhead_s == 0.0
+    got = [fitted.profile.decode_step_time(b) for b in (1, 2, 3, 4)]
+    assert got == pytest.approx([0.020, 0.024, 0.028, 0.032], rel=1e-6)
+    for make, items, measured in runs:  # and it reproduces both makespans
+        assert simulate(make(), items, fitted).makespan == pytest.approx(measured, rel=1e-6)
+    # A bigger batch that measured faster fits as flat, not as a decreasing line.
+    flat = calibrate_decode_line([(runs[0][0], at_once, runs[0][2] * 1.5), runs[1]], wrong)
+    assert flat.profile.decode_step_time(1) == pytest.approx(flat.profile.decode_step_time(4))
+    with pytest.raises(ValueError, match="two runs"):
+        calibrate_decode_line(runs[:1], wrong)
 
 
 def test_oracle_priority_turns_the_priority_policy_into_shortest_job_first():
