@@ -169,12 +169,16 @@ async def _measure_one(spec: dict) -> None:
         builder = PromptBuilder(s.engine.tokenizer.encode)
         prompts = [builder.text(it.prompt_len, i) for i, it in enumerate(timed)]
         await _warm_up(s, prompts)
+        before = await s.engine.stats()
         records, duration = await _load(s, timed, prompts, spec["label"])
         sched = await s.engine.stats()
     entry = result_entry(records, spec["rate"], duration)
+    steps = sched["num_steps"] - before["num_steps"]
     with open(spec["out"], "w", encoding="utf-8") as f:  # noqa: ASYNC230 - after the run
-        json.dump({"entry": entry, "server_scheduler": {k: v for k, v in sched.items()
-                                                        if k != "jobs"}}, f, default=str)
+        json.dump({"entry": entry, "steps": steps,
+                   "served_step_s": (sched["busy_s"] - before["busy_s"]) / max(1, steps),
+                   "server_scheduler": {k: v for k, v in sched.items() if k != "jobs"}},
+                  f, default=str)
 
 
 def _measure(spec: dict) -> dict:
@@ -253,9 +257,22 @@ def _real(args: argparse.Namespace) -> None:
     print(f"decode line from served runs: {1e3 * d1:.1f} ms at batch 1, {1e3 * d4:.1f} ms at "
           f"batch {MAX_NUM_SEQS} (profile: {1e3 * profile.decode_step_time(1):.1f} / "
           f"{1e3 * profile.decode_step_time(MAX_NUM_SEQS):.1f} ms)")
-    simulated = {label: result_entry(simulate(core(policy, swap), timed, cost,
-                                              max_model_len=1024).records, rate)
-                 for label, policy, swap in configs}
+    sims = {label: simulate(core(policy, swap), timed, cost, max_model_len=1024)
+            for label, policy, swap in configs}
+    simulated = {label: result_entry(sim.records, rate) for label, sim in sims.items()}
+
+    def at_run_speed(label: str, policy: str, swap: str, run: dict) -> tuple[float, dict]:
+        """The simulator's prediction of ``run`` with every step cost scaled by how much
+        slower (or faster) the run's steps were as served than the simulated steps: the
+        machine's speed during that run, taken from its step times alone (busy time over
+        steps), not from its JCT."""
+        sim = sims[label]
+        factor = run["served_step_s"] / (sim.busy_s / sim.steps)
+        scaled = CostModel(PrefillProfile([(x, factor * y) for x, y in line.prefill_points],
+                                          [(x, factor * y) for x, y in line.decode_points]),
+                           cost.swap_s_per_block * factor, cost.overlap)
+        return factor, result_entry(simulate(core(policy, swap), timed, scaled,
+                                             max_model_len=1024).records, rate)
     # Repeats go round the configurations (all of them once, then again), so a slow spell
     # of the shared machine lands on different configurations rather than all of one.
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in configs}
@@ -266,9 +283,12 @@ def _real(args: argparse.Namespace) -> None:
                     "n": n, "rate": rate, "seed": args.seed, "quick": args.quick,
                     "out": os.path.join(runs_dir, f"{label}-{rep + 1}.json")}
             run = _measure(spec)
+            run["speed_factor"], run["at_run_speed"] = at_run_speed(label, policy, swap, run)
             runs[label].append(run)
             print(f"{spec['label']}: measured mean JCT {run['entry']['mean_jct_s']:.2f} s "
-                  f"(simulated {simulated[label]['mean_jct_s']:.2f} s)", flush=True)
+                  f"(simulated {simulated[label]['mean_jct_s']:.2f} s; at this run's step speed, "
+                  f"x{run['speed_factor']:.3f}: {run['at_run_speed']['mean_jct_s']:.2f} s)",
+                  flush=True)
     rows, files = [], []
     for label, policy, swap in configs:
         median = _median_run(runs[label])
@@ -289,7 +309,10 @@ def _real(args: argparse.Namespace) -> None:
         jcts = [r["entry"]["mean_jct_s"] for r in runs[label]]
         e = median["entry"]
         err = sim_entry["mean_jct_s"] / e["mean_jct_s"] - 1 if e["mean_jct_s"] else math.nan
-        rows.append((label, e, sim_entry, err, jcts))
+        matched = [r["at_run_speed"]["mean_jct_s"] / r["entry"]["mean_jct_s"] - 1
+                   for r in runs[label] if r["entry"]["mean_jct_s"]]
+        speeds = [r["speed_factor"] for r in runs[label]]
+        rows.append((label, e, sim_entry, err, jcts, median, matched, speeds))
     write_report(files, out)
     lines = [
         "# Measured on this machine, and simulated\n",
@@ -311,15 +334,27 @@ def _real(args: argparse.Namespace) -> None:
          f"{1e3 * d4:.1f} ms at batch {MAX_NUM_SEQS} (`profile_calibrated.json`; the worker's "
          f"own decode profile said {1e3 * profile.decode_step_time(1):.1f} / "
          f"{1e3 * profile.decode_step_time(MAX_NUM_SEQS):.1f} ms).\n"),
+        ("Two predictions per run. *Simulated*: from the calibration above, made before any "
+         "measured run (what a user of the simulator gets). *At the run's step speed*: the "
+         "same simulation with every step cost multiplied by the run's own served step time "
+         "(the engine's busy time over its steps, `busy_s` in its stats) over the simulated "
+         "one: this takes the machine's speed during that run from its step times, never "
+         "from its JCT, and so separates the scheduling model's error from the shared "
+         "machine's drift.\n"),
         ("| configuration | measured mean JCT (s), median run | spread over runs (s) | simulated "
-         "mean JCT (s) | error vs median | measured p99 JCT (s) | simulated p99 JCT (s) | "
-         "measured mean TTFT (ms) |"),
-        "|---|---|---|---|---|---|---|---|",
+         "mean JCT (s) | error vs median | at the median run's step speed: step-time factor, "
+         "mean JCT (s), error | error at each run's step speed, every run | measured p99 JCT "
+         "(s) | simulated p99 JCT (s) | measured mean TTFT (ms) |"),
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for label, e, se, err, jcts in rows:
-        lines.append(f"| {label} | {e['mean_jct_s']:.2f} | {min(jcts):.2f}-{max(jcts):.2f} | "
-                     f"{se['mean_jct_s']:.2f} | {100 * err:+.1f} % | {e['p99_jct_s']:.2f} | "
-                     f"{se['p99_jct_s']:.2f} | {e['mean_ttft_ms']:.0f} |")
+    for label, e, se, err, jcts, median, matched, _speeds in rows:
+        m = median["at_run_speed"]["mean_jct_s"]
+        lines.append(
+            f"| {label} | {e['mean_jct_s']:.2f} | {min(jcts):.2f}-{max(jcts):.2f} | "
+            f"{se['mean_jct_s']:.2f} | {100 * err:+.1f} % | x{median['speed_factor']:.3f}, "
+            f"{m:.2f}, {100 * (m / e['mean_jct_s'] - 1):+.1f} % | "
+            f"{', '.join(f'{100 * x:+.0f} %' for x in matched)} | {e['p99_jct_s']:.2f} | "
+            f"{se['p99_jct_s']:.2f} | {e['mean_ttft_ms']:.0f} |")
     with open(os.path.join(out, "summary.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

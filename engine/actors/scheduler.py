@@ -77,6 +77,11 @@ class SchedulerActor(Actor):
         self.error: Exception | None = None
         self._failed = asyncio.Event()
         self.num_steps = 0
+        # Wall seconds spent stepping: each applied step counts from the previous step's
+        # result, or from when the actor last woke from idle if later. Busy time over steps
+        # is the step time as served (planning, messages, the forward, applying the result).
+        self.busy_s = 0.0
+        self._last_applied = self._woke = 0.0
         # Batches sent and not yet applied, oldest first: (plan, answer, time sent).
         self._in_flight: deque[tuple[StepPlan, Awaitable[dict], float]] = deque()
         # Tokens fed to prefill (prompts, recomputed KV) and sampled: the stats line's rates.
@@ -94,6 +99,7 @@ class SchedulerActor(Actor):
                     self.memory.tell("idle", blocks.num_free_gpu_blocks, blocks.num_free_host_blocks)
                 busy = False
                 msg, fut = await self.mailbox.get()
+                self._woke = self.clock()
                 await self.dispatch(msg, fut)
             for msg, fut in self.drain_nowait():
                 await self.dispatch(msg, fut)
@@ -211,6 +217,8 @@ class SchedulerActor(Actor):
         if self.grammars:
             self._advance_grammars(touched, now)
         self.num_steps += 1
+        self.busy_s += max(0.0, now - max(self._last_applied, self._woke))
+        self._last_applied = now
         if touched:
             self.emit([self._event(j, j.output_ids[-1], lp_by_id.get(j.job_id)) for j in touched])
         self._emit_finished({j.job_id for j in touched})
@@ -337,6 +345,7 @@ class SchedulerActor(Actor):
             "num_host_blocks": core.blocks.num_host_blocks,
             "num_preemptions": core.num_preemptions,
             "num_steps": self.num_steps,
+            "busy_s": self.busy_s,
             "num_overlapped_steps": self.num_overlapped_steps,
             "num_prompt_tokens_total": self.num_prompt_tokens_total,
             "num_generation_tokens_total": self.num_generation_tokens_total,

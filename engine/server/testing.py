@@ -311,6 +311,7 @@ class FakeEngine:
             "num_free_host_blocks": 100,
             "num_preemptions": self.num_preemptions,
             "num_steps": 0,
+            "busy_s": 0.0,
             "num_overlapped_steps": 0,
             "policy": {"name": "fake"},
             "serving": self.serving,
