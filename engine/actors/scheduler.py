@@ -90,6 +90,7 @@ class SchedulerActor(Actor):
 
     async def run(self) -> None:
         busy = False
+        self._woke = self.clock()  # work queued before the start counts from here
         while True:
             # After a worker failure nothing can run: wait for messages (which are refused)
             # instead of spinning on jobs that can never be stepped.
