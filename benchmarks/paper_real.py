@@ -85,10 +85,10 @@ PROFILE_REPEATS = 5  # timed repeats per point inside a round (the worker keeps 
 def steady_profile(raw: list[dict]) -> PrefillProfile:
     """One profile from several rounds of the worker's: each point's fastest round (a
     shared CPU only ever adds time), and the decode curve replaced by its least-squares
-    line over the batch sizes measured. On a CPU a decode step is close to affine in the
-    batch at these sizes; a single noisy point (one round measured batch 2 as slow as
-    batch 4 here) otherwise bends the piecewise-linear curve the simulator prices steps
-    with, and a run near capacity turns a few milliseconds per step into a large JCT error.
+    line over the batch sizes measured (a single noisy point, one round measured batch 2
+    as slow as batch 4 here, would otherwise bend the piecewise-linear curve). This is the
+    profile the skip-join engines are given (they read its prefill curve); the simulator
+    prices decode steps with the line ``calibrate_decode_line`` fits on served runs instead.
     """
     def fastest(kind: str) -> list[tuple[int, float]]:
         xs = sorted({int(x) for r in raw for x, _ in r[kind]})

@@ -23,8 +23,9 @@ from typing import Any
 from engine.actors.base import Actor
 from engine.parallel.executor import WorkerDiedError, WorkerError, WorkerExecutor
 from engine.parallel.protocol import plan_to_message
+from engine.plan import StepPlan
 from engine.request import FinishReason, Job
-from engine.scheduler import Scheduler, StepPlan
+from engine.scheduler import Scheduler
 from engine.structured.book import GrammarBook
 
 log = logging.getLogger("fastserve.scheduler")

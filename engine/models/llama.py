@@ -27,15 +27,14 @@ from engine.models.layers import (
 from engine.models.linear import (
     SINGLE_DEVICE,
     LinearMethodFor,
-    ParallelLMHead,
     QKVParallelLinear,
     RowParallelLinear,
     TPInfo,
-    VocabParallelEmbedding,
     WeightTarget,
     load_named_weights,
     no_quant,
 )
+from engine.models.vocab import ParallelLMHead, VocabParallelEmbedding
 
 
 @dataclass(frozen=True)

@@ -17,16 +17,15 @@ from engine.models.linear import (
     SINGLE_DEVICE,
     ColumnParallelLinear,
     LinearMethodFor,
-    ParallelLMHead,
     QKVParallelLinear,
     ReplicatedLinear,
     RowParallelLinear,
     TPInfo,
-    VocabParallelEmbedding,
     WeightTarget,
     load_named_weights,
     no_quant,
 )
+from engine.models.vocab import ParallelLMHead, VocabParallelEmbedding
 
 # OPT's position table has two extra leading rows (a fairseq padding convention).
 POSITION_OFFSET = 2

@@ -97,7 +97,7 @@ def driver_rank(tp_size: int, pp_size: int) -> int:
 def plan_to_message(
     plan: Any, call: int, with_feed: bool = False, grammar: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Encode a :class:`engine.scheduler.StepPlan`; the worker keeps per-job state, so only
+    """Encode a :class:`engine.plan.StepPlan`; the worker keeps per-job state, so only
     what changed travels: prompts and sampling params of new jobs, block-table deltas.
 
     ``with_feed`` (several ranks) adds to each sequence the output tokens it feeds: only the

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from engine.plan import StepPlan
 from engine.policies.profile import PrefillProfile
-from engine.scheduler import StepPlan
 from engine.sim.cost import StepCost
 from engine.sim.hardware import GIB, GPU, Efficiency, ModelShape
 

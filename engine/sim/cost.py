@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from engine.plan import StepPlan
 from engine.policies.profile import PrefillProfile
-from engine.scheduler import StepPlan
 
 
 class StepCost(NamedTuple):  # one per simulated step: a tuple is the cheapest record

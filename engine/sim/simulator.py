@@ -32,6 +32,7 @@ from engine.bench.metrics import RequestRecord, nearest_rank, saturated_capacity
 from engine.bench.workload import WorkItem
 from engine.config import SchedulerConfig
 from engine.memory.block_manager import BlockManager
+from engine.plan import StepPlan
 from engine.policies.profile import PrefillProfile
 from engine.policies.registry import (
     bind_memory,
@@ -41,7 +42,7 @@ from engine.policies.registry import (
 )
 from engine.request import Job
 from engine.sampling import SamplingParams
-from engine.scheduler import AdmissionError, QueueFullError, Scheduler, StepPlan
+from engine.scheduler import AdmissionError, QueueFullError, Scheduler
 from engine.sim.cost import CostModel
 
 TOKEN = 1  # every prompt token and every sampled token; never EOS (EOS is ignored anyway)

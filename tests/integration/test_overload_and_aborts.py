@@ -284,10 +284,17 @@ async def abort_at_random_points(engine: Engine, base: str, zaddr: str, streams:
             await asyncio.gather(*(rng.choice(actions)(rng.randint(0, MAX_TOKENS + 1))
                                    for _ in range(n)))
 
-        # Warm-up: connection pools, executor threads, each worker's copy thread (first swap).
+        # Warm-up: connection pools, executor threads, each worker's copy thread. That thread
+        # starts with the first proactive move (offload or prefetch; a demand swap is copied
+        # inline), so with proactive swapping wait for one of those, not just any swap.
+        def warm(memory: dict) -> bool:
+            if engine.config.scheduler.swap_policy == "proactive":
+                return bool(memory["proactive_out_blocks"] + memory["proactive_in_blocks"])
+            return bool(memory["swap_out_bytes"])
+
         for i in range(10):
             await run_wave(wave)
-            if i >= 1 and (await engine.stats())["memory"]["swap_out_bytes"]:
+            if i >= 1 and warm((await engine.stats())["memory"]):
                 break
         assert_pools_whole(await wait_all_blocks_free(engine, timeout=30))
         await asyncio.sleep(0.5)

@@ -19,9 +19,9 @@ from engine.models.linear import (
     QKVParallelLinear,
     RowParallelLinear,
     TPInfo,
-    VocabParallelEmbedding,
 )
 from engine.models.loader import load_model
+from engine.models.vocab import VocabParallelEmbedding
 from tests.tiny_models import PagedDriver, make_tiny_model
 
 TOKENS = [5, 9, 200, 31, 8, 77, 13, 4, 300, 21, 1, 99]
@@ -227,7 +227,7 @@ def test_vocab_parallel_embedding_and_head_rebuild_the_full_lookup():
     ids = torch.tensor([0, 3, 10, 7, 2])
 
     def rank_fn(rank: int, tp: TPInfo):
-        from engine.models.linear import ParallelLMHead
+        from engine.models.vocab import ParallelLMHead
 
         embed = VocabParallelEmbedding(vocab, hidden, tp)
         embed.weight_loader(embed.weight, table)
