@@ -135,17 +135,25 @@ class AsyncBlockCopier:
                 done.record()
             self._pending = (start, done)
             return
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            # One intra-op thread for the copies: a second thread that runs multi-threaded
-            # torch ops gets its own OpenMP team, and from then on every forward in the
-            # main thread runs ~25% slower (measured on the 2-core CI machine, 135M model),
-            # for the rest of the process, whether or not a copy is in flight.
-            self._pool = ThreadPoolExecutor(
-                1, thread_name_prefix="kv-copy", initializer=torch.set_num_threads, initargs=(1,)
-            )
+        self.start()
         self._pending = self._pool.submit(_timed_copies, gpu, host, offload, prefetch)
+
+    def start(self) -> None:
+        """Start the CPU copy thread now rather than at the first move, so that a worker
+        with a host pool has the same threads from its first step to its last (the
+        leak checks and the ``process_threads`` gauge see a flat line). No-op on CUDA."""
+        if self._stream is not None or self._pool is not None:
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        # One intra-op thread for the copies: a second thread that runs multi-threaded
+        # torch ops gets its own OpenMP team, and from then on every forward in the
+        # main thread runs ~25% slower (measured on the 2-core CI machine, 135M model),
+        # for the rest of the process, whether or not a copy is in flight.
+        self._pool = ThreadPoolExecutor(
+            1, thread_name_prefix="kv-copy", initializer=torch.set_num_threads, initargs=(1,)
+        )
+        self._pool.submit(int).result()  # the executor spawns its thread on first submit
 
     def wait(self) -> float:
         """Block until the submitted copies are done; returns their duration in seconds."""

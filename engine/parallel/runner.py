@@ -57,6 +57,8 @@ class ModelRunner:
         self.sampler = Sampler()
         self.jobs: dict[str, _JobState] = {}
         self.copier = AsyncBlockCopier(device)
+        if host_pool is not None:  # only a host pool has proactive moves to copy
+            self.copier.start()
         self.dist: Distributed | None = None  # set by a worker that is one rank of several
 
     def step(self, msg: dict[str, Any]) -> dict[str, Any]:

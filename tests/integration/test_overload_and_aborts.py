@@ -90,6 +90,21 @@ def fds_and_threads(pid: int) -> tuple[int, int]:
     return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
 
 
+def thread_names(pids) -> dict[int, list[str]]:
+    """Each process's OS thread names, for a failure message that says which thread grew."""
+    out = {}
+    for pid in pids:
+        names = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                    names.append(f.read().strip())
+            except FileNotFoundError:  # the thread ended while we looked
+                pass
+        out[pid] = sorted(names)
+    return out
+
+
 async def gauges(s: aiohttp.ClientSession, base: str) -> dict[str, float]:
     """The server's own leak watch on /metrics (what benchmarks/soak.py plots)."""
     async with s.get(base + "/metrics") as r:
@@ -284,21 +299,17 @@ async def abort_at_random_points(engine: Engine, base: str, zaddr: str, streams:
             await asyncio.gather(*(rng.choice(actions)(rng.randint(0, MAX_TOKENS + 1))
                                    for _ in range(n)))
 
-        # Warm-up: connection pools, executor threads, each worker's copy thread. That thread
-        # starts with the first proactive move (offload or prefetch; a demand swap is copied
-        # inline), so with proactive swapping wait for one of those, not just any swap.
-        def warm(memory: dict) -> bool:
-            if engine.config.scheduler.swap_policy == "proactive":
-                return bool(memory["proactive_out_blocks"] + memory["proactive_in_blocks"])
-            return bool(memory["swap_out_bytes"])
-
+        # Warm-up: connection pools, executor threads, the first swaps. (Each worker's copy
+        # thread is there from its start: it does not wait for the first proactive move.)
         for i in range(10):
             await run_wave(wave)
-            if i >= 1 and warm((await engine.stats())["memory"]):
+            if i >= 1 and (await engine.stats())["memory"]["swap_out_bytes"]:
                 break
         assert_pools_whole(await wait_all_blocks_free(engine, timeout=30))
         await asyncio.sleep(0.5)
         baseline = await resources(engine, s, base)
+        all_pids = [os.getpid(), *engine._workers.executor.pids.values()]
+        names_before = thread_names(all_pids)
         swapped_before = (await engine.stats())["memory"]["swap_out_bytes"]
         outcomes.clear()
 
@@ -313,7 +324,8 @@ async def abort_at_random_points(engine: Engine, base: str, zaddr: str, streams:
         assert_pools_whole(await wait_all_blocks_free(engine, timeout=30))
         after = await settle(engine, s, base, baseline)
         grew = {k: (baseline[k], after[k]) for k in baseline if after[k] > baseline[k]}
-        assert not grew, f"grew (baseline, after): {grew}"
+        assert not grew, (f"grew (baseline, after): {grew}; thread names before "
+                          f"{names_before}, after {thread_names(all_pids)}")
         stats = await engine.stats()
         assert stats["memory"]["integrity_errors"] == []
         assert stats["memory"]["swap_out_bytes"] > swapped_before  # aborts met moving KV

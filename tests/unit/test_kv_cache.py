@@ -96,3 +96,33 @@ def test_sequence_swapped_out_and_back_to_other_blocks_decodes_as_before(tmp_pat
     with torch.no_grad():
         want = reference(torch.tensor([tokens + [42]])).logits[0, -1]
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+
+
+def test_copier_thread_starts_once_up_front_so_a_workers_thread_count_stays_flat():
+    """A worker with a host pool starts its copy thread before the first step: a lazily
+    spawned thread would show up as growth in the leak checks whenever the first proactive
+    move happens to come late (it did on a loaded CI machine)."""
+    import os
+
+    from engine.parallel.runner import ModelRunner
+
+    def threads() -> int:
+        return len(os.listdir(f"/proc/{os.getpid()}/task"))
+
+    gpu, host = pool(6), pool(6)
+    before = threads()
+    runner = ModelRunner(torch.nn.Identity(), gpu, host, 4, torch.device("cpu"))
+    try:
+        started = threads()
+        assert started == before + 1
+        runner.copier.start()  # idempotent
+        runner.copier.submit(gpu, host, offload=[(1, 2)], prefetch=[(2, 4)])
+        runner.copier.wait()
+        assert threads() == started  # the moves ran on the thread that was already there
+    finally:
+        runner.copier.close()
+    # No host pool, nothing to move in the background: no thread.
+    runner = ModelRunner(torch.nn.Identity(), gpu, None, 4, torch.device("cpu"))
+    assert runner.copier._pool is None
+    runner.copier.submit(gpu, host, offload=[], prefetch=[])  # nothing to move: no thread
+    assert runner.copier._pool is None
