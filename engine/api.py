@@ -49,7 +49,21 @@ def overlap_steps(mode: str, ready: dict) -> bool:
         return True
     from engine.parallel.cpu import physical_cores
 
-    return int(ready.get("torch_threads") or 0) < physical_cores()
+    if int(ready.get("torch_threads") or 0) < physical_cores():
+        return True
+    return bool(ready.get("small_step_rows"))  # small steps leave the engine a core
+
+
+def overlap_max_rows(mode: str, ready: dict) -> int | None:
+    """The most sampling jobs a step may have to be overlapped: ``small_step_rows`` when
+    that is the only reason "auto" overlaps (a bigger step uses every core), else None."""
+    if mode != "auto" or not str(ready.get("device", "cpu")).startswith("cpu"):
+        return None
+    from engine.parallel.cpu import physical_cores
+
+    if int(ready.get("torch_threads") or 0) < physical_cores():
+        return None
+    return int(ready.get("small_step_rows") or 0) or None
 
 
 class EngineDeadError(RuntimeError):
@@ -175,7 +189,8 @@ class Engine:
         core = Scheduler(config.scheduler, policy, swap_policy, blocks, pipeline_depth=depth)
         scheduler = SchedulerActor(core, executor, emit=self._emit, fail=self._fail,
                                    grammars=GrammarBook(self._model_vocab_size),
-                                   overlap=overlap_steps(config.parallel.overlap_steps, ready))
+                                   overlap=overlap_steps(config.parallel.overlap_steps, ready),
+                                   overlap_max_rows=overlap_max_rows(config.parallel.overlap_steps, ready))
         memory = MemoryManagerActor(blocks.num_gpu_blocks, blocks.num_host_blocks, ready["block_bytes"], scheduler)
         scheduler.memory = memory
         return _Workers(executor, scheduler, memory, ready)

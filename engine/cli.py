@@ -130,7 +130,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="worker OpenMP threads sleep (passive) or spin (active) between ops")
     g.add_argument("--overlap-steps", choices=["auto", "on", "off"], default=d.parallel.overlap_steps,
                    help="send the next decode step while the worker runs this one (auto: when the "
-                        "engine has a core the worker's threads leave free, e.g. a GPU worker)")
+                        "engine has a core the worker's threads leave free, e.g. a GPU worker, "
+                        "or the step is a small one, below)")
+    g.add_argument("--small-step-rows", type=ck.non_negative_int, default=d.parallel.small_step_rows,
+                   help="on CPU, a step feeding at most this many tokens runs on one torch thread "
+                        "and leaves the other cores to the engine (default: 4 when one rank's "
+                        "threads fill the cores; 0: off)")
     g.add_argument("--tensor-parallel-size", "-tp", type=ck.positive_int, default=d.parallel.tensor_parallel_size,
                    help="ranks per pipeline stage, each holding a slice of every layer")
     g.add_argument("--pipeline-parallel-size", "-pp", type=ck.positive_int, default=d.parallel.pipeline_parallel_size,
@@ -190,6 +195,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         parallel=ParallelConfig(
             torch_threads=args.torch_threads,
             omp_wait_policy=args.omp_wait_policy,
+            small_step_rows=args.small_step_rows,
             overlap_steps=args.overlap_steps,
             tensor_parallel_size=args.tensor_parallel_size,
             pipeline_parallel_size=args.pipeline_parallel_size,

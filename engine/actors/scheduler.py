@@ -61,11 +61,15 @@ class SchedulerActor(Actor):
         clock: Callable[[], float] = time.monotonic,
         grammars: GrammarBook | None = None,
         overlap: bool = False,
+        overlap_max_rows: int | None = None,
     ) -> None:
         super().__init__()
         self.core = core
         # Overlapped steps need every rank to feed its own sampled tokens: one rank only.
         self.overlap = overlap and core.pipeline_depth == 1 and executor.world_size == 1
+        # Overlap only steps whose jobs that sample number at most this (None: any): on a CPU
+        # whose cores all run worker threads, only a small step leaves the engine a core.
+        self.overlap_max_rows = overlap_max_rows
         self.num_overlapped_steps = 0
         # Grammar state of constrained jobs (engine/structured/book.py says why it is here):
         # a matcher per job, advanced when its tokens are applied, read when plans are built.
@@ -172,6 +176,9 @@ class SchedulerActor(Actor):
     async def _send_continuation(self, last: StepPlan) -> None:
         """Step N+1 while ``last`` (step N) runs, when the core can plan it now."""
         if self.grammars and any(s.job.job_id in self.grammars for s in last.seqs):
+            return
+        # A continuation feeds one token per job of ``last`` that samples, at most.
+        if self.overlap_max_rows is not None and sum(s.sample for s in last.seqs) > self.overlap_max_rows:
             return
         plan = self.core.schedule_continuation(last)
         if plan is None:

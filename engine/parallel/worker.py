@@ -50,6 +50,9 @@ class Worker:
         self.step_s = 0.0  # time spent running steps (benchmarks: per-stage busy time)
         self.num_steps = 0
         self.max_model_len: int | None = None
+        self.full_threads = 1  # intra-op threads of an ordinary step; set by init
+        self.small_step_rows = 0  # steps feeding at most this many tokens use one thread
+        self.small_steps = 0  # steps run on one thread for that reason
         # progress(stage, done, total): reported to the engine while a long command runs
         # (model loading, profiling); set per command by serve().
         self.progress: Callable[[str, int, int], None] = _no_progress
@@ -63,6 +66,8 @@ class Worker:
         kind = msg["kind"]
         if kind == "step":
             self.moved_blocks += sum(len(msg.get(k) or ()) for k in ("swap_out", "swap_in", "offload", "prefetch"))
+            if self.small_step_rows:
+                self._set_threads(msg)
             t0 = time.perf_counter()
             reply = self.runner.step(msg)
             self.step_s += time.perf_counter() - t0
@@ -77,6 +82,7 @@ class Worker:
         if kind == "health":
             return {"kind": "healthy", "pid": os.getpid(), "rank": self.rank, "moved_blocks": self.moved_blocks,
                     "step_s": self.step_s, "num_steps": self.num_steps,
+                    "small_steps": self.small_steps,
                     "wait_s": self.dist.wait_s if self.dist is not None else 0.0}
         if kind == "profile":
             from engine.parallel.profile import profile_runner
@@ -94,6 +100,17 @@ class Worker:
 
     def _profile_progress(self, done: int, total: int) -> None:
         self.progress("profile", done, total)
+
+    def _set_threads(self, msg: dict[str, Any]) -> None:
+        """One intra-op thread for a small step, all of them otherwise (``small_step_rows``)."""
+        import torch
+
+        rows = sum(int(seq[2]) for seq in msg["seqs"])  # (id, start, num_tokens, ...)
+        small = rows <= self.small_step_rows
+        self.small_steps += small
+        want = 1 if small else self.full_threads
+        if want != torch.get_num_threads():
+            torch.set_num_threads(want)
 
     def init(self, msg: dict[str, Any]) -> dict[str, Any]:
         set_omp_wait_policy(msg["parallel"].get("omp_wait_policy"))
@@ -122,6 +139,9 @@ class Worker:
         torch.set_num_threads(int(pcfg.get("torch_threads") or physical_cores()))
         torch.manual_seed(int(mcfg.get("seed", 0)))
         device = resolve_device(mcfg.get("device", "auto"), layout)
+        self.full_threads = torch.get_num_threads()
+        self.small_step_rows = small_step_rows(pcfg.get("small_step_rows"), device,
+                                               layout.world_size, self.full_threads)
         dtype = resolve_dtype(mcfg.get("dtype", "auto"), device)
         stage = None
         if layout.pp_size > 1:
@@ -175,6 +195,7 @@ class Worker:
             "device_name": device_name(device),
             "torch_version": torch.__version__,
             "torch_threads": torch.get_num_threads(),
+            "small_step_rows": self.small_step_rows,
             "num_params": sum(p.numel() for p in model.parameters()),
             "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             "model": {k: (list(v) if isinstance(v, tuple) else v) for k, v in info.__dict__.items()},
@@ -200,6 +221,21 @@ class Worker:
         self.runner = ModelRunner(self._model, gpu_pool, host_pool, bs, device)
         self.runner.dist = self.dist
         return {"kind": "resized", "rank": self.rank, "num_gpu_blocks": n_gpu, "num_host_blocks": n_host}
+
+
+SMALL_STEP_ROWS = 4  # the default where small steps are on; see ParallelConfig.small_step_rows
+
+
+def small_step_rows(configured: int | None, device: Any, world_size: int, threads: int) -> int:
+    """``ParallelConfig.small_step_rows`` resolved for one rank: 0 (off) on CUDA and with one
+    thread; None (auto) is on for a single CPU rank whose threads fill the physical cores."""
+    from engine.parallel.cpu import physical_cores
+
+    if device.type != "cpu" or threads <= 1:
+        return 0
+    if configured is not None:
+        return int(configured)
+    return SMALL_STEP_ROWS if world_size == 1 and threads >= physical_cores() else 0
 
 
 def set_omp_wait_policy(policy: str | None) -> None:

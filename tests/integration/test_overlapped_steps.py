@@ -41,13 +41,14 @@ def workload() -> list[tuple[list[int], dict]]:
     return jobs
 
 
-async def run(path: str, overlap: bool, swap: str, stops: dict[int, list[str]] | None = None) -> tuple[list, dict]:
+async def run(path: str, overlap: bool, swap: str, stops: dict[int, list[str]] | None = None,
+              parallel: ParallelConfig | None = None) -> tuple[list, dict]:
     cfg = tiny_engine_config(path, gpu_blocks=20, host_blocks=256)
     cfg = cfg.replace(
         scheduler=SchedulerConfig(policy="mlfq", swap_policy=swap, policy_options=TINY_QUANTUM,
                                   max_num_seqs=3, max_num_batched_tokens=64,
                                   fixed_step_time_s=STEP_S),
-        parallel=ParallelConfig(torch_threads=1, overlap_steps="on" if overlap else "off"))
+        parallel=parallel or ParallelConfig(torch_threads=1, overlap_steps="on" if overlap else "off"))
     engine = await Engine.create(cfg)
     try:
         async def one(i: int, prompt: list[int], params: dict):
@@ -65,6 +66,7 @@ async def run(path: str, overlap: bool, swap: str, stops: dict[int, list[str]] |
         stats = await wait_all_blocks_free(engine)
         assert_pools_whole(stats)
         assert stats["memory"]["integrity_errors"] == []
+        stats["worker"] = await engine._workers.executor.call("health")
         return results, stats
     finally:
         await engine.shutdown()
@@ -93,3 +95,18 @@ async def test_overlapped_steps_give_identical_outputs_under_preemption_and_stop
     assert {r for *_, r in on} >= {"stop", "length"}
     for i in stops:
         assert off[i][3] == "stop" and len(off[i][1]) < len(plain[i][1])
+
+
+async def test_small_steps_on_one_thread_overlapped_give_the_same_tokens(model_path):
+    """Two torch threads, steps of at most 2 rows on one of them (and overlapped, where that
+    leaves the engine a core): the same greedy tokens as every step on both threads."""
+    plain, plain_stats = await run(model_path, False, "reactive",
+                                   parallel=ParallelConfig(torch_threads=2, small_step_rows=0,
+                                                           overlap_steps="off"))
+    small, stats = await run(model_path, False, "reactive",
+                             parallel=ParallelConfig(torch_threads=2, small_step_rows=2))
+    assert [(ids, text, reason) for ids, text, _, reason in small] == \
+        [(ids, text, reason) for ids, text, _, reason in plain]
+    assert plain_stats["worker"]["small_steps"] == 0
+    assert 0 < stats["worker"]["small_steps"] < stats["worker"]["num_steps"]
+    assert stats["num_overlapped_steps"] > 0

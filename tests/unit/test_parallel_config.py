@@ -46,3 +46,64 @@ def test_steps_overlap_when_the_engine_has_a_core_of_its_own():
     assert overlap_steps("auto", {"device": "cpu", "torch_threads": cores - 1}) == (cores > 1)
     assert overlap_steps("on", {"device": "cpu", "torch_threads": cores})
     assert not overlap_steps("off", {"device": "cuda:0", "torch_threads": 1})
+
+
+def test_small_steps_are_on_where_one_cpu_rank_fills_the_cores_and_overlap_only_those(monkeypatch):
+    import torch
+
+    import engine.parallel.cpu as cpu
+    from engine.api import overlap_max_rows, overlap_steps
+    from engine.parallel.worker import SMALL_STEP_ROWS, small_step_rows
+
+    assert _config().small_step_rows is None
+    assert _config("--small-step-rows", "0").small_step_rows == 0
+    assert _config("--small-step-rows", "6").small_step_rows == 6
+    with pytest.raises(ValueError, match="small_step_rows"):
+        ParallelConfig(small_step_rows=-1)
+    monkeypatch.setattr(cpu, "physical_cores", lambda: 4)
+    cpu_dev, cuda_dev = torch.device("cpu"), torch.device("cuda", 0)
+    assert small_step_rows(None, cpu_dev, 1, 4) == SMALL_STEP_ROWS  # threads fill the cores
+    assert small_step_rows(None, cpu_dev, 1, 3) == 0  # a core is free already: plain overlap
+    assert small_step_rows(None, cpu_dev, 2, 4) == 0  # several ranks: each has its share
+    assert small_step_rows(None, cpu_dev, 1, 1) == 0  # one thread: nothing to give up
+    assert small_step_rows(None, cuda_dev, 1, 4) == 0
+    assert small_step_rows(6, cpu_dev, 2, 2) == 6 and small_step_rows(0, cpu_dev, 1, 4) == 0
+    assert small_step_rows(6, cuda_dev, 1, 4) == 0 and small_step_rows(6, cpu_dev, 1, 1) == 0
+
+    full = {"device": "cpu", "torch_threads": 4}
+    small = {**full, "small_step_rows": 4}
+    # "auto" overlaps small steps only; "on" every step; a free core or a GPU: every step.
+    assert not overlap_steps("auto", full) and overlap_max_rows("auto", full) is None
+    assert overlap_steps("auto", small) and overlap_max_rows("auto", small) == 4
+    assert overlap_steps("on", small) and overlap_max_rows("on", small) is None
+    assert not overlap_steps("off", small)
+    spare = {"device": "cpu", "torch_threads": 3, "small_step_rows": 0}
+    assert overlap_steps("auto", spare) and overlap_max_rows("auto", spare) is None
+    gpu = {"device": "cuda:0", "torch_threads": 4}
+    assert overlap_steps("auto", gpu) and overlap_max_rows("auto", gpu) is None
+
+
+def test_a_worker_runs_small_steps_on_one_thread_and_the_rest_on_all():
+    import torch
+
+    from engine.parallel.worker import Worker
+
+    before = torch.get_num_threads()
+    w = Worker()
+    w.full_threads, w.small_step_rows = 2, 4
+
+    def seqs(*rows: int) -> dict:  # (id, start, num_tokens, blocks, reset, sample)
+        return {"seqs": [(f"j{i}", 0, n, [], False, True) for i, n in enumerate(rows)]}
+
+    try:
+        w._set_threads(seqs(1, 1, 1, 1))  # four decode rows
+        assert torch.get_num_threads() == 1
+        w._set_threads(seqs(1, 1, 1, 1, 1))  # five
+        assert torch.get_num_threads() == 2
+        w._set_threads(seqs(3))  # a three-token prefill chunk is a small step too
+        assert torch.get_num_threads() == 1
+        w._set_threads(seqs(1, 40))  # a prefill chunk
+        assert torch.get_num_threads() == 2
+        assert w.small_steps == 2
+    finally:
+        torch.set_num_threads(before)
