@@ -51,8 +51,8 @@ def test_steps_overlap_when_the_engine_has_a_core_of_its_own():
 def test_small_steps_are_on_where_one_cpu_rank_fills_the_cores_and_overlap_only_those(monkeypatch):
     import torch
 
-    import engine.parallel.cpu as cpu
     from engine.api import overlap_max_rows, overlap_steps
+    from engine.parallel import cpu
     from engine.parallel.worker import SMALL_STEP_ROWS, small_step_rows
 
     assert _config().small_step_rows is None
