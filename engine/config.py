@@ -147,13 +147,13 @@ class ParallelConfig:
     # machine, a bf16 decode step of SmolLM2-135M with 2 threads took 3-7 s spinning and
     # 60-175 ms passive (1 thread: 0.5-1 s). None: leave the environment alone.
     omp_wait_policy: str | None = "passive"
-    # A CPU step that feeds at most this many tokens (decode with a few jobs) runs on one
-    # intra-op thread instead of all of them, and "auto" overlap then covers those steps: the
-    # engine gets a core of its own exactly when a step is too small to use two. Measured on
-    # the 2-core machine with the bundled Q4_1 model (benchmarks/results/small_steps_cpu.md):
-    # one request decodes ~1.35x faster, 8 concurrent ones as fast as with all threads, and
-    # prefill keeps every thread. None: 4 on a one-rank CPU worker whose torch threads fill
-    # the physical cores (more than one), otherwise 0; 0: off.
+    # Small steps on a CPU whose cores all run worker threads: "auto" overlap covers a
+    # decode step of at most this many jobs, and the worker runs such an overlapped step on
+    # one intra-op thread, so the engine gets a core of its own exactly when a step is too
+    # small to use two (a step that cannot be overlapped -- a job waits, a prefill chunk --
+    # keeps every thread). Measured on the 2-core machine with the bundled Q4_1 model
+    # (benchmarks/results/small_steps_cpu.md). None: 4 on a one-rank CPU worker whose torch
+    # threads fill the physical cores (more than one), otherwise 0; 0: off.
     small_step_rows: int | None = None
     # Self-recovery: after the worker group fails (a worker died or missed the step
     # deadline) the engine restarts it after this many seconds, doubling on each failure

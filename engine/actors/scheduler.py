@@ -68,7 +68,8 @@ class SchedulerActor(Actor):
         # Overlapped steps need every rank to feed its own sampled tokens: one rank only.
         self.overlap = overlap and core.pipeline_depth == 1 and executor.world_size == 1
         # Overlap only steps whose jobs that sample number at most this (None: any): on a CPU
-        # whose cores all run worker threads, only a small step leaves the engine a core.
+        # whose cores all run worker threads, only a small step leaves the engine a core,
+        # and only once the worker runs it on one thread (the step is sent ``one_thread``).
         self.overlap_max_rows = overlap_max_rows
         self.num_overlapped_steps = 0
         # Grammar state of constrained jobs (engine/structured/book.py says why it is here):
@@ -185,6 +186,8 @@ class SchedulerActor(Actor):
             return
         try:
             msg = plan_to_message(plan, 0)
+            if self.overlap_max_rows is not None:  # overlapped because small: one thread
+                msg["one_thread"] = True
             answer = await self.executor.submit("step", **_fields(msg))
         except (WorkerDiedError, WorkerError) as e:
             self._die(e)

@@ -102,11 +102,11 @@ class Worker:
         self.progress("profile", done, total)
 
     def _set_threads(self, msg: dict[str, Any]) -> None:
-        """One intra-op thread for a small step, all of them otherwise (``small_step_rows``)."""
+        """One intra-op thread for a step the engine overlaps because it is small (it marks
+        it ``one_thread``), all of them otherwise (``small_step_rows``)."""
         import torch
 
-        rows = sum(int(seq[2]) for seq in msg["seqs"])  # (id, start, num_tokens, ...)
-        small = rows <= self.small_step_rows
+        small = bool(msg.get("one_thread"))
         self.small_steps += small
         want = 1 if small else self.full_threads
         if want != torch.get_num_threads():

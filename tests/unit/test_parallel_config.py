@@ -83,7 +83,7 @@ def test_small_steps_are_on_where_one_cpu_rank_fills_the_cores_and_overlap_only_
     assert overlap_steps("auto", gpu) and overlap_max_rows("auto", gpu) is None
 
 
-def test_a_worker_runs_small_steps_on_one_thread_and_the_rest_on_all():
+def test_a_worker_runs_steps_marked_one_thread_on_one_and_the_rest_on_all():
     import torch
 
     from engine.parallel.worker import Worker
@@ -91,19 +91,12 @@ def test_a_worker_runs_small_steps_on_one_thread_and_the_rest_on_all():
     before = torch.get_num_threads()
     w = Worker()
     w.full_threads, w.small_step_rows = 2, 4
-
-    def seqs(*rows: int) -> dict:  # (id, start, num_tokens, blocks, reset, sample)
-        return {"seqs": [(f"j{i}", 0, n, [], False, True) for i, n in enumerate(rows)]}
-
     try:
-        w._set_threads(seqs(1, 1, 1, 1))  # four decode rows
+        w._set_threads({"seqs": [], "one_thread": True})  # an overlapped small step
         assert torch.get_num_threads() == 1
-        w._set_threads(seqs(1, 1, 1, 1, 1))  # five
+        w._set_threads({"seqs": []})  # anything else
         assert torch.get_num_threads() == 2
-        w._set_threads(seqs(3))  # a three-token prefill chunk is a small step too
-        assert torch.get_num_threads() == 1
-        w._set_threads(seqs(1, 40))  # a prefill chunk
-        assert torch.get_num_threads() == 2
-        assert w.small_steps == 2
+        w._set_threads({"seqs": [], "one_thread": True})
+        assert torch.get_num_threads() == 1 and w.small_steps == 2
     finally:
         torch.set_num_threads(before)
