@@ -133,9 +133,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "engine has a core the worker's threads leave free, e.g. a GPU worker, "
                         "or the step is a small one, below)")
     g.add_argument("--small-step-rows", type=ck.non_negative_int, default=d.parallel.small_step_rows,
-                   help="on CPU, a step feeding at most this many tokens runs on one torch thread "
-                        "and leaves the other cores to the engine (default: 4 when one rank's "
-                        "threads fill the cores; 0: off)")
+                   help="on a CPU whose cores all run the worker's threads, a decode step of at "
+                        "most this many jobs is overlapped with the engine's work and runs on one "
+                        "torch thread (default: 4 there; 0: off)")
     g.add_argument("--tensor-parallel-size", "-tp", type=ck.positive_int, default=d.parallel.tensor_parallel_size,
                    help="ranks per pipeline stage, each holding a slice of every layer")
     g.add_argument("--pipeline-parallel-size", "-pp", type=ck.positive_int, default=d.parallel.pipeline_parallel_size,

@@ -51,8 +51,8 @@ class Worker:
         self.num_steps = 0
         self.max_model_len: int | None = None
         self.full_threads = 1  # intra-op threads of an ordinary step; set by init
-        self.small_step_rows = 0  # steps feeding at most this many tokens use one thread
-        self.small_steps = 0  # steps run on one thread for that reason
+        self.small_step_rows = 0  # ParallelConfig.small_step_rows as resolved for this rank
+        self.small_steps = 0  # steps run on one thread (the engine marked them one_thread)
         # progress(stage, done, total): reported to the engine while a long command runs
         # (model loading, profiling); set per command by serve().
         self.progress: Callable[[str, int, int], None] = _no_progress
