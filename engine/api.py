@@ -39,31 +39,23 @@ log = logging.getLogger("fastserve.engine")
 __all__ = ["Engine", "EngineDeadError", "RequestOutput", "SamplingParams"]
 
 
-def overlap_steps(mode: str, ready: dict) -> bool:
-    """``ParallelConfig.overlap_steps`` for the worker that answered ``ready``: "auto" is on
-    when the engine has a core of its own (a CUDA worker, or a CPU worker with fewer torch
-    threads than this host's physical cores)."""
+def overlap_steps(mode: str, ready: dict) -> tuple[bool, int | None]:
+    """``ParallelConfig.overlap_steps`` for the worker that answered ``ready``: whether steps
+    overlap, and the most sampling jobs an overlapped step may have (None: any). "auto" is
+    on for every step when the engine has a core of its own (a CUDA worker, or a CPU worker
+    with fewer torch threads than this host's physical cores), and only for small steps
+    (``small_step_rows``, which the worker runs on one thread) when its threads fill the
+    cores."""
     if mode != "auto":
-        return mode == "on"
+        return mode == "on", None
     if not str(ready.get("device", "cpu")).startswith("cpu"):
-        return True
+        return True, None
     from engine.parallel.cpu import physical_cores
 
     if int(ready.get("torch_threads") or 0) < physical_cores():
-        return True
-    return bool(ready.get("small_step_rows"))  # small steps leave the engine a core
-
-
-def overlap_max_rows(mode: str, ready: dict) -> int | None:
-    """The most sampling jobs a step may have to be overlapped: ``small_step_rows`` when
-    that is the only reason "auto" overlaps (a bigger step uses every core), else None."""
-    if mode != "auto" or not str(ready.get("device", "cpu")).startswith("cpu"):
-        return None
-    from engine.parallel.cpu import physical_cores
-
-    if int(ready.get("torch_threads") or 0) < physical_cores():
-        return None
-    return int(ready.get("small_step_rows") or 0) or None
+        return True, None
+    small = int(ready.get("small_step_rows") or 0)
+    return small > 0, small or None
 
 
 class EngineDeadError(RuntimeError):
@@ -187,10 +179,10 @@ class Engine:
         # One batch in flight per pipeline stage.
         depth = config.parallel.max_batches_in_flight or config.parallel.pipeline_parallel_size
         core = Scheduler(config.scheduler, policy, swap_policy, blocks, pipeline_depth=depth)
+        overlap, overlap_max_rows = overlap_steps(config.parallel.overlap_steps, ready)
         scheduler = SchedulerActor(core, executor, emit=self._emit, fail=self._fail,
                                    grammars=GrammarBook(self._model_vocab_size),
-                                   overlap=overlap_steps(config.parallel.overlap_steps, ready),
-                                   overlap_max_rows=overlap_max_rows(config.parallel.overlap_steps, ready))
+                                   overlap=overlap, overlap_max_rows=overlap_max_rows)
         memory = MemoryManagerActor(blocks.num_gpu_blocks, blocks.num_host_blocks, ready["block_bytes"], scheduler)
         scheduler.memory = memory
         return _Workers(executor, scheduler, memory, ready)

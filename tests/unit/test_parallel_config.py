@@ -41,17 +41,17 @@ def test_steps_overlap_when_the_engine_has_a_core_of_its_own():
     with pytest.raises(ValueError, match="overlap_steps"):
         ParallelConfig(overlap_steps="yes")
     cores = physical_cores()
-    assert overlap_steps("auto", {"device": "cuda:0", "torch_threads": cores})
-    assert not overlap_steps("auto", {"device": "cpu", "torch_threads": cores})
-    assert overlap_steps("auto", {"device": "cpu", "torch_threads": cores - 1}) == (cores > 1)
-    assert overlap_steps("on", {"device": "cpu", "torch_threads": cores})
-    assert not overlap_steps("off", {"device": "cuda:0", "torch_threads": 1})
+    assert overlap_steps("auto", {"device": "cuda:0", "torch_threads": cores})[0]
+    assert not overlap_steps("auto", {"device": "cpu", "torch_threads": cores})[0]
+    assert overlap_steps("auto", {"device": "cpu", "torch_threads": cores - 1})[0] == (cores > 1)
+    assert overlap_steps("on", {"device": "cpu", "torch_threads": cores})[0]
+    assert not overlap_steps("off", {"device": "cuda:0", "torch_threads": 1})[0]
 
 
 def test_small_steps_are_on_where_one_cpu_rank_fills_the_cores_and_overlap_only_those(monkeypatch):
     import torch
 
-    from engine.api import overlap_max_rows, overlap_steps
+    from engine.api import overlap_steps
     from engine.parallel import cpu
     from engine.parallel.worker import SMALL_STEP_ROWS, small_step_rows
 
@@ -73,14 +73,14 @@ def test_small_steps_are_on_where_one_cpu_rank_fills_the_cores_and_overlap_only_
     full = {"device": "cpu", "torch_threads": 4}
     small = {**full, "small_step_rows": 4}
     # "auto" overlaps small steps only; "on" every step; a free core or a GPU: every step.
-    assert not overlap_steps("auto", full) and overlap_max_rows("auto", full) is None
-    assert overlap_steps("auto", small) and overlap_max_rows("auto", small) == 4
-    assert overlap_steps("on", small) and overlap_max_rows("on", small) is None
-    assert not overlap_steps("off", small)
+    assert overlap_steps("auto", full) == (False, None)
+    assert overlap_steps("auto", small) == (True, 4)
+    assert overlap_steps("on", small) == (True, None)
+    assert not overlap_steps("off", small)[0]
     spare = {"device": "cpu", "torch_threads": 3, "small_step_rows": 0}
-    assert overlap_steps("auto", spare) and overlap_max_rows("auto", spare) is None
+    assert overlap_steps("auto", spare) == (True, None)
     gpu = {"device": "cuda:0", "torch_threads": 4}
-    assert overlap_steps("auto", gpu) and overlap_max_rows("auto", gpu) is None
+    assert overlap_steps("auto", gpu) == (True, None)
 
 
 def test_a_worker_runs_steps_marked_one_thread_on_one_and_the_rest_on_all():
